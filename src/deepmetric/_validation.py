@@ -1,0 +1,86 @@
+"""Input checks done once, at the entry of each public call.
+
+Every message names the argument, says what was wrong in the user's terms, and says what to
+do. The numeric code behind these checks trusts its inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_embeddings(embeddings: object, name: str = "embeddings") -> Tensor:
+    """Return `embeddings` if it is a finite, floating, non-empty (N, D) tensor; raise otherwise."""
+    if not isinstance(embeddings, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(embeddings)!r}")
+    if embeddings.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D (N, D), got shape {tuple(embeddings.shape)}; "
+            "flatten or reshape it, e.g. embeddings.view(len(embeddings), -1)"
+        )
+    if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(embeddings.shape)}); pass at least one row"
+        )
+    if not embeddings.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {embeddings.dtype}")
+    if not bool(torch.isfinite(embeddings).all()):
+        bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
+        raise ValueError(
+            f"{name} contains NaN or inf in {bad} of {len(embeddings)} rows; "
+            "check the model output (learning rate, mixed precision overflow, division by zero)"
+        )
+    return embeddings
+
+
+def check_labels(
+    labels: object, num_rows: int, name: str = "labels", rows_name: str = ""
+) -> Tensor:
+    """Return `labels` if it is a 1-D integer tensor with `num_rows` entries; raise otherwise."""
+    rows_name = rows_name or "embeddings"
+    if not isinstance(labels, Tensor):
+        raise TypeError(
+            f"{name} must be a 1-D torch.Tensor of integer class ids, got {type(labels)!r}"
+        )
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(
+            f"{name} has dtype {labels.dtype}; class labels must be integers "
+            "(use labels.long(), or map class names to ids first)"
+        )
+    if len(labels) != num_rows:
+        raise ValueError(f"{name} has {len(labels)} entries but {rows_name} has {num_rows} rows")
+    return labels
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    """Raise if the given tensors are not all on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"inputs are on different devices ({listing}); move them to one device")
+
+
+def check_positive(value: float, name: str, allow_zero: bool = False) -> float:
+    """Return `value` if it is > 0 (or >= 0 with `allow_zero`); raise a ValueError otherwise."""
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    """Return `value` if it is one of `choices`; raise a ValueError listing them otherwise."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss computes in: float32 for half types, the input dtype otherwise."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype

@@ -1,0 +1,343 @@
+"""Distances and similarities between two sets of embeddings (SPEC §1).
+
+Every class maps a query set (N, D) and a reference set (M, D) to the full (N, M) matrix with
+`distance(query, ref)` (the reference defaults to the query set), and row-aligned pairs to an
+(N,) vector with `distance.pairwise_distance(query, ref)`. `is_inverted` says whether larger
+means closer (similarities), `is_metric` whether the axioms of a metric hold.
+
+Inputs are normalised to unit length only when `normalize_embeddings=True` (default off),
+except for the cosine family, which is defined on unit vectors and always normalises.
+
+Gradients are finite where a distance is zero (the diagonal, duplicate points): square roots
+go through `safe_sqrt`, whose derivative at 0 is taken as 0.
+
+Example:
+    >>> import torch
+    >>> from deepmetric.distances import LpDistance
+    >>> LpDistance()(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]]))
+    tensor([[5.]])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt(max(x, 0)) with derivative 1 / (2 sqrt(x)) for x > 0 and 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        root = x.clamp_min(0).sqrt()
+        ctx.save_for_backward(root)
+        return root
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        return torch.where(root > 0, grad / (2 * root).clamp_min(torch.finfo(root.dtype).tiny), 0)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """Square root of max(x, 0) whose gradient is 0 (not inf or NaN) where x <= 0."""
+    return _SafeSqrt.apply(x)
+
+
+def squared_euclidean_matrix(query: Tensor, ref: Tensor) -> Tensor:
+    """||q_i - r_j||^2 for all pairs, by ||q||^2 + ||r||^2 - 2 q.r (one matmul), clamped at 0."""
+    query_sq = query.pow(2).sum(dim=1, keepdim=True)
+    ref_sq = ref.pow(2).sum(dim=1)
+    return torch.addmm(ref_sq.unsqueeze(0), query, ref.T, alpha=-2).add(query_sq).clamp_min(0)
+
+
+class BaseDistance(nn.Module):
+    """A distance or similarity between the rows of two embedding sets.
+
+    Subclasses define `compute_matrix(query, ref)` and `compute_pairwise(query, ref)` on
+    already-normalised inputs and set `is_inverted` (larger means closer) and `is_metric`.
+    """
+
+    is_inverted: bool = False
+    is_metric: bool = False
+
+    def __init__(self, normalize_embeddings: bool = False) -> None:
+        super().__init__()
+        self.normalize_embeddings = normalize_embeddings
+
+    def forward(self, query: Tensor, ref: Tensor | None = None) -> Tensor:
+        """The (N, M) matrix between `query` (N, D) and `ref` (M, D); `ref` defaults to `query`."""
+        ref = query if ref is None else ref
+        _check_same_width(query, ref)
+        query, ref = self.normalize(query), self.normalize(ref)
+        return self.compute_matrix(query, ref)
+
+    def pairwise_distance(self, query: Tensor, ref: Tensor) -> Tensor:
+        """The (N,) vector between row i of `query` and row i of `ref`."""
+        _check_same_width(query, ref)
+        if query.shape[0] != ref.shape[0]:
+            raise ValueError(
+                f"pairwise_distance needs row-aligned inputs, got {query.shape[0]} and "
+                f"{ref.shape[0]} rows"
+            )
+        return self.compute_pairwise(self.normalize(query), self.normalize(ref))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Rows scaled to unit L2 norm when `normalize_embeddings` is set, else `x` unchanged."""
+        return F.normalize(x, dim=-1) if self.normalize_embeddings else x
+
+    def margin(self, closer: Tensor | float, farther: Tensor | float) -> Tensor | float:
+        """How far `closer` is from being closer than `farther`: `closer - farther` for a
+        distance, `farther - closer` for a similarity. Positive means the order is violated."""
+        return farther - closer if self.is_inverted else closer - farther
+
+    def as_dissimilarity(self, matrix: Tensor) -> Tensor:
+        """`matrix` turned so that smaller means closer: negated for similarities."""
+        return -matrix if self.is_inverted else matrix
+
+    def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"normalize_embeddings={self.normalize_embeddings}"
+
+
+def _check_same_width(query: Tensor, ref: Tensor) -> None:
+    if query.dim() != 2 or ref.dim() != 2:
+        raise ValueError(
+            f"distances take 2-D inputs (N, D) and (M, D), got shapes {tuple(query.shape)} "
+            f"and {tuple(ref.shape)}"
+        )
+    if query.shape[1] != ref.shape[1]:
+        raise ValueError(
+            f"query has {query.shape[1]} features per row but ref has {ref.shape[1]}; "
+            "both sets must be embedded in the same space"
+        )
+
+
+class LpDistance(BaseDistance):
+    """Minkowski distance raised to a power: (sum_k |a_k - b_k|^p)^(power / p).
+
+    p=2, power=1 is the Euclidean distance; power=2 its square (FaceNet; survey eq. 1-2);
+    p=1 the Manhattan and p=inf the Chebyshev distance. A metric for p >= 1 and power = 1.
+    The p = 2 matrix uses one matmul; other p use `torch.cdist`.
+
+    Args:
+        p: order of the norm, > 0 (math.inf for the maximum norm).
+        power: exponent applied to the norm, > 0.
+        normalize_embeddings: scale rows to unit length first.
+    """
+
+    def __init__(self, p: float = 2.0, power: float = 1.0, normalize_embeddings: bool = False):
+        super().__init__(normalize_embeddings)
+        if not p > 0:
+            raise ValueError(f"p must be > 0 (math.inf for Chebyshev), got {p}")
+        if not power > 0:
+            raise ValueError(f"power must be > 0, got {power}")
+        self.p, self.power = float(p), float(power)
+        self.is_metric = self.p >= 1 and self.power == 1
+
+    def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
+        if self.p == 2:
+            return self._from_squared(squared_euclidean_matrix(query, ref))
+        return self._raise(torch.cdist(query, ref, p=self.p))
+
+    def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
+        diff = query - ref
+        if self.p == 2:
+            return self._from_squared(diff.pow(2).sum(dim=1))
+        if math.isinf(self.p):
+            return self._raise(diff.abs().amax(dim=1))
+        return self._raise(safe_root(diff.abs().pow(self.p).sum(dim=1), self.p))
+
+    def _from_squared(self, squared: Tensor) -> Tensor:
+        if self.power == 2:
+            return squared
+        return self._raise(safe_sqrt(squared))
+
+    def _raise(self, norm: Tensor) -> Tensor:
+        return norm if self.power == 1 else norm.pow(self.power)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, power={self.power}, {super().extra_repr()}"
+
+
+def safe_root(x: Tensor, p: float) -> Tensor:
+    """x^(1/p) for x >= 0 with gradient 0 at x = 0."""
+    if p == 2:
+        return safe_sqrt(x)
+    positive = x > 0
+    return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).pow(1 / p), 0)
+
+
+class EuclideanDistance(LpDistance):
+    """Euclidean (L2) distance ||a - b||_2, the default distance of every loss."""
+
+    def __init__(self, normalize_embeddings: bool = False) -> None:
+        super().__init__(p=2, power=1, normalize_embeddings=normalize_embeddings)
+
+
+class SquaredEuclideanDistance(LpDistance):
+    """Squared Euclidean distance ||a - b||_2^2 (FaceNet, Schroff et al. 2015). Not a metric."""
+
+    def __init__(self, normalize_embeddings: bool = False) -> None:
+        super().__init__(p=2, power=2, normalize_embeddings=normalize_embeddings)
+
+
+class ManhattanDistance(LpDistance):
+    """Manhattan (L1) distance sum_k |a_k - b_k|."""
+
+    def __init__(self, normalize_embeddings: bool = False) -> None:
+        super().__init__(p=1, power=1, normalize_embeddings=normalize_embeddings)
+
+
+class ChebyshevDistance(LpDistance):
+    """Chebyshev (L-inf) distance max_k |a_k - b_k|."""
+
+    def __init__(self, normalize_embeddings: bool = False) -> None:
+        super().__init__(p=math.inf, power=1, normalize_embeddings=normalize_embeddings)
+
+
+class DotProductSimilarity(BaseDistance):
+    """Dot product a.b, a similarity (larger is closer). Not normalised unless asked."""
+
+    is_inverted = True
+
+    def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
+        return query @ ref.T
+
+    def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
+        return (query * ref).sum(dim=1)
+
+
+class CosineSimilarity(DotProductSimilarity):
+    """Cosine similarity a.b / (||a|| ||b||), a similarity in [-1, 1].
+
+    Defined on unit vectors, so inputs are always normalised.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(normalize_embeddings=True)
+
+
+class CosineDistance(BaseDistance):
+    """1 - cos(a, b) in [0, 2]. Not a metric: it breaks the triangle inequality (seed 000);
+    use `MetricCosineDistance` for a metric. Always normalises its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__(normalize_embeddings=True)
+
+    def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
+        return 1 - query @ ref.T
+
+    def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
+        return 1 - (query * ref).sum(dim=1)
+
+
+class MetricCosineDistance(BaseDistance):
+    """sqrt(1 - cos(a, b)), or the chord length sqrt(2 - 2 cos(a, b)) = ||a/|a| - b/|b|||_2.
+
+    Seed 000: 1 - cos violates the triangle inequality; its square root is a metric (the
+    chord length is the Euclidean distance between unit vectors, scaled). Always normalises.
+
+    Args:
+        chord: return sqrt(2 - 2 cos) (the Euclidean distance of unit vectors) instead of
+            sqrt(1 - cos).
+    """
+
+    is_metric = True
+
+    def __init__(self, chord: bool = False) -> None:
+        super().__init__(normalize_embeddings=True)
+        self.chord = chord
+        self._scale = 2.0 if chord else 1.0
+
+    def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
+        return safe_sqrt(self._scale * (1 - query @ ref.T))
+
+    def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
+        return safe_sqrt(self._scale * (1 - (query * ref).sum(dim=1)))
+
+    def extra_repr(self) -> str:
+        return f"chord={self.chord}"
+
+
+class MahalanobisDistance(BaseDistance):
+    """Learnable Mahalanobis distance (a - b)^T M (a - b) with M = L^T L (survey §1.1).
+
+    M is positive semi-definite by construction because only L (rank x embedding_dim) is
+    learned; L starts as the identity (truncated when rank < embedding_dim). With
+    `squared=False` the square root is returned, a pseudo-metric.
+
+    Args:
+        embedding_dim: D, the width of the embeddings.
+        rank: number of rows of L (default D); a smaller rank learns a low-rank projection.
+        squared: return (a - b)^T M (a - b) (default) or its square root.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        rank: int | None = None,
+        squared: bool = True,
+        normalize_embeddings: bool = False,
+    ) -> None:
+        super().__init__(normalize_embeddings)
+        rank = embedding_dim if rank is None else rank
+        if embedding_dim < 1 or rank < 1:
+            raise ValueError(f"embedding_dim and rank must be >= 1, got {embedding_dim}, {rank}")
+        self.embedding_dim = embedding_dim
+        self.squared = squared
+        self.is_metric = not squared
+        self.projection = nn.Parameter(torch.eye(rank, embedding_dim))
+
+    @property
+    def metric_matrix(self) -> Tensor:
+        """M = L^T L, (D, D), symmetric positive semi-definite."""
+        return self.projection.T @ self.projection
+
+    def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
+        self._check_dim(query)
+        squared = squared_euclidean_matrix(self._project(query), self._project(ref))
+        return squared if self.squared else safe_sqrt(squared)
+
+    def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
+        self._check_dim(query)
+        squared = (self._project(query) - self._project(ref)).pow(2).sum(dim=1)
+        return squared if self.squared else safe_sqrt(squared)
+
+    def _project(self, x: Tensor) -> Tensor:
+        return x @ self.projection.to(x.dtype).T
+
+    def _check_dim(self, x: Tensor) -> None:
+        if x.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"MahalanobisDistance was built for embedding_dim={self.embedding_dim} but got "
+                f"embeddings with {x.shape[1]} features"
+            )
+
+    def extra_repr(self) -> str:
+        rank = self.projection.shape[0]
+        return f"embedding_dim={self.embedding_dim}, rank={rank}, squared={self.squared}"
+
+
+__all__ = [
+    "BaseDistance",
+    "ChebyshevDistance",
+    "CosineDistance",
+    "CosineSimilarity",
+    "DotProductSimilarity",
+    "EuclideanDistance",
+    "LpDistance",
+    "MahalanobisDistance",
+    "ManhattanDistance",
+    "MetricCosineDistance",
+    "SquaredEuclideanDistance",
+    "safe_sqrt",
+]

@@ -1,0 +1,98 @@
+"""What every embedding loss shares: the calling convention and input checks.
+
+    loss = loss_fn(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)
+
+`embeddings` (N, D) are the batch; `labels` (N,) their integer classes (any integers). With
+`ref_emb` (M, D) and `ref_labels` (M,), positives and negatives are taken from that reference
+set instead of the batch (cross-modal training, memory banks); anchors stay in the batch.
+`indices_tuple` restricts the loss to mined triplets (a, p, n) or pairs (a1, p, a2, n).
+
+Losses compute in float32 when given float16 or bfloat16 inputs and return the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from deepmetric._validation import (
+    check_embeddings,
+    check_labels,
+    check_same_device,
+    compute_dtype,
+)
+from deepmetric.distances import BaseDistance, EuclideanDistance
+from deepmetric.losses.reduction import check_reduction
+from deepmetric.tuples import check_indices_tuple, reference_key
+
+
+class LossInputs(NamedTuple):
+    """Checked inputs of a loss call, cast to the dtype the loss computes in."""
+
+    embeddings: Tensor
+    labels: Tensor | None
+    ref_emb: Tensor
+    ref_labels: Tensor | None
+    ref_is_query: bool
+    indices_tuple: tuple[Tensor, ...] | None
+    dtype: torch.dtype
+
+    def finish(self, loss: Tensor) -> Tensor:
+        """The loss returned to the user, in the input dtype."""
+        return loss.to(self.dtype)
+
+
+def prepare_inputs(
+    embeddings: Tensor,
+    labels: Tensor | None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+) -> LossInputs:
+    """Check a loss call's arguments once, with messages that name the argument and the fix."""
+    check_embeddings(embeddings)
+    if labels is None and indices_tuple is None:
+        raise ValueError("labels are required unless indices_tuple is given")
+    if labels is not None:
+        check_labels(labels, len(embeddings))
+    if ref_labels is not None and ref_emb is None:
+        raise ValueError("ref_labels was given without ref_emb; pass both or neither")
+    if ref_emb is not None:
+        check_embeddings(ref_emb, "ref_emb")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has {ref_emb.shape[1]} features per row but embeddings has "
+                f"{embeddings.shape[1]}; both must live in the same embedding space"
+            )
+        if ref_labels is None and indices_tuple is None:
+            raise ValueError("ref_emb needs ref_labels (or an indices_tuple that says the pairs)")
+        if ref_labels is not None:
+            check_labels(ref_labels, len(ref_emb), "ref_labels", "ref_emb")
+    check_same_device(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels)
+    ref_is_query = ref_emb is None
+    dtype = embeddings.dtype
+    work = compute_dtype(dtype)
+    embeddings = embeddings.to(work)
+    ref = embeddings if ref_is_query else ref_emb.to(work)
+    if ref_is_query:
+        ref_labels = labels
+    if indices_tuple is not None:
+        indices_tuple = check_indices_tuple(
+            indices_tuple, len(embeddings), len(ref), reference_key(ref_emb)
+        )
+    return LossInputs(embeddings, labels, ref, ref_labels, ref_is_query, indices_tuple, dtype)
+
+
+class MetricLoss(nn.Module):
+    """Base of the embedding losses: holds the distance and the reduction.
+
+    Subclasses implement `forward(embeddings, labels, indices_tuple=None, ref_emb=None,
+    ref_labels=None)` by calling their functional form.
+    """
+
+    def __init__(self, distance: BaseDistance | None = None, reduction: str = "mean") -> None:
+        super().__init__()
+        self.distance = EuclideanDistance() if distance is None else distance
+        self.reduction = check_reduction(reduction)

@@ -1,0 +1,372 @@
+"""Pair and triplet losses (SPEC §2): contrastive loss and triplet margin loss.
+
+Each loss is a function (what the tests check against the paper) and a thin module holding
+the hyper-parameters and the statistics of the last call. All pairs or all triplets of the
+batch are used unless `indices_tuple` selects some; with a similarity (`is_inverted`) the
+inequalities are turned around, e.g. the triplet term becomes [s(a,n) - s(a,p) + margin]+.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from deepmetric.distances import BaseDistance, EuclideanDistance
+from deepmetric.losses.base import MetricLoss, prepare_inputs
+from deepmetric.losses.reduction import check_reduction, reduce_terms, reduce_total
+from deepmetric.triplet_counting import AllTripletsHinge, negative_mask, row_blocks
+from deepmetric.tuples import label_masks, pairs_to_triplets, positive_lists
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """Counts from the last contrastive loss call (0-dim tensors)."""
+
+    num_pos_pairs: Tensor
+    num_neg_pairs: Tensor
+    num_active_pos_pairs: Tensor
+    num_active_neg_pairs: Tensor
+
+
+@dataclass(frozen=True)
+class TripletStats:
+    """Counts from the last triplet loss call (0-dim tensors).
+
+    With v = d(a, n) - d(a, p) (in the distance's "smaller is closer" sense): easy triplets
+    have v >= margin (zero loss), semi-hard 0 <= v < margin, hard v < 0 (seed 002, FaceNet).
+    `num_active` counts the triplets with a non-zero hinge (semi-hard plus hard).
+    """
+
+    num_triplets: Tensor
+    num_active: Tensor
+    num_easy: Tensor
+    num_semihard: Tensor
+    num_hard: Tensor
+
+
+def _check_contrastive_margins(
+    pos_margin: float, neg_margin: float, power: float, distance: BaseDistance
+) -> None:
+    if power < 1:
+        raise ValueError(f"power must be >= 1 (1: hinge, 2: squared hinge), got {power}")
+    if distance.is_inverted:
+        if pos_margin < neg_margin:
+            raise ValueError(
+                f"with a similarity, pos_margin ({pos_margin}) must be >= neg_margin "
+                f"({neg_margin}): positives are pulled above pos_margin, negatives below neg_margin"
+            )
+    elif not 0 <= pos_margin <= neg_margin:
+        raise ValueError(
+            f"with a distance, need 0 <= pos_margin <= neg_margin, got pos_margin={pos_margin}, "
+            f"neg_margin={neg_margin}"
+        )
+
+
+def contrastive_loss(
+    embeddings: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    *,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    power: float = 1.0,
+    distance: BaseDistance | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, PairStats]:
+    """Contrastive loss (Chopra et al. 2005; Hadsell et al. 2006; survey eq. 1).
+
+        L = reduce_pos([d(a, p) - pos_margin]+^power) + reduce_neg([neg_margin - d(a, n)]+^power)
+
+    over positive pairs (a, p) and negative pairs (a, n); each part is reduced on its own (as
+    pytorch-metric-learning does), so the many negatives do not drown the few positives.
+    - seed 003's unsquared form y d + (1 - y)[m - d]+: the defaults (Euclidean distance).
+    - survey eq. 1, y d^2 + (1 - y)[alpha - d^2]+: `distance=SquaredEuclideanDistance()`.
+    - Hadsell's squared hinge, y d^2 + (1 - y)[m - d]+^2 (up to 1/2): `power=2`.
+    With a similarity the roles turn: [pos_margin - s]+ and [s - neg_margin]+.
+
+    Args:
+        pos_margin: positives closer than this cost nothing (distance units).
+        neg_margin: negatives farther than this cost nothing (distance units).
+        power: exponent of each hinge, >= 1.
+        distance: any `BaseDistance` (default Euclidean).
+        reduction: "mean", "nonzero_mean" or "sum", applied to each part.
+        return_stats: also return a `PairStats`.
+
+    Example:
+        >>> x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        >>> contrastive_loss(x, y, neg_margin=2.0).shape
+        torch.Size([])
+    """
+    distance = EuclideanDistance() if distance is None else distance
+    check_reduction(reduction)
+    _check_contrastive_margins(pos_margin, neg_margin, power, distance)
+    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    matrix = distance(inputs.embeddings, inputs.ref_emb)
+    if inputs.indices_tuple is None:
+        pos_mask, neg_mask = label_masks(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
+        pos_values, neg_values = matrix, matrix
+    else:
+        pairs = inputs.indices_tuple
+        if len(pairs) == 3:
+            pairs = (pairs[0], pairs[1], pairs[0], pairs[2])
+        pos_values, neg_values = matrix[pairs[0], pairs[1]], matrix[pairs[2], pairs[3]]
+        pos_mask = neg_mask = None
+    pos_terms = F.relu(distance.margin(pos_values, pos_margin)).pow(power)
+    neg_terms = F.relu(distance.margin(neg_margin, neg_values)).pow(power)
+    loss = reduce_terms(pos_terms, reduction, pos_mask) + reduce_terms(
+        neg_terms, reduction, neg_mask
+    )
+    loss = inputs.finish(loss)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        stats = PairStats(
+            num_pos_pairs=_count(pos_terms, pos_mask),
+            num_neg_pairs=_count(neg_terms, neg_mask),
+            num_active_pos_pairs=_count(pos_terms > 0, pos_mask),
+            num_active_neg_pairs=_count(neg_terms > 0, neg_mask),
+        )
+    return loss, stats
+
+
+def _count(values: Tensor, mask: Tensor | None) -> Tensor:
+    if values.dtype == torch.bool:
+        return (values if mask is None else values & mask).sum()
+    return torch.tensor(values.numel()) if mask is None else mask.sum()
+
+
+def triplet_margin_loss(
+    embeddings: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    *,
+    margin: float = 0.2,
+    swap: bool = False,
+    smooth_loss: bool = False,
+    distance: BaseDistance | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, TripletStats]:
+    """Triplet margin loss (Weinberger & Saul 2009; Schroff et al. 2015; survey eq. 2).
+
+        L(a, p, n) = [d(a, p) - d(a, n) + margin]+
+
+    over all triplets of the batch (a, p same label, a != p; n another label), or over the
+    triplets of `indices_tuple`. The all-triplets hinge is computed exactly without
+    enumerating triplets: per anchor the positives' thresholds d(a, p) + margin are sorted
+    and every negative is placed among them (see `deepmetric.triplet_counting`), which is
+    O(N M log K) time and O(N M) memory.
+
+    `smooth_loss=True` uses log(1 + exp(d(a, p) - d(a, n) + margin)) (the soft-plus of
+    Hermans et al. 2017 when margin = 0). `swap=True` replaces d(a, n) by min(d(a, n),
+    d(p, n)) (Balntas et al. 2016). Both need every (p, n) of an anchor and cost
+    O(N K M) time, in bounded memory (blocks of anchors, recomputed in backward).
+
+    Args:
+        margin: required gap between positive and negative distances, >= 0 (distance units).
+        swap: use the distance anchor swap.
+        smooth_loss: soft-plus instead of hinge.
+        distance: any `BaseDistance` (default Euclidean).
+        reduction: "mean" (over all triplets), "nonzero_mean" (over active ones) or "sum".
+        return_stats: also return a `TripletStats`.
+
+    Example:
+        >>> x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        >>> triplet_margin_loss(x, y, margin=0.5) >= 0
+        tensor(True)
+    """
+    distance = EuclideanDistance() if distance is None else distance
+    check_reduction(reduction)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    dis = distance.as_dissimilarity(distance(inputs.embeddings, inputs.ref_emb))
+    swap_dis = None
+    if swap:
+        swap_dis = (
+            dis if inputs.ref_is_query else distance.as_dissimilarity(distance(inputs.ref_emb))
+        )
+    if inputs.indices_tuple is not None:
+        loss, counts = _listed_triplets(
+            dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, reduction
+        )
+    elif smooth_loss or swap:
+        loss, counts = _dense_triplets(dis, swap_dis, inputs, margin, smooth_loss, reduction)
+    else:
+        positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
+        total, num_triplets, num_active, num_hard = AllTripletsHinge.apply(
+            dis, inputs.labels, inputs.ref_labels, positives, margin
+        )
+        loss = reduce_total(total, num_triplets, num_active, reduction)
+        counts = (num_triplets, num_active, num_triplets - num_active, num_hard)
+    loss = inputs.finish(loss)
+    if not return_stats:
+        return loss
+    num_triplets, num_active, num_easy, num_hard = counts
+    stats = TripletStats(
+        num_triplets=num_triplets,
+        num_active=num_active,
+        num_easy=num_easy,
+        num_semihard=num_triplets - num_easy - num_hard,
+        num_hard=num_hard,
+    )
+    return loss, stats
+
+
+def _triplet_terms(
+    d_ap: Tensor, d_an: Tensor, margin: float, smooth: bool, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Terms of the listed triplets and their counts (active, easy, hard) under `mask`."""
+    violation = d_ap - d_an + margin
+    terms = F.softplus(violation) if smooth else F.relu(violation)
+    with torch.no_grad():
+        gap = d_an - d_ap
+        keep = torch.ones_like(gap, dtype=torch.bool) if mask is None else mask
+        counts = (
+            keep.sum(),
+            ((violation > 0) & keep).sum(),
+            ((gap >= margin) & keep).sum(),
+            ((gap < 0) & keep).sum(),
+        )
+    return (terms if mask is None else terms * mask), *counts
+
+
+def _listed_triplets(dis, swap_dis, indices_tuple, margin, smooth, reduction):
+    if len(indices_tuple) == 4:
+        indices_tuple = pairs_to_triplets(*indices_tuple)
+    anchor, positive, negative = indices_tuple
+    d_an = dis[anchor, negative]
+    if swap_dis is not None:
+        d_an = torch.minimum(d_an, swap_dis[positive, negative])
+    terms, num_triplets, num_active, num_easy, num_hard = _triplet_terms(
+        dis[anchor, positive], d_an, margin, smooth
+    )
+    total = terms.sum()
+    count = num_active if not smooth else num_triplets
+    return reduce_total(total, num_triplets, count, reduction), (
+        num_triplets,
+        num_active,
+        num_easy,
+        num_hard,
+    )
+
+
+def _dense_triplets(dis, swap_dis, inputs, margin, smooth, reduction):
+    positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
+    width = positives.index.shape[1]
+
+    def block_sum(block: Tensor, swap_rows: Tensor | None, rows_index, rows_valid, negatives):
+        d_ap = block.gather(1, rows_index).unsqueeze(2)
+        d_an = block.unsqueeze(1)
+        if swap_rows is not None:
+            d_an = torch.minimum(d_an, swap_rows)
+        mask = rows_valid.unsqueeze(2) & negatives.unsqueeze(1)
+        terms, *counts = _triplet_terms(d_ap, d_an, margin, smooth, mask)
+        return terms.sum(), torch.stack(counts)
+
+    total = dis.sum() * 0
+    counts = torch.zeros(4, dtype=torch.long, device=dis.device)
+    for rows in row_blocks(dis.shape[0], width * dis.shape[1]):
+        rows_index, rows_valid = positives.index[rows], positives.valid[rows]
+        swap_rows = None if swap_dis is None else swap_dis[rows_index]
+        negatives = negative_mask(inputs.labels[rows], inputs.ref_labels)
+        block_total, block_counts = checkpoint(
+            block_sum, dis[rows], swap_rows, rows_index, rows_valid, negatives, use_reentrant=False
+        )
+        total = total + block_total
+        counts += block_counts
+    num_triplets, num_active, num_easy, num_hard = counts
+    nonzero = num_triplets if smooth else num_active
+    return reduce_total(total, num_triplets, nonzero, reduction), tuple(counts)
+
+
+class ContrastiveLoss(MetricLoss):
+    """Contrastive loss module; see `contrastive_loss` for the formula and arguments.
+
+    `stats` holds the `PairStats` of the last call.
+
+    Example:
+        >>> loss_fn = ContrastiveLoss(neg_margin=1.0)
+        >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        power: float = 1.0,
+        distance: BaseDistance | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, reduction)
+        _check_contrastive_margins(pos_margin, neg_margin, power, self.distance)
+        self.pos_margin, self.neg_margin, self.power = pos_margin, neg_margin, power
+        self.stats: PairStats | None = None
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        loss, self.stats = contrastive_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            pos_margin=self.pos_margin,
+            neg_margin=self.neg_margin,
+            power=self.power,
+            distance=self.distance,
+            reduction=self.reduction,
+            return_stats=True,
+        )
+        return loss
+
+
+class TripletMarginLoss(MetricLoss):
+    """Triplet margin loss module; see `triplet_margin_loss` for the formula and arguments.
+
+    `stats` holds the `TripletStats` (easy / semi-hard / hard counts) of the last call.
+
+    Example:
+        >>> loss_fn = TripletMarginLoss(margin=0.2)
+        >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+        >>> int(loss_fn.stats.num_triplets)
+        48
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        swap: bool = False,
+        smooth_loss: bool = False,
+        distance: BaseDistance | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, reduction)
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.margin, self.swap, self.smooth_loss = margin, swap, smooth_loss
+        self.stats: TripletStats | None = None
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        loss, self.stats = triplet_margin_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            margin=self.margin,
+            swap=self.swap,
+            smooth_loss=self.smooth_loss,
+            distance=self.distance,
+            reduction=self.reduction,
+            return_stats=True,
+        )
+        return loss
