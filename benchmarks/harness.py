@@ -1,0 +1,116 @@
+"""Shared benchmark harness: time and peak memory of forward+backward, as multiples of a floor.
+
+Each case runs in a fresh process (so the peak resident memory belongs to it alone) with one
+thread. Time is process CPU seconds (`time.process_time`), the median of repeats. Memory is
+the peak resident set size during one forward+backward minus the resident size just before
+it ("extra"), read from the kernel's high-water mark (VmHWM, reset through
+/proc/self/clear_refs where allowed, else taken from a fresh process).
+
+The "pair floor" is the cheapest thing a pair-based loss can do: normalise, one N x N
+matmul, mean, backward. Every figure is reported as a ratio to the floor measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Case = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pair_floor(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Normalise, one N x N similarity matmul, mean: the floor of any pair-based loss."""
+    unit = F.normalize(embeddings, dim=1)
+    return (unit @ unit.T).mean()
+
+
+def pk_labels(n: int, per_class: int = 8) -> torch.Tensor:
+    """Labels of a P x K batch: n // per_class classes of per_class items each."""
+    return torch.arange(n) // per_class
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _child(case: Case, n: int, dim: int, repeats: int, queue: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    embeddings = torch.randn(n, dim)
+    labels = pk_labels(n)
+    warm = embeddings[:64].clone().requires_grad_()
+    case(warm, labels[:64]).backward()
+    x = embeddings.clone().requires_grad_()
+    before = _rss_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+    case(x, labels).backward()
+    peak = _rss_kb("VmHWM")
+    times = []
+    for _ in range(repeats):
+        x.grad = None
+        start = time.process_time()
+        case(x, labels).backward()
+        times.append(time.process_time() - start)
+    queue.put((statistics.median(times), max(peak - before, 0) / 1024))
+
+
+def measure(case: Case, n: int, dim: int = 128, repeats: int = 3, timeout: float = 300):
+    """(median CPU seconds, peak extra MiB) of case forward+backward, or None on timeout/crash."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(case, n, dim, repeats, queue))
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        return None
+    return None if queue.empty() else queue.get()
+
+
+def run_table(cases: dict[str, Case], sizes: list[int], dim: int = 128, repeats: int = 3) -> str:
+    """Markdown table of every case at every size, with ratios to the pair floor."""
+    rows = ["| case | N | CPU s | x floor | extra MiB |", "| --- | ---: | ---: | ---: | ---: |"]
+    for n in sizes:
+        floor = measure(pair_floor, n, dim, repeats)
+        floor_time = floor[0] if floor else float("nan")
+        rows.append(_row("pair floor", n, floor, floor_time))
+        print(rows[-1], flush=True)
+        for name, case in cases.items():
+            rows.append(_row(name, n, measure(case, n, dim, repeats), floor_time))
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def _row(name: str, n: int, result, floor_time: float) -> str:
+    if result is None:
+        return f"| {name} | {n} | did not finish | | |"
+    seconds, extra = result
+    return f"| {name} | {n} | {seconds:.4f} | {seconds / floor_time:.2f} | {extra:.0f} |"
+
+
+def main(cases: dict[str, Case], default_sizes: list[int]) -> None:
+    """Command line shared by the benchmark scripts: --sizes, --dim, --repeats, --only."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=default_sizes)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="+", help="case names to run")
+    args = parser.parse_args()
+    chosen = {k: v for k, v in cases.items() if not args.only or k in args.only}
+    print(run_table(chosen, args.sizes, args.dim, args.repeats))
