@@ -6,6 +6,8 @@ do. The numeric code behind these checks trusts its inputs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -79,6 +81,56 @@ def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+class CheckedBatch(NamedTuple):
+    """A checked batch and its reference set, cast to the dtype the computation runs in."""
+
+    embeddings: Tensor
+    labels: Tensor | None
+    ref_emb: Tensor
+    ref_labels: Tensor | None
+    ref_is_query: bool
+    dtype: torch.dtype
+
+
+def check_batch(
+    embeddings: Tensor,
+    labels: Tensor | None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    labels_optional: bool = False,
+) -> CheckedBatch:
+    """Check a batch, its labels and an optional reference set; upcast half precision.
+
+    The reference set defaults to the batch itself (`ref_is_query`). Labels may be missing
+    only when `labels_optional` (a loss given an explicit indices_tuple).
+    """
+    check_embeddings(embeddings)
+    if labels is None and not labels_optional:
+        raise ValueError("labels are required (a 1-D integer tensor, one class id per row)")
+    if labels is not None:
+        check_labels(labels, len(embeddings))
+    if ref_labels is not None and ref_emb is None:
+        raise ValueError("ref_labels was given without ref_emb; pass both or neither")
+    if ref_emb is not None:
+        check_embeddings(ref_emb, "ref_emb")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has {ref_emb.shape[1]} features per row but embeddings has "
+                f"{embeddings.shape[1]}; both must live in the same embedding space"
+            )
+        if ref_labels is None and not labels_optional:
+            raise ValueError("ref_emb needs ref_labels, one class id per reference row")
+        if ref_labels is not None:
+            check_labels(ref_labels, len(ref_emb), "ref_labels", "ref_emb")
+    check_same_device(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels)
+    dtype = embeddings.dtype
+    work = compute_dtype(dtype)
+    embeddings = embeddings.to(work)
+    if ref_emb is None:
+        return CheckedBatch(embeddings, labels, embeddings, labels, True, dtype)
+    return CheckedBatch(embeddings, labels, ref_emb.to(work), ref_labels, False, dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

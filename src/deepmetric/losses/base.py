@@ -17,12 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from deepmetric._validation import (
-    check_embeddings,
-    check_labels,
-    check_same_device,
-    compute_dtype,
-)
+from deepmetric._validation import check_batch
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses.reduction import check_reduction
 from deepmetric.tuples import check_indices_tuple, reference_key
@@ -52,37 +47,20 @@ def prepare_inputs(
     ref_labels: Tensor | None = None,
 ) -> LossInputs:
     """Check a loss call's arguments once, with messages that name the argument and the fix."""
-    check_embeddings(embeddings)
-    if labels is None and indices_tuple is None:
-        raise ValueError("labels are required unless indices_tuple is given")
-    if labels is not None:
-        check_labels(labels, len(embeddings))
-    if ref_labels is not None and ref_emb is None:
-        raise ValueError("ref_labels was given without ref_emb; pass both or neither")
-    if ref_emb is not None:
-        check_embeddings(ref_emb, "ref_emb")
-        if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                f"ref_emb has {ref_emb.shape[1]} features per row but embeddings has "
-                f"{embeddings.shape[1]}; both must live in the same embedding space"
-            )
-        if ref_labels is None and indices_tuple is None:
-            raise ValueError("ref_emb needs ref_labels (or an indices_tuple that says the pairs)")
-        if ref_labels is not None:
-            check_labels(ref_labels, len(ref_emb), "ref_labels", "ref_emb")
-    check_same_device(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels)
-    ref_is_query = ref_emb is None
-    dtype = embeddings.dtype
-    work = compute_dtype(dtype)
-    embeddings = embeddings.to(work)
-    ref = embeddings if ref_is_query else ref_emb.to(work)
-    if ref_is_query:
-        ref_labels = labels
+    batch = check_batch(embeddings, labels, ref_emb, ref_labels, indices_tuple is not None)
     if indices_tuple is not None:
         indices_tuple = check_indices_tuple(
-            indices_tuple, len(embeddings), len(ref), reference_key(ref_emb)
+            indices_tuple, len(batch.embeddings), len(batch.ref_emb), reference_key(ref_emb)
         )
-    return LossInputs(embeddings, labels, ref, ref_labels, ref_is_query, indices_tuple, dtype)
+    return LossInputs(
+        batch.embeddings,
+        batch.labels,
+        batch.ref_emb,
+        batch.ref_labels,
+        batch.ref_is_query,
+        indices_tuple,
+        batch.dtype,
+    )
 
 
 class MetricLoss(nn.Module):

@@ -1,0 +1,311 @@
+"""Miners: which pairs or triplets of a batch a loss should use (SPEC §3).
+
+    tuples = miner(embeddings, labels, ref_emb=None, ref_labels=None)
+    loss = loss_fn(embeddings, labels, indices_tuple=tuples)
+
+A miner returns triplets (anchor, positive, negative) or pairs (anchor1, positive, anchor2,
+negative) as a `MinedTuple`; anchors index the batch, the others the reference set. Mining
+runs under `torch.no_grad()` on the distance matrix, vectorised over the batch; miners that
+select among all triplets place negatives among each anchor's sorted positives
+(`deepmetric.triplet_counting`) and never build an N x N x N tensor. Only the selected tuples
+are materialised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from deepmetric._validation import CheckedBatch, check_batch, check_choice, check_positive
+from deepmetric.distances import BaseDistance, EuclideanDistance
+from deepmetric.triplet_counting import triplet_runs
+from deepmetric.tuples import MinedTuple, label_masks, positive_lists, reference_key
+
+
+class BaseMiner(nn.Module):
+    """Base of the miners: checks the inputs, computes the distance matrix without gradients,
+    and tags the result with the reference set it indexes.
+
+    Subclasses implement `mine(matrix, batch)`, where `matrix` is the raw (N, M) output of
+    `self.distance` and `batch` the checked inputs (labels, ref_labels, ref_is_query, ...).
+    """
+
+    def __init__(self, distance: BaseDistance | None = None) -> None:
+        super().__init__()
+        self.distance = EuclideanDistance() if distance is None else distance
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> MinedTuple:
+        """Mine index tuples from a batch and an optional reference set."""
+        batch = check_batch(embeddings, labels, ref_emb, ref_labels)
+        with torch.no_grad():
+            matrix = self.distance(batch.embeddings, batch.ref_emb)
+            tuples = self.mine(matrix, batch)
+        return MinedTuple(tuples, reference_key(ref_emb))
+
+    def mine(self, matrix: Tensor, batch: CheckedBatch) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+
+class AllPairsMiner(BaseMiner):
+    """Every positive pair and every negative pair of the batch, as (a1, p, a2, n).
+
+    Useful to hand explicit pairs to a loss; the loss alone already uses all pairs.
+    """
+
+    def mine(self, matrix, batch):
+        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        positive, negative = label_masks(labels, ref_labels, ref_is_query)
+        return (*positive.nonzero(as_tuple=True), *negative.nonzero(as_tuple=True))
+
+
+class PairMarginMiner(BaseMiner):
+    """Pairs that violate a margin: positives with d > pos_margin, negatives with d < neg_margin
+    (with a similarity: s < pos_margin and s > neg_margin). Returns (a1, p, a2, n).
+
+    Args:
+        pos_margin: positives beyond this are selected (distance units).
+        neg_margin: negatives within this are selected (distance units).
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0.2,
+        neg_margin: float = 0.8,
+        distance: BaseDistance | None = None,
+    ) -> None:
+        super().__init__(distance)
+        self.pos_margin, self.neg_margin = pos_margin, neg_margin
+
+    def mine(self, matrix, batch):
+        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        positive, negative = label_masks(labels, ref_labels, ref_is_query)
+        positive &= self.distance.margin(matrix, self.pos_margin) > 0
+        negative &= self.distance.margin(self.neg_margin, matrix) > 0
+        return (*positive.nonzero(as_tuple=True), *negative.nonzero(as_tuple=True))
+
+
+class AllTripletsMiner(BaseMiner):
+    """Every triplet (a, p, n) of the batch. The output has sum_a |P_a| |N_a| rows: use it for
+    small batches or offline lists; losses compute the all-triplets case without it."""
+
+    def mine(self, matrix, batch):
+        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        dis = self.distance.as_dissimilarity(matrix)
+        positives = positive_lists(labels, ref_labels, ref_is_query)
+        return triplet_runs(dis, labels, ref_labels, positives, None, None)
+
+
+TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
+
+
+class TripletMarginMiner(BaseMiner):
+    """Triplets by difficulty (Schroff et al. 2015; seed 002), with v = d(a, n) - d(a, p):
+
+    - "all": every triplet with a non-zero hinge, v < margin;
+    - "hard": the negative is closer than the positive, v < 0;
+    - "semihard": 0 <= v < margin (FaceNet);
+    - "easy": v >= margin (zero loss).
+
+    For each (a, n) the qualifying positives are one run of the anchor's sorted positives,
+    so the cost is O(N M log K) plus the number of triplets returned.
+
+    Args:
+        margin: the triplet margin, >= 0 (distance units), as in the loss it feeds.
+        type_of_triplets: one of "all", "hard", "semihard", "easy".
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        type_of_triplets: str = "all",
+        distance: BaseDistance | None = None,
+    ) -> None:
+        super().__init__(distance)
+        self.margin = check_positive(margin, "margin", allow_zero=True)
+        self.type_of_triplets = check_choice(type_of_triplets, "type_of_triplets", TRIPLET_TYPES)
+
+    def mine(self, matrix, batch):
+        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        lower, upper = {
+            "all": (None, self.margin),
+            "hard": (None, 0.0),
+            "semihard": (0.0, self.margin),
+            "easy": (self.margin, None),
+        }[self.type_of_triplets]
+        dis = self.distance.as_dissimilarity(matrix)
+        positives = positive_lists(labels, ref_labels, ref_is_query)
+        return triplet_runs(dis, labels, ref_labels, positives, lower, upper)
+
+
+class BatchHardMiner(BaseMiner):
+    """Batch-hard triplets (Hermans, Beyer & Leibe 2017, "In defense of the triplet loss"):
+    for each anchor, its farthest positive and its nearest negative. Anchors lacking either
+    are skipped. Returns (a, p, n), one triplet per anchor.
+    """
+
+    def mine(self, matrix, batch):
+        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        dis = self.distance.as_dissimilarity(matrix)
+        positive, negative = label_masks(labels, ref_labels, ref_is_query)
+        hardest_positive = dis.masked_fill(~positive, -math.inf).argmax(dim=1)
+        hardest_negative = dis.masked_fill(~negative, math.inf).argmin(dim=1)
+        anchors = (positive.any(dim=1) & negative.any(dim=1)).nonzero(as_tuple=True)[0]
+        return anchors, hardest_positive[anchors], hardest_negative[anchors]
+
+
+class HardNetMiner(BaseMiner):
+    """HardNet triplets (Mishchuk et al. 2017): for each positive pair (a, p), the negative
+    nearest to either member, min over n of min(d(a, n), d(p, n)).
+
+    When the hardest negative is nearest to p, the triplet is returned as (p, a, n), so that
+    the triplet loss term [d(p, a) - d(p, n) + m]+ is the HardNet term. Needs the batch as
+    its own reference set (the "column" of p is then the row of p).
+    """
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        if ref_emb is not None:
+            raise ValueError(
+                "HardNetMiner mines within the batch (both members of each pair must be anchors); "
+                "put both sets in the batch with shared labels instead of passing ref_emb"
+            )
+        return super().forward(embeddings, labels)
+
+    def mine(self, matrix, batch):
+        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        dis = self.distance.as_dissimilarity(matrix)
+        positive, negative = label_masks(labels, ref_labels, ref_is_query)
+        nearest_value, nearest = dis.masked_fill(~negative, math.inf).min(dim=1)
+        anchor, pos = positive.nonzero(as_tuple=True)
+        keep = torch.isfinite(nearest_value[anchor])
+        anchor, pos = anchor[keep], pos[keep]
+        from_positive = nearest_value[pos] < nearest_value[anchor]
+        first = torch.where(from_positive, pos, anchor)
+        second = torch.where(from_positive, anchor, pos)
+        return first, second, nearest[first]
+
+
+class DistanceWeightedMiner(BaseMiner):
+    """Distance-weighted sampling (Wu, Manmatha, Smola & Krähenbühl 2017, "Sampling matters").
+
+    Embeddings are normalised to the unit sphere, where pairwise distances of random points
+    in dimension n have density q(d) ∝ d^(n-2) [1 - d^2/4]^((n-3)/2). For each positive pair
+    (a, p) one negative is drawn with probability ∝ 1 / q(max(d(a, n), cutoff)), and negatives
+    with d(a, n) >= nonzero_loss_cutoff get weight 0 (they give no loss). If an anchor has no
+    negative within the cutoff, one is drawn uniformly among its negatives. Returns (a, p, n).
+
+    Args:
+        cutoff: distances below this are clipped to it (the paper's 0.5), so near-duplicates
+            do not dominate.
+        nonzero_loss_cutoff: negatives at or beyond this distance are never drawn (1.4).
+        generator: a torch.Generator for reproducible draws.
+    """
+
+    def __init__(
+        self,
+        cutoff: float = 0.5,
+        nonzero_loss_cutoff: float = 1.4,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(EuclideanDistance(normalize_embeddings=True))
+        if not 0 < cutoff < nonzero_loss_cutoff <= 2:
+            raise ValueError(
+                "need 0 < cutoff < nonzero_loss_cutoff <= 2 (distances of unit vectors), got "
+                f"cutoff={cutoff}, nonzero_loss_cutoff={nonzero_loss_cutoff}"
+            )
+        self.cutoff, self.nonzero_loss_cutoff = cutoff, nonzero_loss_cutoff
+        self.generator = generator
+
+    def mine(self, matrix, batch):
+        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        dim = batch.embeddings.shape[1]
+        d = matrix.clamp_min(self.cutoff)
+        log_q = (dim - 2) * d.log() + (dim - 3) / 2 * (1 - d.pow(2) / 4).clamp_min(1e-8).log()
+        _, negative = label_masks(labels, ref_labels, ref_is_query)
+        allowed = negative & (matrix < self.nonzero_loss_cutoff)
+        log_w = torch.where(allowed, -log_q, -math.inf)
+        uniform_rows = ~allowed.any(dim=1, keepdim=True)
+        log_w = torch.where(uniform_rows, torch.where(negative, 0.0, -math.inf), log_w)
+        has_negative = negative.any(dim=1, keepdim=True)
+        weights = torch.where(has_negative, (log_w - log_w.amax(dim=1, keepdim=True)).exp(), 1.0)
+        positives = positive_lists(labels, ref_labels, ref_is_query)
+        draws = torch.multinomial(
+            weights, positives.index.shape[1], replacement=True, generator=self.generator
+        )
+        keep = positives.valid & has_negative
+        anchor = torch.arange(len(labels), device=matrix.device).unsqueeze(1).expand_as(keep)
+        return anchor[keep], positives.index[keep], draws[keep]
+
+
+class RankWindowMiner(BaseMiner):
+    """Negatives from a window of ranks (Huang et al. 2020, Facebook EBR; seed 002).
+
+    Each anchor's negatives are ranked from nearest (rank 1) on; for each positive pair
+    (a, p), `negatives_per_positive` negatives are drawn uniformly from ranks
+    window[0]..window[1] (inclusive), "similar but not too similar". Anchors with fewer than
+    window[0] negatives give no triplet. Returns (a, p, n).
+
+    Args:
+        window: (first rank, last rank), 1-based, inclusive; e.g. (101, 500).
+        negatives_per_positive: negatives drawn for each positive pair.
+        generator: a torch.Generator for reproducible draws.
+    """
+
+    def __init__(
+        self,
+        window: tuple[int, int] = (101, 500),
+        negatives_per_positive: int = 1,
+        distance: BaseDistance | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(distance)
+        first, last = window
+        if not 1 <= first <= last:
+            raise ValueError(
+                f"window must be (first, last) ranks with 1 <= first <= last, got {window}"
+            )
+        if negatives_per_positive < 1:
+            raise ValueError(f"negatives_per_positive must be >= 1, got {negatives_per_positive}")
+        self.window = (int(first), int(last))
+        self.negatives_per_positive = int(negatives_per_positive)
+        self.generator = generator
+
+    def mine(self, matrix, batch):
+        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        dis = self.distance.as_dissimilarity(matrix)
+        _, negative = label_masks(labels, ref_labels, ref_is_query)
+        first, last = self.window
+        depth = min(last, dis.shape[1])
+        ranked_value, ranked = dis.masked_fill(~negative, math.inf).topk(
+            depth, dim=1, largest=False
+        )
+        window_size = (torch.isfinite(ranked_value).sum(dim=1) - (first - 1)).clamp_min(0)
+        positives = positive_lists(labels, ref_labels, ref_is_query)
+        shape = (*positives.index.shape, self.negatives_per_positive)
+        uniform = torch.rand(shape, generator=self.generator, device=dis.device)
+        pick = (first - 1) + (uniform * window_size.view(-1, 1, 1)).long()
+        keep = (positives.valid & (window_size > 0).unsqueeze(1)).unsqueeze(2).expand(shape)
+        anchor = torch.arange(len(labels), device=dis.device).view(-1, 1, 1).expand(shape)
+        pos = positives.index.unsqueeze(2).expand(shape)
+        neg = ranked.gather(1, pick.clamp_max(depth - 1).view(len(labels), -1)).view(shape)
+        return anchor[keep], pos[keep], neg[keep]
+
+
+__all__ = [
+    "AllPairsMiner",
+    "AllTripletsMiner",
+    "BaseMiner",
+    "BatchHardMiner",
+    "DistanceWeightedMiner",
+    "HardNetMiner",
+    "PairMarginMiner",
+    "RankWindowMiner",
+    "TripletMarginMiner",
+]
