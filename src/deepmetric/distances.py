@@ -48,10 +48,25 @@ def safe_sqrt(x: Tensor) -> Tensor:
 
 
 def squared_euclidean_matrix(query: Tensor, ref: Tensor) -> Tensor:
-    """||q_i - r_j||^2 for all pairs, by ||q||^2 + ||r||^2 - 2 q.r (one matmul), clamped at 0."""
+    """||q_i - r_j||^2 for all pairs, by ||q||^2 + ||r||^2 - 2 q.r (one matmul), clamped at 0.
+
+    The expansion loses precision for nearly coincident points (an absolute error of about
+    sqrt(eps) ||q|| on the distance); the diagonal of a set against itself is set to 0.
+    """
     query_sq = query.pow(2).sum(dim=1, keepdim=True)
     ref_sq = ref.pow(2).sum(dim=1)
-    return torch.addmm(ref_sq.unsqueeze(0), query, ref.T, alpha=-2).add(query_sq).clamp_min(0)
+    squared = torch.addmm(ref_sq.unsqueeze(0), query, ref.T, alpha=-2).add(query_sq).clamp_min(0)
+    if query is ref:
+        squared.fill_diagonal_(0)  # exact zeros where the expansion leaves rounding error
+    return squared
+
+
+def cosine_matrix(query: Tensor, ref: Tensor) -> Tensor:
+    """q_i . r_j of unit vectors; the diagonal of a set against itself is exactly 1."""
+    similarity = query @ ref.T
+    if query is ref:
+        similarity.fill_diagonal_(1)
+    return similarity
 
 
 class BaseDistance(nn.Module):
@@ -70,10 +85,11 @@ class BaseDistance(nn.Module):
 
     def forward(self, query: Tensor, ref: Tensor | None = None) -> Tensor:
         """The (N, M) matrix between `query` (N, D) and `ref` (M, D); `ref` defaults to `query`."""
+        same_set = ref is None or ref is query
         ref = query if ref is None else ref
         _check_same_width(query, ref)
-        query, ref = self.normalize(query), self.normalize(ref)
-        return self.compute_matrix(query, ref)
+        query = self.normalize(query)
+        return self.compute_matrix(query, query if same_set else self.normalize(ref))
 
     def pairwise_distance(self, query: Tensor, ref: Tensor) -> Tensor:
         """The (N,) vector between row i of `query` and row i of `ref`."""
@@ -225,6 +241,9 @@ class CosineSimilarity(DotProductSimilarity):
     def __init__(self) -> None:
         super().__init__(normalize_embeddings=True)
 
+    def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
+        return cosine_matrix(query, ref)
+
 
 class CosineDistance(BaseDistance):
     """1 - cos(a, b) in [0, 2]. Not a metric: it breaks the triangle inequality (seed 000);
@@ -234,7 +253,7 @@ class CosineDistance(BaseDistance):
         super().__init__(normalize_embeddings=True)
 
     def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
-        return 1 - query @ ref.T
+        return 1 - cosine_matrix(query, ref)
 
     def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
         return 1 - (query * ref).sum(dim=1)
@@ -259,7 +278,7 @@ class MetricCosineDistance(BaseDistance):
         self._scale = 2.0 if chord else 1.0
 
     def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
-        return safe_sqrt(self._scale * (1 - query @ ref.T))
+        return safe_sqrt(self._scale * (1 - cosine_matrix(query, ref)))
 
     def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
         return safe_sqrt(self._scale * (1 - (query * ref).sum(dim=1)))
