@@ -170,12 +170,21 @@ def _block_distances(
 
 
 def _order_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row by (distance, index), the tie rule."""
-    by_index = np.argsort(idx, axis=1, kind="stable")
-    dist = np.take_along_axis(dist, by_index, axis=1)
-    idx = np.take_along_axis(idx, by_index, axis=1)
-    by_distance = np.argsort(dist, axis=1, kind="stable")
-    return np.take_along_axis(dist, by_distance, axis=1), np.take_along_axis(idx, by_distance, 1)
+    """Sort each row by (distance, index), the tie rule; rows already in order are kept."""
+    if dist.shape[1] < 2:
+        return dist, idx
+    later, earlier = dist[:, 1:], dist[:, :-1]
+    out_of_order = (later < earlier) | ((later == earlier) & (idx[:, 1:] < idx[:, :-1]))
+    rows = np.flatnonzero(out_of_order.any(axis=1))
+    if len(rows):
+        d, i = dist[rows], idx[rows]
+        by_index = np.argsort(i, axis=1, kind="stable")
+        d, i = np.take_along_axis(d, by_index, 1), np.take_along_axis(i, by_index, 1)
+        by_distance = np.argsort(d, axis=1, kind="stable")
+        dist, idx = dist.copy(), idx.copy()
+        dist[rows] = np.take_along_axis(d, by_distance, 1)
+        idx[rows] = np.take_along_axis(i, by_distance, 1)
+    return dist, idx
 
 
 def _torch_exact_topk(
