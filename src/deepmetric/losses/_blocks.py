@@ -1,0 +1,314 @@
+"""Row-block evaluation of the losses that live on the (N, M) distance matrix.
+
+A structured loss is a function of D = distance(embeddings, ref) and the label masks. Building
+D and every elementwise temporary of the loss at full size costs a fresh N x M buffer per
+operation (64 MB each at N = M = 4096). Here D is computed one block of anchor rows at a time;
+the loss terms of that block are evaluated and differentiated at once (autograd on
+block-sized tensors), and the gradients with respect to the embeddings, the reference set and
+any parameters are accumulated. The returned loss carries them (`Sweep.result`), so its
+backward costs one multiplication per input. Memory is O(block + N D).
+
+Losses whose terms depend on other rows (a column's hardest negative, the global histogram)
+take two sweeps: `Sweep.blocks` without gradient to collect the statistics, then `Sweep.run`
+on a surrogate whose gradient equals the loss gradient.
+
+Double backward (create_graph=True) through these losses is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deepmetric.distances import BaseDistance
+from deepmetric.losses.base import LossInputs, prepare_inputs
+from deepmetric.tuples import PositiveLists, positive_lists, triplets_to_pairs
+
+BLOCK_ELEMENTS = 1 << 21
+
+
+def row_slices(num_rows: int, num_cols: int) -> Iterator[slice]:
+    """Slices of anchor rows whose blocks hold about BLOCK_ELEMENTS matrix entries."""
+    step = max(1, BLOCK_ELEMENTS // max(num_cols, 1))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
+def closeness(block: Tensor, distance: BaseDistance) -> Tensor:
+    """The block as a similarity (larger is closer): itself for similarities, -d for distances."""
+    return block if distance.is_inverted else -block
+
+
+def masked_logsumexp(values: Tensor, mask: Tensor | None, dim: int = 1, add_one: bool = False):
+    """log(sum over `mask` of exp(values)) along `dim`; log(1 + sum ...) with `add_one`.
+
+    The masked maximum is subtracted before exponentiating, so scales such as 1 / 0.01 stay
+    finite in float32. A row with no entry gives -inf (0 with `add_one`) and zero gradient.
+    """
+    masked = values if mask is None else values.masked_fill(~mask, -math.inf)
+    top = masked.amax(dim=dim, keepdim=True)
+    if add_one:
+        top = top.clamp_min(0)
+    top = torch.where(torch.isfinite(top), top, 0).detach()
+    total = (masked - top).exp_().sum(dim=dim)
+    top = top.squeeze(dim)
+    if add_one:
+        return (total + torch.exp(-top)).log() + top
+    empty = total == 0
+    return torch.where(empty, -math.inf, total.clamp_min(torch.finfo(total.dtype).tiny).log() + top)
+
+
+def masked_softmax(values: Tensor, mask: Tensor) -> Tensor:
+    """Softmax along dim 1 restricted to `mask`; rows with no entry are all zero."""
+    masked = values.masked_fill(~mask, -math.inf)
+    top = masked.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0)
+    weights = (masked - top).exp_()
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def lists_from_pairs(anchor: Tensor, other: Tensor, num_query: int, num_ref: int) -> PositiveLists:
+    """Per-anchor lists of the distinct pairs (anchor[i], other[i]), padded as `PositiveLists`."""
+    device = anchor.device
+    keys = torch.unique(anchor * num_ref + other)
+    rows, cols = keys // num_ref, keys % num_ref
+    count = torch.bincount(rows, minlength=num_query)
+    width = max(int(count.max()) if len(keys) else 0, 1)
+    starts = torch.cumsum(count, 0) - count
+    rank = torch.arange(len(keys), device=device) - starts[rows]
+    index = torch.zeros(num_query, width, dtype=torch.long, device=device)
+    valid = torch.zeros(num_query, width, dtype=torch.bool, device=device)
+    index[rows, rank] = cols
+    valid[rows, rank] = True
+    return PositiveLists(index, valid, count)
+
+
+class PairSets:
+    """Positive and negative (anchor, reference) pairs of a loss call, by blocks of anchors.
+
+    From labels: positives share the anchor's label (the anchor itself excluded when the
+    reference set is the batch), negatives carry another label. From an `indices_tuple`: the
+    mined pairs (a1, p) are the positives and (a2, n) the negatives; triplets (a, p, n) give
+    (a, p) and (a, n). A pair listed several times counts once.
+    """
+
+    def __init__(self, inputs: LossInputs) -> None:
+        num_query, num_ref = len(inputs.embeddings), len(inputs.ref_emb)
+        self.num_ref = num_ref
+        self.ref_is_query = inputs.ref_is_query
+        self.labels, self.ref_labels = inputs.labels, inputs.ref_labels
+        self._negatives: Tensor | None = None
+        if inputs.indices_tuple is None:
+            self.positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
+        else:
+            pairs = inputs.indices_tuple
+            if len(pairs) == 3:
+                pairs = triplets_to_pairs(*pairs)
+            anchor1, positive, anchor2, negative = pairs
+            self.positives = lists_from_pairs(anchor1, positive, num_query, num_ref)
+            self._negatives = torch.zeros(
+                num_query, num_ref, dtype=torch.bool, device=inputs.embeddings.device
+            )
+            self._negatives[anchor2, negative] = True
+
+    @property
+    def mined(self) -> bool:
+        return self._negatives is not None
+
+    def positive_rows(self, rows: slice) -> PositiveLists:
+        """The positive lists of the anchors in `rows`."""
+        lists = self.positives
+        return PositiveLists(lists.index[rows], lists.valid[rows], lists.count[rows])
+
+    def negative_mask(self, rows: slice) -> Tensor:
+        """(rows, M) mask of the negative pairs of the anchors in `rows`."""
+        if self._negatives is not None:
+            return self._negatives[rows]
+        return self.labels[rows].unsqueeze(1) != self.ref_labels.unsqueeze(0)
+
+    def positive_mask(self, rows: slice) -> Tensor:
+        """(rows, M) dense mask of the positive pairs of the anchors in `rows`."""
+        lists = self.positive_rows(rows)
+        index = lists.index.masked_fill(~lists.valid, self.num_ref)
+        mask = torch.zeros(len(index), self.num_ref + 1, dtype=torch.bool, device=index.device)
+        return mask.scatter_(1, index, True)[:, : self.num_ref]
+
+    def pair_mask(self, rows: slice) -> Tensor | None:
+        """(rows, M) mask of every pair, positive or negative; None when that is every entry."""
+        if self._negatives is not None:
+            return self.positive_mask(rows) | self._negatives[rows]
+        if not self.ref_is_query:
+            return None
+        num_rows = rows.stop - rows.start
+        mask = torch.ones(num_rows, self.num_ref, dtype=torch.bool, device=self.labels.device)
+        mask.diagonal(offset=rows.start).fill_(False)
+        return mask
+
+    def num_negatives(self) -> Tensor:
+        """Number of negative pairs of each anchor, (N,)."""
+        if self._negatives is not None:
+            return self._negatives.sum(dim=1)
+        classes, inverse, sizes = torch.unique(
+            torch.cat([self.labels, self.ref_labels]), return_inverse=True, return_counts=True
+        )
+        ref_sizes = sizes - torch.bincount(inverse[: len(self.labels)], minlength=len(classes))
+        return self.num_ref - ref_sizes[inverse[: len(self.labels)]]
+
+
+class Sweep:
+    """Sum over row blocks of an objective of D[rows], with the gradients of that sum.
+
+    `run(objective)` calls `objective(block, rows)` for each block of anchor rows, where
+    `block` = distance(embeddings[rows], ref) is differentiable, and accumulates the value and
+    its gradient with respect to the embeddings, the reference set, the distance's parameters
+    and `params`. `result(value, scale)` returns `value` wired to `scale` times those gradients.
+    Without grad mode, or when nothing requires a gradient, only values are computed.
+    """
+
+    def __init__(
+        self,
+        query: Tensor,
+        ref: Tensor,
+        ref_is_query: bool,
+        distance: BaseDistance,
+        params: Sequence[Tensor] = (),
+    ) -> None:
+        self.distance = distance
+        self.num_rows, self.num_cols = len(query), len(ref)
+        inputs = [query] if ref_is_query else [query, ref]
+        extra = [p for p in (*distance.parameters(), *params) if p.requires_grad]
+        self.tracking = torch.is_grad_enabled() and (
+            any(t.requires_grad for t in inputs) or bool(extra)
+        )
+        self.targets: list[Tensor] = []
+        self.leaves: list[Tensor] = []
+        self.query, self.ref = query, ref
+        if self.tracking:
+            self.query = query.detach().requires_grad_(query.requires_grad)
+            self.ref = (
+                self.query if ref_is_query else ref.detach().requires_grad_(ref.requires_grad)
+            )
+            for original, leaf in zip(inputs, [self.query, self.ref], strict=False):
+                if original.requires_grad:
+                    self.targets.append(original)
+                    self.leaves.append(leaf)
+            self.targets += extra
+            self.leaves += extra
+        self.grads: list[Tensor] | None = None
+
+    def blocks(self) -> Iterator[tuple[slice, Tensor]]:
+        """(rows, D[rows]) for each block, without gradient (for statistics)."""
+        with torch.no_grad():
+            for rows in row_slices(self.num_rows, self.num_cols):
+                yield rows, self.distance(self.query[rows].detach(), self.ref.detach())
+
+    def run(self, objective: Callable[[Tensor, slice], Tensor]) -> Tensor:
+        """Sum of objective(D[rows], rows) over the blocks; its gradients are accumulated."""
+        total = None
+        for rows in row_slices(self.num_rows, self.num_cols):
+            with torch.set_grad_enabled(self.tracking):
+                value = objective(self.distance(self.query[rows], self.ref), rows)
+            if self.tracking and value.requires_grad:
+                grads = torch.autograd.grad(value, self.leaves, allow_unused=True)
+                if self.grads is None:
+                    self.grads = [torch.zeros_like(leaf) for leaf in self.leaves]
+                for acc, grad in zip(self.grads, grads, strict=True):
+                    if grad is not None:
+                        acc += grad
+            value = value.detach()
+            total = value if total is None else total + value
+        return total
+
+    def result(self, value: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+        """`value` as a loss whose gradient is `scale` times the accumulated gradients."""
+        if not self.targets:
+            return value
+        if self.grads is None:
+            self.grads = [torch.zeros_like(leaf) for leaf in self.leaves]
+        grads = [grad * scale for grad in self.grads]
+        return _WithGradients.apply(value.detach(), grads, *self.targets)
+
+
+class _WithGradients(torch.autograd.Function):
+    """Identity on a precomputed loss value; backward returns the precomputed gradients."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *targets):  # noqa: D102
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        return (None, None, *(grad * grad_output for grad in ctx.grads))
+
+
+def reduction_scale(reduction: str, num_terms: Tensor, num_active: Tensor) -> Tensor:
+    """The factor that turns a sum of terms into `reduction` ("mean", "nonzero_mean", "sum")."""
+    if reduction == "sum":
+        return torch.ones((), dtype=torch.float64, device=num_terms.device)
+    count = num_active if reduction == "nonzero_mean" else num_terms
+    return 1.0 / count.clamp_min(1).double()
+
+
+@dataclass(frozen=True)
+class StructuredStats:
+    """Counts from the last call of a structured loss (0-dim tensors).
+
+    `num_terms` is the number of terms the loss averages over with reduction="mean" (positive
+    pairs, anchors or pairs, as each loss documents); `num_active` how many of them are > 0.
+    """
+
+    num_terms: Tensor
+    num_active: Tensor
+
+
+def setup_pairs(
+    embeddings: Tensor,
+    labels: Tensor | None,
+    indices_tuple: tuple | None,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    distance: BaseDistance,
+    params: tuple[Tensor, ...] = (),
+) -> tuple[LossInputs, PairSets, Sweep]:
+    """Checked inputs, their pair sets and a sweep over their distance matrix."""
+    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    pairs = PairSets(inputs)
+    sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance, params)
+    return inputs, pairs, sweep
+
+
+def finish_sum(
+    inputs: LossInputs,
+    sweep: Sweep,
+    total: Tensor,
+    counts: Tensor,
+    reduction: str,
+    return_stats: bool,
+    extra: Tensor | None = None,
+) -> Tensor | tuple[Tensor, StructuredStats]:
+    """The loss from a swept sum of terms: reduced, plus `extra`, in the input dtype."""
+    scale = reduction_scale(reduction, counts[0], counts[1]).to(total.dtype)
+    loss = sweep.result(total * scale, scale)
+    if extra is not None:
+        loss = loss + extra
+    loss = inputs.finish(loss)
+    if not return_stats:
+        return loss
+    return loss, StructuredStats(num_terms=counts[0], num_active=counts[1])
+
+
+def count_terms(counts: Tensor, terms: Tensor, is_term: Tensor) -> None:
+    """Add the number of terms and of non-zero terms to `counts` (2,)."""
+    with torch.no_grad():
+        counts[0] += is_term.sum()
+        counts[1] += ((terms > 0) & is_term).sum()
+
+
+def new_counts(inputs: LossInputs) -> Tensor:
+    """Zero counts of (terms, active terms)."""
+    return torch.zeros(2, dtype=torch.long, device=inputs.embeddings.device)

@@ -1,0 +1,183 @@
+"""Histogram loss (SPEC §4): the probability that a negative pair looks closer than a positive.
+
+Soft histograms of the positive and negative similarities are accumulated one block of anchor
+rows at a time (no pair is enumerated); the gradient follows in a second sweep through the
+linear interpolation weights. O(N M) time, O(block + bins) extra memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deepmetric.distances import BaseDistance, CosineSimilarity
+from deepmetric.losses._blocks import PairSets, Sweep, closeness
+from deepmetric.losses.base import MetricLoss, prepare_inputs
+from deepmetric.losses.reduction import zero_with_graph
+
+
+@dataclass(frozen=True)
+class HistogramStats:
+    """Pair counts from the last histogram loss call (0-dim tensors)."""
+
+    num_pos_pairs: Tensor
+    num_neg_pairs: Tensor
+
+
+def histogram_loss(
+    embeddings: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    *,
+    n_bins: int = 100,
+    value_range: tuple[float, float] | None = None,
+    distance: BaseDistance | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, HistogramStats]:
+    """Histogram loss (Ustinova & Lempitsky 2016).
+
+    The similarity range [low, high] is cut into `n_bins` bins of width delta, with nodes
+    t_r = low + r delta, r = 0..n_bins. Each pair adds to its two neighbouring nodes with
+    linear weights, (t_{r+1} - s) / delta to t_r and (s - t_r) / delta to t_{r+1}; h+ and h-
+    are these soft histograms over the positive and the negative pairs, each normalised to
+    sum 1. The loss estimates P(s_negative > s_positive):
+
+        L = sum_r h-_r Phi+_r,   Phi+_r = sum_{q <= r} h+_q
+
+    It is 1 for a collapsed batch (every similarity equal) and 0 when every positive
+    similarity exceeds every negative one by more than a bin. The loss is already one number:
+    there is no reduction. A batch without positive or without negative pairs gives 0.
+
+    Args:
+        n_bins: number of bins (the paper's R - 1), >= 1; pytorch-metric-learning's default 100.
+        value_range: (low, high) of the similarity, or of the distance when `distance` is one;
+            default (-1, 1) for similarities, (0, 2) for distances (unit-length embeddings).
+            Values outside are clamped (zero gradient there).
+        distance: default cosine similarity (the paper); a distance d enters as s = -d.
+        return_stats: also return a `HistogramStats`.
+
+    Example:
+        >>> x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        >>> 0 <= histogram_loss(x, y, n_bins=20) <= 1
+        tensor(True)
+    """
+    distance = CosineSimilarity() if distance is None else distance
+    low, high = _check_histogram(n_bins, value_range, distance)
+    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    pairs = PairSets(inputs)
+    sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance)
+    step = (high - low) / n_bins
+    device = inputs.embeddings.device
+
+    def nodes(sim: Tensor) -> tuple[Tensor, Tensor]:
+        position = (sim.clamp(low, high) - low) / step
+        lower = position.detach().floor().clamp_(0, n_bins - 1)
+        return lower.long(), position - lower
+
+    def accumulate(hist: Tensor, sim: Tensor, mask: Tensor) -> None:
+        lower, frac = nodes(sim)
+        weight = mask.to(sim.dtype)
+        for offset, share in ((0, (1 - frac) * weight), (1, frac * weight)):
+            hist += torch.bincount(
+                (lower + offset).flatten(), share.flatten(), minlength=n_bins + 1
+            ).double()
+
+    hist_pos = torch.zeros(n_bins + 1, dtype=torch.float64, device=device)
+    hist_neg = torch.zeros_like(hist_pos)
+    num_pos = torch.zeros((), dtype=torch.long, device=device)
+    num_neg = torch.zeros_like(num_pos)
+    for rows, block in sweep.blocks():
+        sim = closeness(block, distance)
+        positives = pairs.positive_rows(rows)
+        negatives = pairs.negative_mask(rows)
+        accumulate(hist_pos, sim.gather(1, positives.index), positives.valid)
+        accumulate(hist_neg, sim, negatives)
+        num_pos += positives.count.sum()
+        num_neg += negatives.sum()
+
+    if int(num_pos) == 0 or int(num_neg) == 0:
+        loss = zero_with_graph(inputs.embeddings, inputs.ref_emb)
+    else:
+        with torch.enable_grad():
+            density_pos = (hist_pos / num_pos).requires_grad_()
+            density_neg = (hist_neg / num_neg).requires_grad_()
+            value = (density_neg * density_pos.cumsum(0)).sum()
+            grad_pos, grad_neg = torch.autograd.grad(value, [density_pos, density_neg])
+        dtype = inputs.embeddings.dtype
+        coef_pos = (grad_pos / num_pos).to(dtype)
+        coef_neg = (grad_neg / num_neg).to(dtype)
+
+        def surrogate(block: Tensor, rows: slice) -> Tensor:
+            sim = closeness(block, distance)
+            positives = pairs.positive_rows(rows)
+            pos_part = _interpolate(coef_pos, *nodes(sim.gather(1, positives.index)))
+            neg_part = _interpolate(coef_neg, *nodes(sim))
+            return (pos_part * positives.valid).sum() + (neg_part * pairs.negative_mask(rows)).sum()
+
+        if sweep.tracking:
+            sweep.run(surrogate)
+        loss = sweep.result(value.detach().to(dtype))
+    loss = inputs.finish(loss)
+    if not return_stats:
+        return loss
+    return loss, HistogramStats(num_pos_pairs=num_pos, num_neg_pairs=num_neg)
+
+
+def _interpolate(coef: Tensor, lower: Tensor, frac: Tensor) -> Tensor:
+    """coef at the two nodes around each value, linearly weighted: d/ds is the slope."""
+    return coef[lower] * (1 - frac) + coef[lower + 1] * frac
+
+
+def _check_histogram(
+    n_bins: int, value_range: tuple[float, float] | None, distance: BaseDistance
+) -> tuple[float, float]:
+    """The similarity range [low, high] the bins cover (for a distance, that of -d)."""
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    if value_range is None:
+        value_range = (-1.0, 1.0) if distance.is_inverted else (0.0, 2.0)
+    low, high = (float(v) for v in value_range)
+    if not low < high:
+        raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
+    return (low, high) if distance.is_inverted else (-high, -low)
+
+
+class HistogramLoss(MetricLoss):
+    """Histogram loss module; see `histogram_loss` for the formula and arguments.
+
+    `stats` holds the `HistogramStats` of the last call. The loss is one probability, so the
+    module has no reduction.
+
+    Example:
+        >>> loss_fn = HistogramLoss(n_bins=50)
+        >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        n_bins: int = 100,
+        value_range: tuple[float, float] | None = None,
+        distance: BaseDistance | None = None,
+    ) -> None:
+        super().__init__(CosineSimilarity() if distance is None else distance)
+        _check_histogram(n_bins, value_range, self.distance)
+        self.n_bins, self.value_range = n_bins, value_range
+        self.stats: HistogramStats | None = None
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        loss, self.stats = histogram_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            n_bins=self.n_bins,
+            value_range=self.value_range,
+            distance=self.distance,
+            return_stats=True,
+        )
+        return loss

@@ -1,0 +1,423 @@
+"""Structured batch losses over all pairs of a batch (SPEC §4).
+
+Lifted structured loss, multi-similarity loss and circle loss. The ranked list and margin
+losses are in `boundary`, the temperature-softmax family (N-pair, NT-Xent / InfoNCE, SupCon) in
+`softmax_pairs`, the histogram loss in `histogram`, the cluster-level losses in `clustering`.
+
+Every loss works on the (N, M) matrix between the batch and the reference set (the batch
+itself unless `ref_emb` is given), one block of anchor rows at a time (`_blocks`): memory is
+O(N M) at most, never (positive pairs x negative pairs). The lifted loss, written for a
+distance, takes a similarity s as the dissimilarity -s; the losses written for a similarity
+(multi-similarity, circle) take a distance d as the similarity -d, so any
+`BaseDistance` works; margins are in the units of the chosen distance or similarity.
+
+`indices_tuple` (mined pairs (a1, p, a2, n) or triplets (a, p, n)) restricts the positive and
+negative pairs to the mined ones; each mined pair counts once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepmetric._validation import check_positive
+from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance
+from deepmetric.losses._blocks import (
+    StructuredStats,
+    closeness,
+    count_terms,
+    finish_sum,
+    masked_logsumexp,
+    new_counts,
+    setup_pairs,
+)
+from deepmetric.losses.base import MetricLoss
+from deepmetric.losses.reduction import check_reduction, reduce_terms
+
+# ---------------------------------------------------------------------------------------------
+# Lifted structured loss
+
+
+def lifted_structure_loss(
+    embeddings: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    *,
+    neg_margin: float = 1.0,
+    pos_margin: float = 0.0,
+    smooth: bool = True,
+    distance: BaseDistance | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, StructuredStats]:
+    """Lifted structured loss (Song, Xiang, Jegelka & Savarese 2016; survey eq. 3; seed 001).
+
+    For each positive pair (i, j), with the negatives k of i and l of j:
+
+        smooth=True  (the paper):  J_ij = log(sum_k exp(a - D_ik) + sum_l exp(a - D_jl)) + D_ij - b
+        smooth=False (survey eq. 3): J_ij = max(max_k (a - D_ik), max_l (a - D_jl)) + D_ij - b
+
+        L = 1 / (2 |P|) sum_{(i, j) in P} [J_ij]+^2
+
+    with a = `neg_margin`, b = `pos_margin` (0 in the paper). Pairs are ordered, each
+    unordered pair counted twice, which leaves the average unchanged. With `ref_emb`, i is a
+    batch row and j a reference item; "the negatives of j" are the batch items of another
+    class (column j of the matrix), which is row j when the reference set is the batch.
+    Cost: two sweeps over the matrix (statistics, then gradients), O(N M) time, bounded memory.
+
+    Args:
+        neg_margin: a, negatives closer than a are penalised (distance units).
+        pos_margin: b, subtracted from the positive distance (distance units).
+        smooth: the paper's log-sum-exp (True) or the survey's hardest negative (False).
+        distance: any `BaseDistance` (default Euclidean); a similarity s enters as D = -s.
+        reduction: "mean" (over positive pairs, the 1/|P| of the formula), "nonzero_mean" or
+            "sum"; the factor 1/2 is always applied.
+        return_stats: also return a `StructuredStats` (terms: positive pairs).
+
+    Example:
+        >>> x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        >>> lifted_structure_loss(x, y, neg_margin=1.0) >= 0
+        tensor(True)
+    """
+    distance = EuclideanDistance() if distance is None else distance
+    check_reduction(reduction)
+    check_positive(neg_margin, "neg_margin", allow_zero=True)
+    inputs, pairs, sweep = setup_pairs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+    )
+    num_rows, num_cols = len(inputs.embeddings), len(inputs.ref_emb)
+    width = pairs.positives.index.shape[1]
+    dtype = inputs.embeddings.dtype
+    device = inputs.embeddings.device
+    columns = not inputs.ref_is_query
+
+    # Sweep 1: per-row (and per-column) negative statistics and the positive distances.
+    row_stat = torch.empty(num_rows, dtype=dtype, device=device)
+    col_stat = torch.full((num_cols,), -torch.inf, dtype=dtype, device=device)
+    col_arg = torch.zeros(num_cols, dtype=torch.long, device=device)
+    pos_dis = torch.empty(num_rows, width, dtype=dtype, device=device)
+    for rows, block in sweep.blocks():
+        dis = distance.as_dissimilarity(block)
+        negatives = pairs.negative_mask(rows)
+        pos_dis[rows] = dis.gather(1, pairs.positive_rows(rows).index)
+        row_stat[rows] = _negative_statistic(neg_margin - dis, negatives, smooth)
+        if columns:
+            values = (neg_margin - dis).masked_fill_(~negatives, -torch.inf)
+            if smooth:
+                col_stat = torch.logaddexp(col_stat, masked_logsumexp(values, None, dim=0))
+            else:
+                top, arg = values.max(dim=0)
+                better = top > col_stat
+                col_arg = torch.where(better, arg + rows.start, col_arg)
+                col_stat = torch.where(better, top, col_stat)
+
+    # The loss from these statistics, and its gradient with respect to each of them.
+    valid = pairs.positives.valid
+    with torch.enable_grad():
+        leaves = [pos_dis.requires_grad_(), row_stat.requires_grad_()]
+        if columns:
+            leaves.append(col_stat.requires_grad_())
+        side = (col_stat if columns else row_stat)[pairs.positives.index]
+        own = row_stat.unsqueeze(1).expand_as(side)
+        empty = torch.isinf(own) & torch.isinf(side)
+        own, side = own.masked_fill(empty, 0), side.masked_fill(empty, 0)
+        hardest = torch.logaddexp(own, side) if smooth else torch.maximum(own, side)
+        terms = F.relu(hardest + pos_dis - pos_margin).pow(2).masked_fill(empty | ~valid, 0)
+        loss = reduce_terms(terms, reduction, valid) / 2
+        grads = torch.autograd.grad(loss, leaves) if sweep.tracking else None
+    counts = torch.stack([valid.sum(), ((terms > 0) & valid).sum()])
+
+    if grads is not None:
+        grad_pos, grad_row = grads[0], grads[1]
+        grad_col = grads[2] if columns else None
+
+        def surrogate(block: Tensor, rows: slice) -> Tensor:
+            dis = distance.as_dissimilarity(block)
+            negatives = pairs.negative_mask(rows)
+            value = (grad_pos[rows] * dis.gather(1, pairs.positive_rows(rows).index)).sum()
+            stat = _negative_statistic(neg_margin - dis, negatives, smooth)
+            value = value + (grad_row[rows] * stat.masked_fill(torch.isinf(stat), 0)).sum()
+            if grad_col is not None:
+                value = value + _column_surrogate(
+                    neg_margin - dis, negatives, rows, grad_col, col_stat, col_arg, smooth
+                )
+            return value
+
+        sweep.run(surrogate)
+    loss = inputs.finish(sweep.result(loss.detach()))
+    if not return_stats:
+        return loss
+    return loss, StructuredStats(num_terms=counts[0], num_active=counts[1])
+
+
+def _negative_statistic(values: Tensor, negatives: Tensor, smooth: bool) -> Tensor:
+    """Per row: log-sum-exp (smooth) or maximum of `values` over the negatives; -inf if none."""
+    if smooth:
+        return masked_logsumexp(values, negatives)
+    return values.masked_fill(~negatives, -torch.inf).amax(dim=1)
+
+
+def _column_surrogate(values, negatives, rows, grad_col, col_stat, col_arg, smooth) -> Tensor:
+    """A block's share of sum_j grad_col[j] * col_stat[j], with the right gradient in `values`."""
+    if smooth:
+        finite = torch.isfinite(col_stat)
+        weights = (values - col_stat.masked_fill(~finite, 0)).masked_fill(~negatives, -torch.inf)
+        return (weights.exp() * grad_col).sum()
+    inside = (col_arg >= rows.start) & (col_arg < rows.stop) & torch.isfinite(col_stat)
+    cols = inside.nonzero().squeeze(1)
+    return (values[col_arg[cols] - rows.start, cols] * grad_col[cols]).sum()
+
+
+class LiftedStructureLoss(MetricLoss):
+    """Lifted structured loss module; see `lifted_structure_loss` for the formula and arguments.
+
+    Example:
+        >>> loss_fn = LiftedStructureLoss(neg_margin=1.0)
+        >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        neg_margin: float = 1.0,
+        pos_margin: float = 0.0,
+        smooth: bool = True,
+        distance: BaseDistance | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, reduction)
+        check_positive(neg_margin, "neg_margin", allow_zero=True)
+        self.neg_margin, self.pos_margin, self.smooth = neg_margin, pos_margin, smooth
+        self.stats: StructuredStats | None = None
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        loss, self.stats = lifted_structure_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            neg_margin=self.neg_margin,
+            pos_margin=self.pos_margin,
+            smooth=self.smooth,
+            distance=self.distance,
+            reduction=self.reduction,
+            return_stats=True,
+        )
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-similarity loss
+
+
+def multi_similarity_loss(
+    embeddings: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    *,
+    alpha: float = 2.0,
+    beta: float = 50.0,
+    base: float = 0.5,
+    distance: BaseDistance | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, StructuredStats]:
+    """Multi-similarity loss (Wang, Han, Huang, Dong & Scott 2019).
+
+        L_i = 1/alpha log(1 + sum_{p in P_i} exp(-alpha (s_ip - base)))
+            + 1/beta  log(1 + sum_{n in N_i} exp( beta (s_in - base)))
+
+    per anchor i, averaged over the anchors that have at least one pair. The paper pairs it
+    with its own mining step, `MultiSimilarityMiner`: pass the miner's output as
+    `indices_tuple`.
+
+    Args:
+        alpha: positive scale, > 0 (1 / similarity units).
+        beta: negative scale, > 0 (1 / similarity units).
+        base: lambda, the similarity margin both sums are centred on (similarity units).
+        distance: default cosine similarity; a distance d enters as s = -d.
+        reduction: "mean" over anchors, "nonzero_mean" or "sum".
+        return_stats: also return a `StructuredStats` (terms: anchors with a pair).
+
+    Example:
+        >>> x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        >>> multi_similarity_loss(x, y) >= 0
+        tensor(True)
+    """
+    distance = CosineSimilarity() if distance is None else distance
+    check_reduction(reduction)
+    _check_multi_similarity(alpha, beta)
+    inputs, pairs, sweep = setup_pairs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+    )
+    counts = new_counts(inputs)
+
+    def objective(block: Tensor, rows: slice) -> Tensor:
+        sim = closeness(block, distance)
+        positives = pairs.positive_rows(rows)
+        negatives = pairs.negative_mask(rows)
+        pos_sim = sim.gather(1, positives.index)
+        pos_part = masked_logsumexp(-alpha * (pos_sim - base), positives.valid, add_one=True)
+        neg_part = masked_logsumexp(beta * (sim - base), negatives, add_one=True)
+        terms = pos_part / alpha + neg_part / beta
+        count_terms(counts, terms, (positives.count > 0) | negatives.any(dim=1))
+        return terms.sum()
+
+    total = sweep.run(objective)
+    return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
+
+
+def _check_multi_similarity(alpha: float, beta: float) -> None:
+    check_positive(alpha, "alpha")
+    check_positive(beta, "beta")
+
+
+class MultiSimilarityLoss(MetricLoss):
+    """Multi-similarity loss module; see `multi_similarity_loss` for the formula and arguments.
+
+    Example:
+        >>> loss_fn = MultiSimilarityLoss(alpha=2, beta=50, base=0.5)
+        >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        distance: BaseDistance | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(CosineSimilarity() if distance is None else distance, reduction)
+        _check_multi_similarity(alpha, beta)
+        self.alpha, self.beta, self.base = alpha, beta, base
+        self.stats: StructuredStats | None = None
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        loss, self.stats = multi_similarity_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            alpha=self.alpha,
+            beta=self.beta,
+            base=self.base,
+            distance=self.distance,
+            reduction=self.reduction,
+            return_stats=True,
+        )
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Circle loss
+
+
+def circle_loss(
+    embeddings: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    *,
+    m: float = 0.4,
+    gamma: float = 80.0,
+    distance: BaseDistance | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, StructuredStats]:
+    """Circle loss, pair-label form (Sun, Cheng, Zhang, Zhang, Zheng, Wang & Wei 2020, eq. 6).
+
+        L_i = log(1 + sum_{n in N_i} exp(gamma a_n (s_n - m))
+                    * sum_{p in P_i} exp(-gamma a_p (s_p - 1 + m)))
+
+    with a_p = [1 + m - s_p]+ and a_n = [s_n + m]+ treated as constants in backpropagation
+    (as in the paper), averaged over the anchors that have a positive and a negative.
+    The paper's settings: m = 0.25, gamma = 256 (faces, re-id); m = 0.4, gamma = 80
+    (fine-grained retrieval, the default).
+
+    Args:
+        m: relaxation margin, in [0, 1) (similarity units).
+        gamma: scale, > 0.
+        distance: default cosine similarity (the formula assumes s in [-1, 1]); a distance d
+            enters as s = -d.
+        reduction: "mean" over anchors, "nonzero_mean" or "sum".
+        return_stats: also return a `StructuredStats` (terms: anchors with both pair kinds).
+
+    Example:
+        >>> x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        >>> circle_loss(x, y) >= 0
+        tensor(True)
+    """
+    distance = CosineSimilarity() if distance is None else distance
+    check_reduction(reduction)
+    _check_circle(m, gamma)
+    inputs, pairs, sweep = setup_pairs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+    )
+    counts = new_counts(inputs)
+
+    def objective(block: Tensor, rows: slice) -> Tensor:
+        sim = closeness(block, distance)
+        positives = pairs.positive_rows(rows)
+        negatives = pairs.negative_mask(rows)
+        pos_sim = sim.gather(1, positives.index)
+        pos_logits = -gamma * (1 + m - pos_sim.detach()).clamp_min(0) * (pos_sim - 1 + m)
+        neg_logits = gamma * (sim.detach() + m).clamp_min(0) * (sim - m)
+        both = masked_logsumexp(pos_logits, positives.valid) + masked_logsumexp(
+            neg_logits, negatives
+        )
+        terms = F.softplus(both)
+        count_terms(counts, terms, (positives.count > 0) & negatives.any(dim=1))
+        return terms.sum()
+
+    total = sweep.run(objective)
+    return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
+
+
+def _check_circle(m: float, gamma: float) -> None:
+    if not 0 <= m < 1:
+        raise ValueError(f"m must be in [0, 1) (cosine units), got {m}")
+    check_positive(gamma, "gamma")
+
+
+class CircleLoss(MetricLoss):
+    """Circle loss module; see `circle_loss` for the formula and arguments.
+
+    Example:
+        >>> loss_fn = CircleLoss(m=0.25, gamma=256)
+        >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        m: float = 0.4,
+        gamma: float = 80.0,
+        distance: BaseDistance | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(CosineSimilarity() if distance is None else distance, reduction)
+        _check_circle(m, gamma)
+        self.m, self.gamma = m, gamma
+        self.stats: StructuredStats | None = None
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        loss, self.stats = circle_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            m=self.m,
+            gamma=self.gamma,
+            distance=self.distance,
+            reduction=self.reduction,
+            return_stats=True,
+        )
+        return loss
