@@ -15,7 +15,7 @@ classification-versus-ranking diagnostic, with one entry point, `evaluate`.
 
 from __future__ import annotations
 
-from deepmetric.metrics.clustering import clustering_scores, kmeans
+from deepmetric.metrics.clustering import clustering_scores, kmeans, kmeans_plus_plus
 from deepmetric.metrics.diagnostics import margin_diagnostics
 from deepmetric.metrics.evaluation import DEFAULT_METRICS, DISTANCES, METRIC_NAMES, evaluate
 from deepmetric.metrics.knn import knn_accuracy, knn_predict
@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "format_table",
     "kmeans",
+    "kmeans_plus_plus",
     "knn_accuracy",
     "knn_predict",
     "map_at_r",

@@ -5,26 +5,69 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from deepmetric import index as _index
 from deepmetric.metrics._inputs import as_embeddings, as_labels, encode_labels
 
-__all__ = ["clustering_scores", "kmeans"]
+__all__ = ["clustering_scores", "kmeans", "kmeans_plus_plus"]
+
+
+def kmeans_plus_plus(
+    embeddings: np.ndarray, num_clusters: int, *, seed: int = 0, sample_size: int | None = None
+) -> np.ndarray:
+    """k-means++ seeds (Arthur, Vassilvitskii 2007) drawn from a seeded subsample.
+
+    The first centre is uniform; each next one is a point x drawn with probability
+    D(x)^2 / sum D^2, D(x) the distance to the nearest centre chosen so far. The draw runs on
+    ``sample_size`` points (default min(N, max(16 k, 10000))), costing O(sample_size k D).
+
+    Example:
+        >>> kmeans_plus_plus(np.array([[0.0], [0.0], [9.0]]), 2).tolist() in ([[0.0], [9.0]],
+        ...                                                                    [[9.0], [0.0]])
+        True
+    """
+    rng = np.random.default_rng(seed)
+    size = min(len(embeddings), sample_size or max(16 * num_clusters, 10_000))
+    rows = np.arange(len(embeddings))
+    if size < len(embeddings):
+        rows = np.sort(rng.choice(len(embeddings), size=size, replace=False))
+    points = torch.from_numpy(np.ascontiguousarray(embeddings[rows], dtype=np.float64))
+    sq_norms = (points * points).sum(dim=1)
+    uniforms = rng.random(num_clusters)
+    chosen = [int(uniforms[0] * size)]
+
+    def sq_distances(pick: int) -> torch.Tensor:
+        return (sq_norms - 2.0 * (points @ points[pick]) + sq_norms[pick]).clamp_min_(0.0)
+
+    nearest = sq_distances(chosen[0])
+    for step in range(1, num_clusters):
+        cumulative = torch.cumsum(nearest, dim=0)
+        total = float(cumulative[-1])
+        if total > 0:
+            target = torch.tensor([uniforms[step] * total], dtype=torch.float64)
+            pick = min(int(torch.searchsorted(cumulative, target, right=True)), size - 1)
+        else:
+            pick = int(uniforms[step] * size)
+        chosen.append(pick)
+        nearest = torch.minimum(nearest, sq_distances(pick))
+    return points[chosen].numpy().astype(np.float32)
 
 
 def kmeans(
     embeddings: Any, num_clusters: int, *, seed: int = 0, num_iterations: int = 20
 ) -> np.ndarray:
-    """Cluster assignments of Lloyd's k-means (Lloyd 1982), seeded, on every point.
+    """Cluster assignments of k-means (Lloyd 1982) with k-means++ seeding, seeded.
 
-    Minimises sum_i |x_i - c_{a(i)}|^2 with faiss.Kmeans (all points used for training, no
-    subsampling), or scikit-learn's KMeans when faiss is absent.
+    Minimises sum_i |x_i - c_{a(i)}|^2: seeds from `kmeans_plus_plus`, then ``num_iterations``
+    Lloyd iterations of faiss.Kmeans on every point (no subsampling), or scikit-learn's
+    KMeans (k-means++, one run) when faiss is absent.
 
     Parameters:
         embeddings: (N, D) float array or tensor.
         num_clusters: k, 1 <= k <= N.
-        seed: random seed of the initialisation.
+        seed: random seed of the seeding.
         num_iterations: Lloyd iterations.
 
     Example:
@@ -51,7 +94,7 @@ def kmeans(
         min_points_per_centroid=1,
         verbose=False,
     )
-    model.train(x)
+    model.train(x, init_centroids=kmeans_plus_plus(x, num_clusters, seed=seed))
     _, assignment = model.index.search(x, 1)
     return assignment[:, 0].astype(np.int64)
 

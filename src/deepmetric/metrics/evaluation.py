@@ -212,6 +212,8 @@ def evaluate(
             "the 'diagnostics' metric needs a metric distance; use distance='euclidean' or 'cosine'"
         )
     depth = 0
+    if "recall@k" not in chosen:
+        ks = (1,)
     if retrieval:
         depth = max(ks[-1], int(num_relevant.max(initial=0)))
         if ks[-1] > candidates:
