@@ -1,0 +1,1 @@
+"""Training: the config, checkpoints, the run folder and the trainer behind `deepmetric train`."""
