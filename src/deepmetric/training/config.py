@@ -395,6 +395,9 @@ def _check_values(config: Config) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    patience = config.train.early_stopping_patience
+    if patience is not None and patience < 1:
+        raise ConfigError(f"train.early_stopping_patience must be >= 1 or null, got {patience}")
     if config.train.checkpoint_every_steps < 0:
         raise ConfigError("train.checkpoint_every_steps must be >= 0 (0: at epoch ends only)")
     if config.data.name in ("image_folder", "feature_table") and not config.data.path:

@@ -1,0 +1,290 @@
+"""The report of a training run: PNG plots and one report.html that shows them.
+
+Plots: training curves (loss per step, metrics per epoch), the Recall@K curve before and
+after training, histograms of positive and negative pair distances, a 2-D map of the
+embeddings (PCA or t-SNE from scikit-learn) and a grid of example queries with their
+nearest neighbours (for image data). Matplotlib draws with the Agg backend, so no display
+is needed.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from deepmetric.index import NeighbourIndex  # noqa: E402
+from deepmetric.metrics import evaluate  # noqa: E402
+from deepmetric.metrics.verification import sample_pairs  # noqa: E402
+
+__all__ = ["comparison_table", "write_report"]
+
+ImageSource = Callable[[np.ndarray], "np.ndarray | None"]
+"""Maps item indices to (n, C, H, W) images in [0, 1], or None when the items are not images."""
+
+COUNTS = ("num_queries", "num_skipped")
+
+
+def comparison_table(before: Mapping[str, float] | None, after: Mapping[str, float]) -> str:
+    """A plain-text table of metrics before and after training, one metric per row.
+
+    Example:
+        >>> print(comparison_table({"map@r": 0.25}, {"map@r": 0.5}))
+        metric  before  after
+        ------  ------  ------
+        map@r   0.2500  0.5000
+    """
+    rows = [("metric", "before", "after")]
+    for name, value in after.items():
+        if name in COUNTS:
+            continue
+        old = "" if before is None or name not in before else f"{before[name]:.4f}"
+        rows.append((name, old, f"{value:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    if before is None:
+        rows, widths = [(r[0], r[2]) for r in rows], [widths[0], widths[2]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _plot_training_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
+    steps = [r for r in history if r["event"] == "train"]
+    evals = [r for r in history if r["event"] == "eval"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        left.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="loss (steps)")
+    trained = [r for r in evals if "train_loss" in r]
+    if trained:
+        left.plot(
+            [r["step"] for r in trained],
+            [r["train_loss"] for r in trained],
+            "o-",
+            label="epoch mean",
+        )
+    left.set(xlabel="step", ylabel="training loss", title="Training loss")
+    left.legend()
+    for name in ("map@r", "recall@1", "r_precision", "nmi"):
+        if evals and name in evals[0]:
+            right.plot([r["epoch"] for r in evals], [r[name] for r in evals], "o-", label=name)
+    right.set(xlabel="epoch (0: before training)", ylabel="score", title="Evaluation", ylim=(0, 1))
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _recall_curve(embeddings: np.ndarray, labels: np.ndarray, distance: str) -> dict[int, float]:
+    counts = np.unique(labels, return_counts=True)[1]
+    largest = min(64, len(labels) - 1, 2 ** int(math.log2(max(1, counts.max() * 2))))
+    ks = [2**i for i in range(int(math.log2(max(1, largest))) + 1)]
+    scores = evaluate(embeddings, labels, metrics=["recall@k"], k=ks, distance=distance)
+    return {k: scores[f"recall@{k}"] for k in ks}
+
+
+def _plot_recall_at_k(
+    curve: Mapping[int, float], before: Mapping[str, float] | None, path: Path
+) -> None:
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    axes.plot(list(curve), list(curve.values()), "o-", label="after training")
+    if before:
+        old = {int(k.split("@")[1]): v for k, v in before.items() if k.startswith("recall@")}
+        axes.plot(list(old), list(old.values()), "s--", label="before training")
+    axes.set_xscale("log", base=2)
+    axes.set(xlabel="K", ylabel="Recall@K", title="Recall@K", ylim=(0, 1.02))
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _pair_distances(
+    embeddings: np.ndarray, labels: np.ndarray, distance: str, num_pairs: int = 20_000
+) -> tuple[np.ndarray, np.ndarray]:
+    codes = np.unique(labels, return_inverse=True)[1].astype(np.int64)
+    first, second, same = sample_pairs(codes, codes, num_pairs, seed=0, exclude_self=True)
+    a, b = embeddings[first], embeddings[second]
+    if distance == "cosine":
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        values = 1.0 - cos
+    else:
+        values = np.linalg.norm(a - b, axis=1)
+    return values[same], values[~same]
+
+
+def _plot_distances(positive: np.ndarray, negative: np.ndarray, distance: str, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(6, 4))
+    edges = np.linspace(0, max(positive.max(initial=0), negative.max(initial=0)) * 1.02, 61)
+    axes.hist(negative, bins=edges, alpha=0.6, density=True, label=f"negative ({len(negative)})")
+    axes.hist(positive, bins=edges, alpha=0.6, density=True, label=f"positive ({len(positive)})")
+    label = "1 - cosine similarity" if distance == "cosine" else "Euclidean distance"
+    axes.set(xlabel=label, ylabel="density", title="Distances of same- and other-class pairs")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plot_map(
+    embeddings: np.ndarray, labels: np.ndarray, num_classes: int, projection: str, path: Path
+) -> None:
+    classes = np.unique(labels)
+    rng = np.random.default_rng(0)
+    shown = np.sort(rng.choice(classes, min(num_classes, len(classes)), replace=False))
+    rows = np.flatnonzero(np.isin(labels, shown))
+    points = embeddings[rows]
+    if projection == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30, max(2, len(rows) // 4)))
+        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(points)
+    else:
+        from sklearn.decomposition import PCA
+
+        xy = PCA(2, random_state=0).fit_transform(points)
+    figure, axes = plt.subplots(figsize=(6, 5.5))
+    colours = plt.get_cmap("tab20")
+    for i, label in enumerate(shown):
+        mine = labels[rows] == label
+        axes.scatter(xy[mine, 0], xy[mine, 1], s=12, color=colours(i % 20), label=str(label))
+    axes.set(title=f"{projection.upper()} of the embeddings, {len(shown)} classes")
+    axes.set_xticks([])
+    axes.set_yticks([])
+    if len(shown) <= 20:
+        axes.legend(fontsize=7, markerscale=1.2, ncol=2, title="class", title_fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plot_queries(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    images: ImageSource,
+    num_queries: int,
+    num_neighbours: int,
+    distance: str,
+    path: Path,
+) -> bool:
+    """The grid of example queries; False (nothing drawn) when the items are not images."""
+    if distance == "cosine":
+        embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    rng = np.random.default_rng(0)
+    queries = np.sort(rng.choice(len(labels), min(num_queries, len(labels)), replace=False))
+    k = min(num_neighbours, len(labels) - 1)
+    index = NeighbourIndex(metric="l2")
+    index.add(embeddings, labels=labels)
+    found = index.search(embeddings[queries], k, exclude=queries)
+    pictures = images(np.concatenate([queries[:, None], found.indices], axis=1).reshape(-1))
+    if pictures is None:
+        return False
+    pictures = pictures.reshape(len(queries), k + 1, *pictures.shape[1:])
+    figure, grid = plt.subplots(
+        len(queries), k + 1, figsize=(1.2 * (k + 1), 1.3 * len(queries)), squeeze=False
+    )
+    for row, query in enumerate(queries):
+        for col in range(k + 1):
+            axes = grid[row, col]
+            image = pictures[row, col].transpose(1, 2, 0)
+            axes.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray_r", vmin=0)
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if col == 0:
+                colour, text = "black", f"query {labels[query]}"
+            else:
+                match = found.labels[row, col - 1] == labels[query]
+                colour = "green" if match else "red"
+                text = f"d={math.sqrt(max(found.distances[row, col - 1], 0)):.2f}"
+            for spine in axes.spines.values():
+                spine.set_color(colour)
+                spine.set_linewidth(2.5 if col else 1.0)
+            axes.set_title(text, fontsize=7, color=colour)
+    figure.suptitle("Example queries and their nearest neighbours (green: same class)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def write_report(
+    folder: str | Path,
+    *,
+    history: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    images: ImageSource | None = None,
+    config_text: str = "",
+    distance: str = "euclidean",
+    projection: str = "pca",
+    map_classes: int = 12,
+    queries: int = 8,
+    neighbours: int = 8,
+) -> Path:
+    """Write ``folder/plots/*.png`` and ``folder/report.html``; return the HTML path.
+
+    Parameters:
+        folder: the run folder.
+        history: the records of metrics.jsonl ("train" and "eval" events).
+        summary: a dict with "before" (may be None) and "after" metrics and "best_epoch".
+        embeddings, labels: (N, D) evaluation embeddings of the best model and their labels.
+        images: maps item indices to images for the neighbour grid (None: no grid).
+        config_text: the run's config.yaml, shown in the report.
+        distance: "euclidean" or "cosine", as in evaluation.
+        projection: "pca" or "tsne" for the 2-D map; map_classes: classes shown in it.
+        queries, neighbours: size of the example grid.
+    """
+    folder = Path(folder)
+    plots = folder / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels)
+    figures: list[tuple[str, str]] = []
+
+    _plot_training_curves(history, plots / "training_curves.png")
+    figures.append(("training_curves.png", "Training loss per step and metrics per epoch."))
+    curve = _recall_curve(embeddings, labels, distance)
+    _plot_recall_at_k(curve, summary.get("before"), plots / "recall_at_k.png")
+    figures.append(("recall_at_k.png", "Recall@K of the evaluation split (each item a query)."))
+    positive, negative = _pair_distances(embeddings, labels, distance)
+    _plot_distances(positive, negative, distance, plots / "distances.png")
+    figures.append(("distances.png", "Distances of sampled same-class and other-class pairs."))
+    _plot_map(embeddings, labels, map_classes, projection, plots / "embedding_map.png")
+    figures.append(("embedding_map.png", "A 2-D projection of the evaluation embeddings."))
+    if images is not None and _plot_queries(
+        embeddings, labels, images, queries, neighbours, distance, plots / "example_queries.png"
+    ):
+        figures.append(("example_queries.png", "Random queries and their nearest neighbours."))
+
+    table = comparison_table(summary.get("before"), summary["after"])
+    body = [
+        "<h1>deepmetric training report</h1>",
+        f"<p>Run folder <code>{html.escape(str(folder.resolve()))}</code>; best epoch "
+        f"{summary.get('best_epoch')}; Recall@K: "
+        + ", ".join(f"R@{k} {v:.3f}" for k, v in curve.items())
+        + "</p>",
+        "<h2>Metrics of the evaluation split</h2>",
+        f"<pre>{html.escape(table)}</pre>",
+    ]
+    for name, caption in figures:
+        body.append(f'<figure><img src="plots/{name}" alt="{name}"><figcaption>')
+        body.append(f"{html.escape(caption)}</figcaption></figure>")
+    body.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>deepmetric report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f4f4f4;padding:1em}</style>"
+        "</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    path = folder / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,474 @@
+"""The trainer behind `deepmetric train`, readable top to bottom: build the data, model,
+loss and optimiser; loop over P x K batches; evaluate each epoch; save.
+
+Everything a run needs to continue is in ``checkpoints/last.pt``: model, loss parameters,
+optimiser, schedule, gradient scaler, the sampler's epoch and position, and the random
+generators. It is written atomically every ``train.checkpoint_every_steps`` steps and at
+the end of each epoch, so a run killed at any moment resumes from its last checkpoint and
+ends exactly as an uninterrupted run would. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at
+the end of the current step before stopping, so no progress is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from deepmetric.index import NeighbourIndex
+from deepmetric.metrics import evaluate
+from deepmetric.models import build_model
+from deepmetric.report import ImageSource, write_report
+from deepmetric.samplers import PKBatchSampler
+from deepmetric.training.checkpoint import (
+    get_rng_states,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+    set_rng_states,
+)
+from deepmetric.training.components import (
+    build_loss,
+    build_miner,
+    build_optimizer,
+    build_scheduler,
+)
+from deepmetric.training.config import Config, EvalConfig, load_config
+from deepmetric.training.data import gather, images_of, load_split
+from deepmetric.training.run_folder import MetricsLog, RunFolder
+
+__all__ = [
+    "TrainState",
+    "build_index",
+    "embed",
+    "evaluate_embeddings",
+    "load_model",
+    "pick_device",
+    "pick_precision",
+    "report_run",
+    "seed_everything",
+    "train",
+]
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint needs besides the modules' states."""
+
+    epoch: int = 0
+    """Epochs completed."""
+    batch: int = 0
+    """Batches completed in the current epoch."""
+    step: int = 0
+    """Optimiser steps completed in total."""
+    before: dict[str, float] | None = None
+    """Metrics of the untrained model."""
+    best: dict[str, float] | None = None
+    """Metrics of the best evaluation so far (by eval.select_metric)."""
+    best_epoch: int | None = None
+    evals_without_improvement: int = 0
+    seconds: float = 0.0
+    """Training time so far, over all sessions of the run."""
+    epoch_losses: list[float] = field(default_factory=list)
+    """Losses of the current epoch's steps so far."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the legacy generator user code may use)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """ "auto" is cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but no CUDA GPU is available: use cpu or auto")
+    return device
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: "auto" is bf16 on GPUs that support it (else fp16), fp32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def embed(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    precision: torch.dtype = torch.float32,
+) -> np.ndarray:
+    """The model's embeddings of every item of ``dataset``, as a float32 array (N, D)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(dataset), batch_size):
+            x = gather(dataset, np.arange(start, min(start + batch_size, len(dataset))))
+            with torch.autocast(device.type, precision, enabled=precision != torch.float32):
+                chunks.append(model(x.to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks).numpy()
+
+
+def evaluate_embeddings(
+    embeddings: np.ndarray, labels: np.ndarray, config: EvalConfig
+) -> dict[str, float]:
+    """The metrics of ``config`` for embeddings of one split (each item queries the rest)."""
+    return evaluate(
+        embeddings, labels, metrics=config.metrics, k=config.k, distance=config.distance
+    )
+
+
+def build_index(embeddings: np.ndarray, labels: np.ndarray, distance: str) -> NeighbourIndex:
+    """An exact index over ``embeddings``: squared L2, or inner product of unit vectors."""
+    if distance == "cosine":
+        embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    index = NeighbourIndex(metric="ip" if distance == "cosine" else "l2")
+    index.add(embeddings, labels=labels)
+    return index
+
+
+def load_model(path: str | Path, config: Config | None = None) -> tuple[nn.Module, Config]:
+    """The model of a checkpoint file, in eval mode, and its run's config.
+
+    ``config`` defaults to the one stored in the checkpoint; a config whose model has
+    another shape raises `CheckpointError` naming each tensor that does not fit.
+    """
+    checkpoint = load_checkpoint(path)
+    if config is None:
+        config = load_config(base=checkpoint["config"])
+    model = build_model(
+        config.model.name,
+        checkpoint["input_shape"],
+        config.model.embedding_dim,
+        hidden_dims=config.model.hidden_dims,
+        channels=config.model.channels,
+        normalize=config.model.normalize,
+        dropout=config.model.dropout,
+    )
+    load_state(model, checkpoint["model"], "model", str(path))
+    return model.eval(), config
+
+
+def report_run(run: RunFolder, config: Config, images: ImageSource | None = None) -> Path:
+    """Write the report of a finished run (report.html and plots/) from its files."""
+    embeddings, labels = run.load_embeddings()
+    return write_report(
+        run.root,
+        history=run.history(),
+        summary=json.loads(run.summary.read_text(encoding="utf-8")),
+        embeddings=embeddings,
+        labels=labels,
+        images=images,
+        config_text=run.config.read_text(encoding="utf-8"),
+        distance=config.eval.distance,
+        projection=config.report.projection,
+        map_classes=config.report.map_classes,
+        queries=config.report.queries,
+        neighbours=config.report.neighbours,
+    )
+
+
+class _StopRequest:
+    """While active, SIGINT and SIGTERM set ``requested`` instead of stopping at once, so the
+    loop can save a checkpoint at the end of the current step; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(
+    config: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    on_step: Callable[[TrainState], None] | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate and fill the run folder ``run_dir``; return the summary.
+
+    The summary holds the metrics of the untrained model ("before", when
+    eval.before_training) and of the best epoch ("after"), the best epoch and timings.
+    With ``resume`` the run continues from ``checkpoints/last.pt``; its config must be
+    the one it was started with. ``on_step(state)`` is called after each step (tests use it
+    to interrupt a run). Ctrl-C saves a checkpoint and raises KeyboardInterrupt.
+    """
+    run = RunFolder(run_dir)
+    run.start(config, resume)
+    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
+    seed_everything(config.train.seed)
+    device = pick_device(config.train.device)
+    precision = pick_precision(config.train.precision, device)
+
+    # Data: P x K batches over the training classes; evaluation on held-out classes.
+    train_set = load_split(config.data, "train", train=True)
+    eval_set = load_split(config.data, config.eval.split)
+    classes = np.unique(train_set.labels)  # labels become 0..C-1 for classifier losses
+    sampler = PKBatchSampler(
+        train_set.labels,
+        config.train.classes_per_batch,
+        config.train.samples_per_class,
+        num_batches=config.train.batches_per_epoch,
+        seed=config.train.seed,
+    )
+    input_shape = tuple(gather(train_set, [0]).shape[1:])
+
+    # Model, loss (its proxies or class weights have their own learning rate), miner,
+    # optimiser, schedule and the gradient scaler of fp16.
+    model = build_model(
+        config.model.name,
+        input_shape,
+        config.model.embedding_dim,
+        hidden_dims=config.model.hidden_dims,
+        channels=config.model.channels,
+        normalize=config.model.normalize,
+        dropout=config.model.dropout,
+    ).to(device)
+    loss_fn = build_loss(
+        config.loss.name,
+        config.loss.params,
+        config.loss.distance,
+        num_classes=len(classes),
+        embedding_dim=config.model.embedding_dim,
+    ).to(device)
+    miner = build_miner(config.miner.name, config.miner.params, config.miner.distance)
+    optimizer = build_optimizer(
+        config.optimizer.name,
+        model,
+        loss_fn,
+        lr=config.optimizer.lr,
+        loss_lr=config.optimizer.loss_lr,
+        weight_decay=config.optimizer.weight_decay,
+        loss_weight_decay=config.optimizer.loss_weight_decay,
+        momentum=config.optimizer.momentum,
+    )
+    total_steps = config.train.epochs * len(sampler)
+    scheduler = build_scheduler(
+        optimizer, config.optimizer.schedule, config.optimizer.warmup_steps, total_steps
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def checkpoint(state: TrainState) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": config.to_dict(),
+            "input_shape": list(input_shape),
+            "model": model.state_dict(),
+            "loss": loss_fn.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "state": asdict(state),
+            "rng": get_rng_states(),
+        }
+
+    def evaluation() -> tuple[dict[str, float], np.ndarray]:
+        embeddings = embed(
+            model, eval_set, batch_size=config.eval.batch_size, device=device, precision=precision
+        )
+        return evaluate_embeddings(embeddings, eval_set.labels, config.eval), embeddings
+
+    # A new run starts with the untrained model's metrics; a resumed one from last.pt.
+    state = TrainState()
+    if resume and run.last.is_file():
+        saved = load_checkpoint(run.last)
+        load_state(model, saved["model"], "model", str(run.last))
+        load_state(loss_fn, saved["loss"], "loss", str(run.last))
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["state"])
+        set_rng_states(saved["rng"])
+        log = MetricsLog(run, resume_step=state.step)
+        say(f"resumed {run.root} at epoch {state.epoch + 1}, step {state.step}")
+    else:
+        log = MetricsLog(run, resume_step=-1 if resume else None)
+        if config.eval.before_training:
+            state.before, _ = evaluation()
+            log.write({"event": "eval", "epoch": 0, "step": 0, **state.before})
+
+    # The loop: one optimiser step per P x K batch, evaluation after each epoch.
+    started = time.perf_counter() - state.seconds
+    with _StopRequest() as stop:
+        while state.epoch < config.train.epochs:
+            sampler.set_epoch(state.epoch)
+            batches = list(sampler)
+            model.train()
+            progress = tqdm(
+                total=len(batches),
+                initial=state.batch,
+                desc=f"epoch {state.epoch + 1}/{config.train.epochs}",
+                disable=quiet or not sys.stderr.isatty(),
+                leave=False,
+            )
+            interval_start, interval_samples = time.perf_counter(), 0
+            for batch in batches[state.batch :]:
+                x = gather(train_set, batch).to(device)
+                y = torch.from_numpy(np.searchsorted(classes, train_set.labels[batch])).to(device)
+                with torch.autocast(device.type, precision, enabled=precision != torch.float32):
+                    embeddings = model(x)
+                embeddings = embeddings.float()  # losses and miners see float32
+                indices_tuple = None if miner is None else miner(embeddings, y)
+                loss = loss_fn(embeddings, y, indices_tuple)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the loss is {loss.item()} at step {state.step + 1}: lower "
+                        "optimizer.lr, set optimizer.grad_clip_norm, or use train.precision=fp32"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.optimizer.grad_clip_norm is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(parameters, config.optimizer.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                state.step += 1
+                state.batch += 1
+                state.epoch_losses.append(loss.item())
+                interval_samples += len(batch)
+                progress.update()
+
+                if state.step % config.train.log_every_steps == 0:
+                    elapsed = time.perf_counter() - interval_start
+                    record = {
+                        "event": "train",
+                        "epoch": state.epoch + 1,
+                        "step": state.step,
+                        "loss": float(np.mean(state.epoch_losses[-config.train.log_every_steps :])),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "samples_per_second": interval_samples / max(elapsed, 1e-9),
+                    }
+                    log.write(record)
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        samples_s=f"{record['samples_per_second']:.0f}",
+                    )
+                    interval_start, interval_samples = time.perf_counter(), 0
+                mid_epoch = state.batch < len(batches)
+                every = config.train.checkpoint_every_steps
+                if mid_epoch and (stop.requested or (every and state.step % every == 0)):
+                    state.seconds = time.perf_counter() - started
+                    save_checkpoint(checkpoint(state), run.last)
+                if stop.requested:
+                    progress.close()
+                    log.close()
+                    say(f"interrupted at step {state.step}; saved {run.last}")
+                    say(f"continue with: deepmetric train --resume {run.root}")
+                    raise KeyboardInterrupt
+                if on_step is not None:
+                    on_step(state)
+            progress.close()
+
+            # End of epoch: evaluate, keep the best model, decide on early stopping, save.
+            state.epoch += 1
+            state.batch = 0
+            train_loss = float(np.mean(state.epoch_losses)) if state.epoch_losses else math.nan
+            state.epoch_losses = []
+            last_epoch = state.epoch == config.train.epochs
+            if state.epoch % config.eval.every_epochs == 0 or last_epoch:
+                metrics, embeddings = evaluation()
+                state.seconds = time.perf_counter() - started
+                log.write(
+                    {
+                        "event": "eval",
+                        "epoch": state.epoch,
+                        "step": state.step,
+                        "train_loss": train_loss,
+                        "seconds": state.seconds,
+                        **metrics,
+                    }
+                )
+                say(
+                    f"epoch {state.epoch}/{config.train.epochs}: loss {train_loss:.4f}, "
+                    + ", ".join(
+                        f"{k} {metrics[k]:.4f}" for k in ("recall@1", "map@r") if k in metrics
+                    )
+                    + f" ({state.seconds:.0f} s)"
+                )
+                select = config.eval.select_metric
+                if state.best is None or metrics[select] > state.best[select]:
+                    state.best, state.best_epoch = metrics, state.epoch
+                    state.evals_without_improvement = 0
+                    save_checkpoint(checkpoint(state), run.best)
+                    run.save_embeddings(embeddings, eval_set.labels)
+                else:
+                    state.evals_without_improvement += 1
+            patience = config.train.early_stopping_patience
+            if patience is not None and state.evals_without_improvement >= patience:
+                say(
+                    f"early stopping: {config.eval.select_metric} did not improve in {patience} "
+                    "evaluations"
+                )
+                state.epoch = config.train.epochs
+            state.seconds = time.perf_counter() - started
+            save_checkpoint(checkpoint(state), run.last)
+            if stop.requested:
+                log.close()
+                say(f"interrupted after epoch {state.epoch}; saved {run.last}")
+                raise KeyboardInterrupt
+    log.close()
+
+    # Results of the best epoch: its embeddings, an index over them, the summary and report.
+    embeddings, labels = run.load_embeddings()
+    index = build_index(embeddings, labels, config.eval.distance)
+    index.save(run.index)
+    summary = {
+        "before": state.before,
+        "after": state.best,
+        "best_epoch": state.best_epoch,
+        "steps": state.step,
+        "train_seconds": state.seconds,
+        "device": str(device),
+        "precision": str(precision).removeprefix("torch."),
+    }
+    run.write_json(run.summary, summary)
+    if config.report.enabled:
+        report_run(run, config, images=lambda indices: images_of(eval_set, indices))
+        say(f"report: {run.report}")
+    return summary
