@@ -9,13 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from deepmetric._validation import (
-    check_embeddings,
-    check_labels,
-    check_positive,
-    check_same_device,
-    compute_dtype,
-)
+from deepmetric._validation import check_batch, check_positive
 from deepmetric.distances import BaseDistance, CosineSimilarity
 from deepmetric.tuples import MinedTuple, reference_key
 
@@ -58,9 +52,9 @@ class MultiSimilarityMiner(nn.Module):
         ref_labels: Tensor | None = None,
     ) -> MinedTuple:
         """Mine pairs (a1, p, a2, n): a1, a2 index the batch, p, n the reference set."""
-        query, labels, ref, ref_labels, ref_is_query = _checked(
-            embeddings, labels, ref_emb, ref_labels
-        )
+        batch = check_batch(embeddings, labels, ref_emb, ref_labels)
+        query, labels = batch.embeddings.detach(), batch.labels
+        ref, ref_labels = batch.ref_emb.detach(), batch.ref_labels
         found: list[list[Tensor]] = [[], [], [], []]
         step = max(1, BLOCK_ELEMENTS // len(ref))
         with torch.no_grad():
@@ -70,7 +64,7 @@ class MultiSimilarityMiner(nn.Module):
                 sim = block if self.distance.is_inverted else -block
                 same = labels[rows].unsqueeze(1) == ref_labels.unsqueeze(0)
                 positive = same.clone()
-                if ref_is_query:
+                if batch.ref_is_query:
                     positive.diagonal(offset=start).fill_(False)
                 negative = ~same
                 hardest_pos = sim.masked_fill(~positive, torch.inf).amin(dim=1, keepdim=True)
@@ -86,24 +80,3 @@ class MultiSimilarityMiner(nn.Module):
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"
-
-
-def _checked(embeddings, labels, ref_emb, ref_labels):
-    check_embeddings(embeddings)
-    check_labels(labels, len(embeddings))
-    if (ref_emb is None) != (ref_labels is None):
-        raise ValueError("pass ref_emb and ref_labels together, or neither")
-    if ref_emb is not None:
-        check_embeddings(ref_emb, "ref_emb")
-        if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                f"ref_emb has {ref_emb.shape[1]} features per row but embeddings has "
-                f"{embeddings.shape[1]}; both must live in the same embedding space"
-            )
-        check_labels(ref_labels, len(ref_emb), "ref_labels", "ref_emb")
-    check_same_device(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels)
-    work = compute_dtype(embeddings.dtype)
-    query = embeddings.detach().to(work)
-    if ref_emb is None:
-        return query, labels, query, labels, True
-    return query, labels, ref_emb.detach().to(work), ref_labels, False
