@@ -220,3 +220,20 @@ def test_accepts_torch_tensors():
 def test_docstring_examples_run():
     failures, _ = doctest.testmod(index_module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert failures == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_after_a_second_add_sees_every_vector(backend):
+    # Integer data forces the exact tie path, which caches the reference; a later add must
+    # not leave a stale cache behind.
+    rng = np.random.default_rng(3)
+    first = rng.integers(-1, 2, size=(40, 2)).astype(np.float32)
+    second = rng.integers(-1, 2, size=(400, 2)).astype(np.float32)
+    index = NeighbourIndex(backend=backend)
+    index.add(first)
+    index.search(first, 3)
+    index.add(second)
+    both = np.concatenate([first, second])
+    queries = both[:30]
+    expected, _ = slow_search(queries, both, 5)
+    np.testing.assert_array_equal(index.search(queries, 5).indices, expected)

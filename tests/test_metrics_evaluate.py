@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +148,12 @@ def test_docstring_examples_run(module):
         importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE
     )
     assert failures == 0
+
+
+DOC = Path(__file__).parent.parent / "docs" / "metrics.md"
+DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("block", range(len(DOC_BLOCKS)))
+def test_docs_code_blocks_run(block):
+    exec(compile(DOC_BLOCKS[block], f"docs/metrics.md block {block}", "exec"), {})

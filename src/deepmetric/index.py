@@ -439,7 +439,7 @@ class NeighbourIndex:
             self._faiss_index.add(vectors)
         else:
             self._vectors.append(vectors)
-            self._torch_cache = None
+        self._torch_cache = None  # may view faiss memory that add() reallocates
         if labels is not None:
             self._labels.append(labels)
         self._ntotal += len(vectors)
