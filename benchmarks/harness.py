@@ -6,6 +6,10 @@ the peak resident set size during one forward+backward minus the resident size j
 it ("extra"), read from the kernel's high-water mark (VmHWM, reset through
 /proc/self/clear_refs where allowed, else taken from a fresh process).
 
+A case is a function `(embeddings, labels) -> loss`; the harness calls `.backward()` on what
+it returns. Cases marked with `forward_only` (miners, whose output is index tuples) are timed
+on the call alone.
+
 The "pair floor" is the cheapest thing a pair-based loss can do: normalise, one N x N
 matmul, mean, backward. Every figure is reported as a ratio to the floor measured in the
 same run.
@@ -23,6 +27,12 @@ import torch
 import torch.nn.functional as F
 
 Case = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def forward_only(case: Case) -> Case:
+    """Mark a case whose cost is its forward call (a miner): no backward is run."""
+    case.forward_only = True
+    return case
 
 
 def pair_floor(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -44,13 +54,20 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
+def _run(case: Case, x: torch.Tensor, labels: torch.Tensor) -> None:
+    if getattr(case, "forward_only", False):
+        case(x, labels)
+    else:
+        case(x, labels).backward()
+
+
 def _child(case: Case, n: int, dim: int, repeats: int, queue: mp.Queue) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     embeddings = torch.randn(n, dim)
     labels = pk_labels(n)
     warm = embeddings[:64].clone().requires_grad_()
-    case(warm, labels[:64]).backward()
+    _run(case, warm, labels[:64])
     x = embeddings.clone().requires_grad_()
     before = _rss_kb("VmRSS")
     try:
@@ -58,19 +75,20 @@ def _child(case: Case, n: int, dim: int, repeats: int, queue: mp.Queue) -> None:
             refs.write("5")
     except OSError:
         pass
-    case(x, labels).backward()
+    _run(case, x, labels)
     peak = _rss_kb("VmHWM")
     times = []
     for _ in range(repeats):
         x.grad = None
         start = time.process_time()
-        case(x, labels).backward()
+        _run(case, x, labels)
         times.append(time.process_time() - start)
     queue.put((statistics.median(times), max(peak - before, 0) / 1024))
 
 
 def measure(case: Case, n: int, dim: int = 128, repeats: int = 3, timeout: float = 300):
-    """(median CPU seconds, peak extra MiB) of case forward+backward, or None on timeout/crash."""
+    """(median CPU seconds, peak extra MiB) of case forward+backward (forward alone for a
+    `forward_only` case), or None on timeout/crash."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(case, n, dim, repeats, queue))

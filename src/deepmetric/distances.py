@@ -9,7 +9,8 @@ Inputs are normalised to unit length only when `normalize_embeddings=True` (defa
 except for the cosine family, which is defined on unit vectors and always normalises.
 
 Gradients are finite where a distance is zero (the diagonal, duplicate points): square roots
-go through `safe_sqrt`, whose derivative at 0 is taken as 0.
+go through `safe_sqrt`, whose derivative at 0 is taken as 0. The Euclidean matrix is one fused
+autograd step (`euclidean_matrix`) that follows the same rule with a single (N, M) array.
 
 Example:
     >>> import torch
@@ -21,10 +22,26 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+BLOCK_ELEMENTS = 1 << 22
+
+
+def row_blocks(num_rows: int, num_cols: int) -> Iterator[slice]:
+    """Slices of rows whose (rows, num_cols) blocks hold about BLOCK_ELEMENTS entries each.
+
+    A float32 block is then 16 MiB: small enough to be served from malloc's heap (larger
+    arrays are mapped afresh on every allocation and pay their page faults each time), large
+    enough for matrix products and elementwise passes to run at full speed.
+    """
+    step = max(1, BLOCK_ELEMENTS // max(num_cols, 1))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -47,18 +64,72 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return _SafeSqrt.apply(x)
 
 
+class _EuclideanMatrix(torch.autograd.Function):
+    """The (N, M) Euclidean distance matrix, or its square, with one (N, M) array in all.
+
+    Forward: one `addmm` for -2 q.r + ||r||^2, then in place on its output: + ||q||^2,
+    clamp at 0, exact zero diagonal when `same_set`, and the square root when `root`. The
+    output is the only thing saved besides the inputs.
+
+    Backward, in row blocks of the incoming gradient G: W = G / d where d > 0 and 0 where
+    d = 0 (the `safe_sqrt` rule; W = 2 G for the square), then
+    grad_q = rowsum(W) q - W r and grad_r = colsum(W) r - W^T q, two matrix products as in
+    the backward of a plain similarity matmul, with no (N, M) temporary.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, ref: Tensor, root: bool, same_set: bool) -> Tensor:
+        query_sq = query.pow(2).sum(dim=1, keepdim=True)
+        ref_sq = ref.pow(2).sum(dim=1)
+        out = torch.addmm(ref_sq.unsqueeze(0), query, ref.T, alpha=-2)
+        out.add_(query_sq).clamp_min_(0)
+        if same_set:
+            out.fill_diagonal_(0)  # exact zeros where the expansion leaves rounding error
+        if root:
+            out.sqrt_()
+        ctx.save_for_backward(query, ref, out)
+        ctx.root = root
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        query, ref, out = ctx.saved_tensors
+        need_query, need_ref = ctx.needs_input_grad[:2]
+        grad_query = out.new_empty(query.shape) if need_query else None
+        grad_ref = out.new_zeros(ref.shape) if need_ref else None
+        col_sum = out.new_zeros(out.shape[1]) if need_ref else None
+        for rows in row_blocks(*out.shape):
+            block = out[rows]
+            weights = grad[rows] / block if ctx.root else grad[rows] * 2
+            weights.masked_fill_(block == 0, 0)
+            if need_query:
+                row_sum = weights.sum(dim=1, keepdim=True)
+                torch.addmm(query[rows] * row_sum, weights, ref, alpha=-1, out=grad_query[rows])
+            if need_ref:
+                col_sum += weights.sum(dim=0)
+                grad_ref.addmm_(weights.T, query[rows], alpha=-1)
+        if need_ref:
+            grad_ref.addcmul_(col_sum.unsqueeze(1), ref)
+        return grad_query, grad_ref, None, None
+
+
+def euclidean_matrix(query: Tensor, ref: Tensor) -> Tensor:
+    """||q_i - r_j|| for all pairs: `safe_sqrt` of `squared_euclidean_matrix`, fused.
+
+    Same values and gradients (0 at zero distance) as the unfused form, with one (N, M) array
+    in forward and backward instead of one per elementwise step.
+    """
+    return _EuclideanMatrix.apply(query, ref, True, query is ref)
+
+
 def squared_euclidean_matrix(query: Tensor, ref: Tensor) -> Tensor:
     """||q_i - r_j||^2 for all pairs, by ||q||^2 + ||r||^2 - 2 q.r (one matmul), clamped at 0.
 
     The expansion loses precision for nearly coincident points (an absolute error of about
     sqrt(eps) ||q|| on the distance); the diagonal of a set against itself is set to 0.
     """
-    query_sq = query.pow(2).sum(dim=1, keepdim=True)
-    ref_sq = ref.pow(2).sum(dim=1)
-    squared = torch.addmm(ref_sq.unsqueeze(0), query, ref.T, alpha=-2).add(query_sq).clamp_min(0)
-    if query is ref:
-        squared.fill_diagonal_(0)  # exact zeros where the expansion leaves rounding error
-    return squared
+    return _EuclideanMatrix.apply(query, ref, False, query is ref)
 
 
 def cosine_matrix(query: Tensor, ref: Tensor) -> Tensor:
@@ -160,8 +231,10 @@ class LpDistance(BaseDistance):
         self.is_metric = self.p >= 1 and self.power == 1
 
     def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
+        if self.p == 2 and self.power == 2:
+            return squared_euclidean_matrix(query, ref)
         if self.p == 2:
-            return self._from_squared(squared_euclidean_matrix(query, ref))
+            return self._raise(euclidean_matrix(query, ref))
         return self._raise(torch.cdist(query, ref, p=self.p))
 
     def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
@@ -358,5 +431,7 @@ __all__ = [
     "ManhattanDistance",
     "MetricCosineDistance",
     "SquaredEuclideanDistance",
+    "euclidean_matrix",
     "safe_sqrt",
+    "squared_euclidean_matrix",
 ]

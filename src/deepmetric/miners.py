@@ -100,7 +100,7 @@ class AllTripletsMiner(BaseMiner):
         labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
         dis = self.distance.as_dissimilarity(matrix)
         positives = positive_lists(labels, ref_labels, ref_is_query)
-        return triplet_runs(dis, labels, ref_labels, positives, None, None)
+        return triplet_runs(dis, positives, ref_is_query, None, None)
 
 
 TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
@@ -142,7 +142,7 @@ class TripletMarginMiner(BaseMiner):
         }[self.type_of_triplets]
         dis = self.distance.as_dissimilarity(matrix)
         positives = positive_lists(labels, ref_labels, ref_is_query)
-        return triplet_runs(dis, labels, ref_labels, positives, lower, upper)
+        return triplet_runs(dis, positives, ref_is_query, lower, upper)
 
 
 class BatchHardMiner(BaseMiner):

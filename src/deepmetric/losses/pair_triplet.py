@@ -13,13 +13,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses.base import MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import check_reduction, reduce_terms, reduce_total
-from deepmetric.triplet_counting import AllTripletsHinge, negative_mask, row_blocks
-from deepmetric.tuples import label_masks, pairs_to_triplets, positive_lists
+from deepmetric.triplet_counting import (
+    AllTripletsHinge,
+    fill_same_label_,
+    negative_mask,
+    row_blocks,
+    same_label_columns,
+)
+from deepmetric.tuples import pairs_to_triplets, positive_lists
 
 
 @dataclass(frozen=True)
@@ -110,36 +117,117 @@ def contrastive_loss(
     inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
     matrix = distance(inputs.embeddings, inputs.ref_emb)
     if inputs.indices_tuple is None:
-        pos_mask, neg_mask = label_masks(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
-        pos_values, neg_values = matrix, matrix
-    else:
-        pairs = inputs.indices_tuple
-        if len(pairs) == 3:
-            pairs = (pairs[0], pairs[1], pairs[0], pairs[2])
-        pos_values, neg_values = matrix[pairs[0], pairs[1]], matrix[pairs[2], pairs[3]]
-        pos_mask = neg_mask = None
-    pos_terms = F.relu(distance.margin(pos_values, pos_margin)).pow(power)
-    neg_terms = F.relu(distance.margin(neg_margin, neg_values)).pow(power)
-    loss = reduce_terms(pos_terms, reduction, pos_mask) + reduce_terms(
-        neg_terms, reduction, neg_mask
-    )
+        loss, stats = _all_pairs_contrastive(
+            matrix, inputs, pos_margin, neg_margin, power, distance.is_inverted, reduction
+        )
+        loss = inputs.finish(loss)
+        return (loss, stats) if return_stats else loss
+    pairs = inputs.indices_tuple
+    if len(pairs) == 3:
+        pairs = (pairs[0], pairs[1], pairs[0], pairs[2])
+    pos_terms = F.relu(distance.margin(matrix[pairs[0], pairs[1]], pos_margin))
+    neg_terms = F.relu(distance.margin(neg_margin, matrix[pairs[2], pairs[3]]))
+    if power != 1:
+        pos_terms, neg_terms = pos_terms.pow(power), neg_terms.pow(power)
+    loss = reduce_terms(pos_terms, reduction) + reduce_terms(neg_terms, reduction)
     loss = inputs.finish(loss)
     if not return_stats:
         return loss
     with torch.no_grad():
         stats = PairStats(
-            num_pos_pairs=_count(pos_terms, pos_mask),
-            num_neg_pairs=_count(neg_terms, neg_mask),
-            num_active_pos_pairs=_count(pos_terms > 0, pos_mask),
-            num_active_neg_pairs=_count(neg_terms > 0, neg_mask),
+            num_pos_pairs=torch.tensor(pos_terms.numel()),
+            num_neg_pairs=torch.tensor(neg_terms.numel()),
+            num_active_pos_pairs=(pos_terms > 0).sum(),
+            num_active_neg_pairs=(neg_terms > 0).sum(),
         )
     return loss, stats
 
 
-def _count(values: Tensor, mask: Tensor | None) -> Tensor:
-    if values.dtype == torch.bool:
-        return (values if mask is None else values & mask).sum()
-    return torch.tensor(values.numel()) if mask is None else mask.sum()
+def _all_pairs_contrastive(matrix, inputs, pos_margin, neg_margin, power, inverted, reduction):
+    positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
+    sign = -1.0 if inverted else 1.0
+    pos_sum, neg_sum, num_active_pos, num_active_neg = _ContrastiveSums.apply(
+        matrix, positives, inputs.ref_is_query, pos_margin, neg_margin, power, sign
+    )
+    num_pos = positives.count.sum()
+    same_count = positives.count + int(inputs.ref_is_query)
+    num_neg = (matrix.shape[1] - same_count).sum()
+    loss = reduce_total(pos_sum, num_pos, num_active_pos, reduction) + reduce_total(
+        neg_sum, num_neg, num_active_neg, reduction
+    )
+    return loss, PairStats(num_pos, num_neg, num_active_pos, num_active_neg)
+
+
+class _ContrastiveSums(torch.autograd.Function):
+    """Sums of the positive and negative contrastive terms over all pairs, and their counts.
+
+    forward(matrix, positives, ref_is_query, pos_margin, neg_margin, power, sign) returns
+    (sum over positive pairs of [sign (m - pos_margin)]+^power, sum over negative pairs of
+    [sign (neg_margin - m)]+^power, number of non-zero positive terms, number of non-zero
+    negative terms), sign being +1 for a distance and -1 for a similarity. Positive pairs are
+    read through the (N, K) positive lists; the negative terms are computed over row blocks
+    of `matrix` with the same-label entries zeroed by a scatter, and backward recomputes them
+    from `matrix` block by block: no (N, M) array besides the gradient itself.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix, positives, ref_is_query, pos_margin, neg_margin, power, sign):  # noqa: D102
+        columns, has_same = same_label_columns(positives, ref_is_query)
+        neg_sum = matrix.new_zeros(())
+        num_active_neg = torch.zeros((), dtype=torch.long, device=matrix.device)
+        for rows in row_blocks(*matrix.shape):
+            terms = _negative_hinge(matrix[rows], neg_margin, sign).clamp_min_(0)
+            if power != 1:
+                terms.pow_(power)
+            fill_same_label_(terms, columns[rows], has_same[rows], 0)
+            neg_sum += terms.sum()
+            num_active_neg += torch.count_nonzero(terms)
+        pos_terms = _positive_terms(matrix, positives, pos_margin, power, sign)
+        ctx.save_for_backward(matrix, positives.index, positives.valid, columns, has_same)
+        ctx.constants = (pos_margin, neg_margin, power, sign)
+        num_active_pos = torch.count_nonzero(pos_terms)
+        ctx.mark_non_differentiable(num_active_pos, num_active_neg)
+        return pos_terms.sum(), neg_sum, num_active_pos, num_active_neg
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pos, grad_neg, *_):  # noqa: D102
+        matrix, index, valid, columns, has_same = ctx.saved_tensors
+        pos_margin, neg_margin, power, sign = ctx.constants
+        grad = torch.empty_like(matrix, memory_format=torch.contiguous_format)
+        for rows in row_blocks(*matrix.shape):
+            block, out = matrix[rows], grad[rows]
+            if power == 1:
+                out.copy_(block > neg_margin if sign < 0 else block < neg_margin)
+                out.mul_(-sign * grad_neg)
+            else:
+                _negative_hinge(block, neg_margin, sign, out=out).clamp_min_(0)
+                out.pow_(power - 1).mul_(-sign * power * grad_neg)
+            fill_same_label_(out, columns[rows], has_same[rows], 0)
+        with torch.enable_grad():
+            values = matrix.gather(1, index).requires_grad_()
+            terms = _positive_terms(values, None, pos_margin, power, sign) * valid
+            (grad_values,) = torch.autograd.grad(terms.sum(), values, grad_pos)
+        grad.scatter_add_(1, index, grad_values)
+        return grad, None, None, None, None, None, None
+
+
+def _negative_hinge(block: Tensor, neg_margin: float, sign: float, out=None) -> Tensor:
+    """sign (neg_margin - block), computed as `neg_margin - block` or `block - neg_margin`."""
+    if sign < 0:
+        return torch.sub(block, neg_margin, out=out)
+    if out is None:
+        return torch.rsub(block, neg_margin)
+    return torch.mul(block, -1, out=out).add_(neg_margin)
+
+
+def _positive_terms(matrix, positives, pos_margin, power, sign):
+    """[sign (m - pos_margin)]+^power over the positive lists (or over `matrix` given as values)."""
+    values = matrix if positives is None else matrix.gather(1, positives.index)
+    terms = F.relu(values - pos_margin if sign > 0 else pos_margin - values)
+    if power != 1:
+        terms = terms.pow(power)
+    return terms if positives is None else terms * positives.valid
 
 
 def triplet_margin_loss(
@@ -204,7 +292,7 @@ def triplet_margin_loss(
     else:
         positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
         total, num_triplets, num_active, num_hard = AllTripletsHinge.apply(
-            dis, inputs.labels, inputs.ref_labels, positives, margin
+            dis, positives, inputs.ref_is_query, margin, return_stats
         )
         loss = reduce_total(total, num_triplets, num_active, reduction)
         counts = (num_triplets, num_active, num_triplets - num_active, num_hard)
