@@ -88,13 +88,13 @@ def proxy_nca_ref(x, y, proxies, scale, k, assignment, exclude, reduction="mean"
     for i in range(len(x)):
         xi = unit(x[i])
         score = [torch.exp(-scale * sq_dist(xi, unit(proxies[r]))) for r in range(len(proxies))]
-        own = range(int(y[i]) * k, int(y[i]) * k + k)
+        own = [j * num_classes + int(y[i]) for j in range(k)]
         if assignment == "dynamic":
             nearest = min(own, key=lambda r: float(sq_dist(xi, unit(proxies[r])).detach()))
             positive = score[nearest]
         else:
             positive = sum(score[r] for r in own)
-        negatives = [score[r] for r in range(len(proxies)) if r // k != int(y[i])]
+        negatives = [score[r] for r in range(len(proxies)) if r % num_classes != int(y[i])]
         if num_classes == 1:
             terms.append(0 * positive)
             continue

@@ -97,7 +97,9 @@ def normalized_softmax_loss(
     temperature = check_scale(temperature, "temperature")
     inputs = check_class_call(embeddings, labels, *weight.shape, weight)
     with full_precision(embeddings.device):
-        logits, _ = _unit_logits(inputs.embeddings, weight, labels, 1 / temperature)
+        x = inputs.embeddings
+        unit_w = F.normalize(weight.to(x.dtype), dim=1)
+        logits = (F.normalize(x, dim=1) / temperature) @ unit_w.T
         terms = cross_entropy_terms(logits, labels)
     return reduce_rows(terms, reduction, inputs)
 
