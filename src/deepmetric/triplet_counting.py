@@ -2,19 +2,23 @@
 
 For an anchor a with positives p (few: K - 1 in a P x K batch) and negatives n (many), every
 triplet condition used by the triplet loss and its miners compares d(a, n) with a bound that
-depends on p alone (d(a, p), or d(a, p) + margin). Sorting each anchor's bounds and placing
-every negative among them with one `searchsorted` gives, for each (a, n), its bucket: how
-many bounds are <= d(a, n). Per-row tables indexed by the bucket then give every count (active
-positives, hard positives, the run of positives a miner selects), and a per-row histogram of
-the buckets gives the per-positive counts: O(N M log K) time, O(N M) bytes of buckets.
+depends on p alone (d(a, p), or d(a, p) + margin). For each (a, n) the number of the anchor's
+bounds that are <= d(a, n) (`count_bounds_at_most`) gives every per-negative count, and for
+each bound the number of entries of the row at or above it gives every per-positive count:
+O(N M K) comparisons for small K, O(N M log K) by `searchsorted` for large K, never an
+N x M x K tensor.
 
 Same-label entries (the positives and, when the batch is its own reference set, the anchor
-itself) are sent to a dump bucket by scattering over the (N, K) positive lists, so no (N, M)
-label mask is built. Work is done in blocks of anchor rows (`row_blocks`) so the temporaries
-stay bounded and are served from malloc's heap for any batch size.
+itself) are few per row: their contribution is computed from the (N, K) positive lists and
+subtracted, and they are overwritten by a small scatter where a per-entry value must be
+zero (`fill_same_label_`), so no (N, M) label mask is built. Work is done in blocks of anchor
+rows (`row_blocks`) so the temporaries stay bounded and cache-sized for any batch size.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,7 @@ __all__ = [
     "row_blocks",
     "same_label_columns",
     "sorted_positive_values",
+    "count_above",
     "triplet_runs",
 ]
 
@@ -87,56 +92,109 @@ def _take_rows(positives: PositiveLists, rows: slice) -> PositiveLists:
     return PositiveLists(positives.index[rows], positives.valid[rows], positives.count[rows])
 
 
-class _Bounds:
-    """Each row's bounds (several kinds of K values) sorted together, and per-bucket tables.
+SEARCH_ABOVE = 24
+"""Bounds per row above which one `searchsorted` beats one vectorised comparison per bound."""
 
-    `kinds` is a list of (R, K) bound tables (d(a, p) + offset). After `place`, the bucket of
-    a value d is the number of bounds <= d over all kinds; `below(kind)` gives, per bucket,
-    how many bounds of that kind are <= d (an (R, B) table, B = kinds * K + 1).
+COUNT_BLOCK_ELEMENTS = 1 << 20
+"""Entries per block in the counting loops: their few arrays of this size stay in cache."""
+
+
+def count_above(
+    bounds: Tensor,
+    valid: Tensor,
+    block: Tensor,
+    *,
+    per_entry: bool = True,
+    per_bound: bool = False,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Compare each row's `bounds` (R, K; those where `valid`) with its entries `block` (R, M).
+
+    Returns, in the block's dtype (exact integers):
+    - per entry (R, M): how many of the row's valid bounds are > the entry;
+    - per bound (R, K): how many of the row's entries are < the bound (0 where not valid).
+
+    Up to SEARCH_ABOVE valid bounds per row this is one comparison per bound, written as
+    floats (the vectorised form) and accumulated; above, one `searchsorted` on the sorted
+    bounds and a per-row histogram of where the entries fall.
     """
+    num_rows, num_cols = block.shape
+    width = int(valid.sum(dim=1).max()) if valid.numel() else 0
+    if width > SEARCH_ABOVE:
+        return _count_above_by_search(bounds, valid, block, per_entry, per_bound)
+    # Valid bounds first, padded with -inf (never above an entry).
+    ordered, order = bounds.masked_fill(~valid, -math.inf).sort(dim=1, descending=True)
+    counts = block.new_zeros(block.shape) if per_entry else None
+    below_bound = block.new_zeros(bounds.shape) if per_bound else None
+    scratch = torch.empty_like(block)
+    for k in range(width):
+        torch.lt(block, ordered[:, k : k + 1], out=scratch)
+        if per_entry:
+            counts.add_(scratch)
+        if per_bound:
+            below_bound[:, k] = scratch.sum(dim=1)
+    if per_bound:
+        below_bound = torch.empty_like(below_bound).scatter_(1, order, below_bound) * valid
+    return counts, below_bound
 
-    def __init__(self, kinds: list[Tensor], valid: Tensor) -> None:
-        self.width = kinds[0].shape[1]
-        values = torch.cat(kinds, dim=1).masked_fill_(~valid.repeat(1, len(kinds)), float("inf"))
-        self.sorted, self.order = values.sort(dim=1)
-        self.is_valid = valid.repeat(1, len(kinds)).gather(1, self.order)
-        self.num_buckets = values.shape[1] + 1
 
-    def place(self, block: Tensor) -> Tensor:
-        """int32 buckets of the entries of `block` among the row's sorted bounds."""
-        return torch.searchsorted(self.sorted, block, right=True, out_int32=True)
-
-    def below(self, kind: int) -> Tensor:
-        """(R, B) table: bounds of `kind` <= a value in bucket b, for b = 0 .. B - 1."""
-        of_kind = (self.order // self.width == kind) & self.is_valid
-        counts = of_kind.to(torch.int64).cumsum(dim=1)
-        return F.pad(counts, (1, 0))
-
-    def rank_of(self, kind: int) -> Tensor:
-        """(R, K) sorted slot of each bound of `kind`, in list order."""
-        inverse = torch.empty_like(self.order)
-        slots = torch.arange(self.order.shape[1], device=self.order.device)
-        inverse.scatter_(1, self.order, slots.expand_as(self.order))
-        return inverse[:, kind * self.width : (kind + 1) * self.width]
+def _count_above_by_search(bounds, valid, block, per_entry, per_bound):
+    num_rows, num_cols = block.shape
+    ordered, order = bounds.masked_fill(~valid, math.inf).sort(dim=1)
+    placed = torch.searchsorted(ordered, block, right=True, out_int32=True)  # bounds <= entry
+    below_bound = None
+    if per_bound:
+        num_buckets = bounds.shape[1] + 1
+        offsets = _row_offsets(num_rows, num_buckets, block.device)
+        histogram = torch.bincount((placed + offsets).view(-1), minlength=num_rows * num_buckets)
+        # An entry is below the j-th smallest bound when at most j bounds are <= it.
+        below_sorted = histogram.view(num_rows, num_buckets)[:, :-1].cumsum(dim=1)
+        below_bound = torch.empty_like(below_sorted).scatter_(1, order, below_sorted)
+        below_bound = below_bound.to(block.dtype) * valid
+    counts = None
+    if per_entry:
+        counts = torch.sub(valid.sum(dim=1, keepdim=True), placed).to(block.dtype)
+    return counts, below_bound
 
 
 def _row_offsets(num_rows: int, num_buckets: int, device) -> Tensor:
     return (torch.arange(num_rows, dtype=torch.int32, device=device) * num_buckets).unsqueeze(1)
 
 
+def _same_label_values(block: Tensor, rows: slice, d_ap: Tensor, valid: Tensor, ref_is_query):
+    """The row block's same-label entries (positives, and the anchor itself when the batch is
+    its own reference set) as (R, S) values and a mask of the real ones."""
+    if not ref_is_query:
+        return d_ap, valid
+    own = torch.arange(rows.start, rows.stop, device=block.device).unsqueeze(1)
+    own_value = block.gather(1, own)
+    return torch.cat([d_ap, own_value], dim=1), F.pad(valid, (0, 1), value=True)
+
+
+def _same_below(bounds: Tensor, valid: Tensor, same: Tensor, same_valid: Tensor) -> Tensor:
+    """(R, K) in the values' dtype: how many valid same-label values are < each valid bound."""
+    below = (same.unsqueeze(2) < bounds.unsqueeze(1)) & same_valid.unsqueeze(2)
+    return below.sum(dim=1).to(same.dtype) * valid
+
+
+def _count_blocks(num_rows: int, num_cols: int) -> Iterator[slice]:
+    step = max(1, COUNT_BLOCK_ELEMENTS // max(num_cols, 1))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
 class AllTripletsHinge(torch.autograd.Function):
-    """sum over all triplets (a, p, n) of [D[a, p] - D[a, n] + margin]+, exactly, in O(N M log K).
+    """sum over all triplets (a, p, n) of [D[a, p] - D[a, n] + margin]+, exactly, in O(N M K).
 
     For each positive p of anchor a, c_p = #{n : D[a, n] < D[a, p] + margin} (its active
     negatives); for each negative n, k_n = #{p : D[a, p] + margin > D[a, n]} (its active
     positives). Then the sum is sum_p c_p (D[a, p] + margin) - sum_n k_n D[a, n], and the
     gradient with respect to D is c_p at (a, p) and -k_n at (a, n), both from the same counts.
 
-    With one `searchsorted` per entry placing D[a, n] among the sorted thresholds (and, when
-    `count_hard`, among the D[a, p] too), k_n is a per-row table indexed by the bucket, c_p a
-    cumulative histogram of the buckets, and sum_n k_n D[a, n] the table dotted with the
-    per-bucket sums of D[a, n] (a weighted histogram): three passes over each (N, M) block.
-    Only the uint8 buckets are kept for backward, which is one table lookup per entry.
+    Per row block, `count_above` of the thresholds D[a, p] + margin gives k_n for every entry
+    and, per threshold, the entries below it; the few same-label entries are zeroed in k (one
+    small scatter) and their share of the per-threshold counts is subtracted, so every count
+    is an exact integer and sum_n k_n D[a, n] is one dot product. k is kept as uint8 for
+    backward. `count_hard` adds one `count_above` of the D[a, p] themselves.
 
     forward(dis, positives, ref_is_query, margin, count_hard) returns (sum, number of
     triplets, number of active triplets, number of hard triplets with D[a, n] < D[a, p], or 0
@@ -147,56 +205,44 @@ class AllTripletsHinge(torch.autograd.Function):
     def forward(ctx, dis, positives, ref_is_query, margin, count_hard):  # noqa: D102
         num_rows, num_cols = dis.shape
         columns, has_same = same_label_columns(positives, ref_is_query)
-        num_buckets = (2 if count_hard else 1) * positives.index.shape[1] + 2
-        dump = num_buckets - 1
-        buckets = dis.new_empty(dis.shape, dtype=torch.uint8 if dump <= 255 else torch.int32)
-        active_per_positive = torch.zeros_like(positives.index)
-        backward_table = dis.new_zeros((num_rows, num_buckets))
+        width = positives.index.shape[1]
+        active_positives = dis.new_empty(
+            dis.shape, dtype=torch.uint8 if width < 256 else torch.int32
+        )
+        active_negatives = dis.new_zeros(positives.index.shape)
         total = dis.new_zeros(())
         num_hard = torch.zeros((), dtype=torch.long, device=dis.device)
-        for rows in row_blocks(num_rows, num_cols):
+        for rows in _count_blocks(num_rows, num_cols):
             block = dis[rows]
-            pos = _take_rows(positives, rows)
-            d_ap = block.gather(1, pos.index)
+            index, valid = positives.index[rows], positives.valid[rows]
+            d_ap = block.gather(1, index)
             thresholds = d_ap + margin
-            bounds = _Bounds([thresholds, d_ap] if count_hard else [thresholds], pos.valid)
-            placed = bounds.place(block)
-            fill_same_label_(placed, columns[rows], has_same[rows], dump)
-            buckets[rows] = placed
-            placed += _row_offsets(len(placed), num_buckets, dis.device)
-            flat = placed.view(-1)
-            size = placed.numel() // num_cols * num_buckets
-            histogram = torch.bincount(flat, minlength=size).view(-1, num_buckets)[:, :dump]
-            sums = torch.bincount(flat, weights=block.reshape(-1), minlength=size)
-            sums = sums.view(-1, num_buckets)[:, :dump]
-            count = pos.count.unsqueeze(1)
-            active_positives = count - bounds.below(0)
-            backward_table[rows, :dump] = -active_positives.to(dis.dtype)
-            cumulative = histogram.cumsum(dim=1)
-            active = cumulative.gather(1, bounds.rank_of(0)) * pos.valid
-            active_per_positive[rows] = active
-            total = total + (active * thresholds).sum() - (active_positives * sums).sum()
+            above, below = count_above(thresholds, valid, block, per_bound=True)
+            fill_same_label_(above, columns[rows], has_same[rows], 0)
+            active_positives[rows] = above
+            same, same_valid = _same_label_values(block, rows, d_ap, valid, ref_is_query)
+            active = below - _same_below(thresholds, valid, same, same_valid)
+            active_negatives[rows] = active
+            pushed = torch.dot(above.view(-1), block.reshape(-1))
+            total = total + (active * thresholds).sum() - pushed
             if count_hard:
-                num_hard += ((count - bounds.below(1)) * histogram).sum()
-        same_count = positives.count + int(ref_is_query)
-        num_triplets = (positives.count * (num_cols - same_count)).sum()
-        num_active = active_per_positive.sum()
-        ctx.save_for_backward(buckets, active_per_positive, positives.index, backward_table)
+                _, below = count_above(d_ap, valid, block, per_entry=False, per_bound=True)
+                num_hard += (below - _same_below(d_ap, valid, same, same_valid)).long().sum()
+        num_negatives = num_cols - positives.count - int(ref_is_query)
+        num_triplets = (positives.count * num_negatives).sum()
+        num_active = active_negatives.long().sum()
+        ctx.save_for_backward(active_positives, active_negatives, positives.index)
         ctx.mark_non_differentiable(num_triplets, num_active, num_hard)
         return total, num_triplets, num_active, num_hard
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total, *_):  # noqa: D102
-        buckets, active_per_positive, index, backward_table = ctx.saved_tensors
-        num_buckets = backward_table.shape[1]
-        grad = backward_table.new_empty(buckets.shape)
-        for rows in row_blocks(*buckets.shape):
-            table = (backward_table[rows] * grad_total).view(-1)
-            placed = buckets[rows].to(torch.int32)
-            placed += _row_offsets(len(placed), num_buckets, placed.device)
-            torch.index_select(table, 0, placed.view(-1), out=grad[rows].view(-1))
-        grad.scatter_add_(1, index, active_per_positive.to(grad.dtype) * grad_total)
+        active_positives, active_negatives, index = ctx.saved_tensors
+        grad = active_negatives.new_empty(active_positives.shape)
+        for rows in row_blocks(*grad.shape):
+            grad[rows].copy_(active_positives[rows]).mul_(-grad_total)
+        grad.scatter_add_(1, index, active_negatives * grad_total)
         return grad, None, None, None, None
 
 
@@ -210,43 +256,43 @@ def triplet_runs(
     """All triplets (a, p, n) with lower_offset <= D[a, n] - D[a, p] < upper_offset.
 
     An offset of None leaves that side open. Per (a, n) the positives that qualify are one
-    run of the positives sorted by D[a, p]: those with D[a, p] + lower_offset <= D[a, n] (a
-    prefix) minus those with D[a, p] + upper_offset <= D[a, n] (a shorter prefix). One
-    `searchsorted` over both kinds of bounds places every (a, n); per-row tables give the
-    run's start and length. No N x N x K tensor is built: the cost is O(N M log K) plus the
-    number of triplets returned.
+    run of the positives sorted by D[a, p]: they have D[a, n] < D[a, p] + upper_offset (a
+    suffix, counted by `count_above`) but not D[a, n] < D[a, p] + lower_offset (a shorter
+    suffix). No N x N x K tensor is built: the cost is O(N M K) comparisons plus the number of
+    triplets returned.
     """
     anchors, pos_out, negs = [], [], []
     columns, has_same = same_label_columns(positives, ref_is_query)
-    offsets = [offset for offset in (lower_offset, upper_offset) if offset is not None]
-    for rows in row_blocks(*dis.shape):
+    num_cols = dis.shape[1]
+    for rows in _count_blocks(*dis.shape):
         block = dis[rows]
-        pos = _take_rows(positives, rows)
-        d_ap = block.gather(1, pos.index)
-        order = d_ap.masked_fill(~pos.valid, float("inf")).argsort(dim=1)
-        sorted_index = pos.index.gather(1, order)
-        bounds = _Bounds([d_ap + offset for offset in offsets] or [d_ap], pos.valid)
-        count = pos.count.unsqueeze(1).expand(-1, bounds.num_buckets)
-        end = count if lower_offset is None else bounds.below(0)
-        start = torch.zeros_like(end) if upper_offset is None else bounds.below(len(offsets) - 1)
-        # One more bucket, with an empty run, for the same-label entries.
-        start = F.pad(start.to(torch.int32), (0, 1)).view(-1)
-        lengths = F.pad((end - start.view(len(end), -1)[:, :-1]).clamp_min(0), (0, 1))
-        num_buckets = lengths.shape[1]
-        placed = bounds.place(block)
-        fill_same_label_(placed, columns[rows], has_same[rows], num_buckets - 1)
-        placed += _row_offsets(len(placed), num_buckets, dis.device)
-        run_lengths = lengths.to(torch.int32).view(-1).index_select(0, placed.view(-1))
-        (where,) = run_lengths.nonzero(as_tuple=True)
-        run_length = run_lengths[where]
-        first = start.index_select(0, placed.view(-1)[where])
+        index, valid = positives.index[rows], positives.valid[rows]
+        d_ap = block.gather(1, index)
+        sorted_index = index.gather(1, d_ap.masked_fill(~valid, math.inf).argsort(dim=1))
+        count = positives.count[rows].unsqueeze(1).to(dis.dtype)
+        if upper_offset is None:
+            lengths = count.expand(block.shape).clone()
+        else:
+            lengths, _ = count_above(d_ap + upper_offset, valid, block)
+        end = lengths.clone() if lower_offset is not None else None
+        if lower_offset is not None:
+            not_lower, _ = count_above(d_ap + lower_offset, valid, block)
+            lengths.sub_(not_lower)
+        fill_same_label_(lengths, columns[rows], has_same[rows], 0)
+        (where,) = lengths.view(-1).nonzero(as_tuple=True)
+        run_length = lengths.view(-1)[where].long()
         owner = torch.repeat_interleave(torch.arange(len(where), device=dis.device), run_length)
-        within = (
+        # The run ends where the suffix of positives with D[a, n] < D[a, p] + lower begins.
+        run_end = count.expand(block.shape).reshape(-1)[where].long()
+        if end is not None:
+            run_end = run_end - not_lower.view(-1)[where].long()
+        slot = (
             torch.arange(len(owner), device=dis.device)
-            - (torch.cumsum(run_length, 0) - run_length)[owner]
+            - torch.cumsum(run_length, 0)[owner]
+            + run_end[owner]
         )
-        anchor_row = torch.div(where, dis.shape[1], rounding_mode="floor")[owner]
+        anchor_row = torch.div(where, num_cols, rounding_mode="floor")[owner]
         anchors.append(anchor_row + rows.start)
-        pos_out.append(sorted_index[anchor_row, first[owner] + within])
-        negs.append((where % dis.shape[1])[owner])
+        pos_out.append(sorted_index[anchor_row, slot])
+        negs.append((where % num_cols)[owner])
     return torch.cat(anchors), torch.cat(pos_out), torch.cat(negs)
