@@ -3,8 +3,11 @@ as multiples of the classifier floor: one (N, C) matmul x W^T, F.cross_entropy, 
 (to the embeddings and to W), which is the least any loss with C class vectors can cost.
 
 Every loss here owns (C, D) class vectors that require grad, as the floor's W does. Labels
-are arange(N) % C, so every class is present once N >= C. One thread, CPU seconds, median
-of repeats, each case in its own process (see harness.py).
+are arange(N) % C, so every class is present once N >= C. Each case runs in its own process
+with one thread (see harness.py): first one forward+backward for the peak resident memory
+above the baseline, then `repeats` rounds that time the floor and the case one after the
+other. "x floor" is median(case CPU s) / median(floor CPU s) from the same process, so a
+busy machine slows both alike.
 
 .venv/bin/python benchmarks/bench_proxy.py --sizes 1024 4096
 """
@@ -13,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing as mp
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import measure  # noqa: E402
+from harness import _rss_kb  # noqa: E402
 
 from deepmetric.distances import CosineSimilarity  # noqa: E402
 from deepmetric.losses import distillation, proxy, softmax  # noqa: E402
@@ -137,28 +143,65 @@ CASES["floor with 3C class vectors"] = classifier_floor_3c
 CASES["distillation (floor logits, T=4)"] = distillation_logits
 
 
+def _child(case, n: int, dim: int, repeats: int, queue) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    embeddings = torch.randn(n, dim)
+    labels = torch.arange(n)
+    for warm_up in (case, classifier_floor):
+        warm_up(embeddings[:64].clone().requires_grad_(), labels[:64]).backward()
+    x = embeddings.clone().requires_grad_()
+    before = _rss_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+    case(x, labels).backward()
+    peak = _rss_kb("VmHWM")
+    times = {case: [], classifier_floor: []}
+    for _ in range(repeats):
+        for timed in (classifier_floor, case):
+            x.grad = None
+            start = time.process_time()
+            timed(x, labels).backward()
+            times[timed].append(time.process_time() - start)
+    case_s, floor_s = (statistics.median(times[k]) for k in (case, classifier_floor))
+    queue.put((case_s, floor_s, max(peak - before, 0) / 1024))
+
+
+def measure_against_floor(case, n: int, dim: int, repeats: int, timeout: float = 600):
+    """(case CPU s, floor CPU s, peak extra MiB), or None on timeout or crash."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(case, n, dim, repeats, queue))
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        return None
+    return None if queue.empty() else queue.get()
+
+
 def run_table(cases: dict, sizes: list[int], dim: int, repeats: int) -> str:
     """Markdown table of every case at every size, with ratios to the classifier floor."""
     rows = [
-        f"| case (C = {NUM_CLASSES}, D = {dim}) | N | CPU s | x floor | extra MiB |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"| case (C = {NUM_CLASSES}, D = {dim}) | N | CPU s | floor CPU s | x floor | extra MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for n in sizes:
-        floor = measure(classifier_floor, n, dim, repeats)
-        floor_time = floor[0] if floor else float("nan")
-        rows.append(_row("floor: x W^T + cross_entropy", n, floor, floor_time))
-        print(rows[-1], flush=True)
-        for name, case in cases.items():
-            rows.append(_row(name, n, measure(case, n, dim, repeats), floor_time))
+        for name, case in {"floor: x W^T + cross_entropy": classifier_floor, **cases}.items():
+            rows.append(_row(name, n, measure_against_floor(case, n, dim, repeats)))
             print(rows[-1], flush=True)
     return "\n".join(rows)
 
 
-def _row(name: str, n: int, result, floor_time: float) -> str:
+def _row(name: str, n: int, result) -> str:
     if result is None:
-        return f"| {name} | {n} | did not finish | | |"
-    seconds, extra = result
-    return f"| {name} | {n} | {seconds:.4f} | {seconds / floor_time:.2f} | {extra:.0f} |"
+        return f"| {name} | {n} | did not finish | | | |"
+    seconds, floor, extra = result
+    return f"| {name} | {n} | {seconds:.4f} | {floor:.4f} | {seconds / floor:.2f} | {extra:.0f} |"
 
 
 def main() -> None:

@@ -8,6 +8,11 @@ Families: pair and triplet (`pair_triplet`).
 from __future__ import annotations
 
 from deepmetric.losses.base import MetricLoss
+from deepmetric.losses.distillation import (
+    DistillationLoss,
+    distillation_loss,
+    similarity_distillation_loss,
+)
 from deepmetric.losses.pair_triplet import (
     ContrastiveLoss,
     PairStats,
@@ -16,7 +21,35 @@ from deepmetric.losses.pair_triplet import (
     contrastive_loss,
     triplet_margin_loss,
 )
+from deepmetric.losses.param_groups import param_groups
+from deepmetric.losses.proxy import (
+    AdaptiveMargin,
+    AdditiveMarginLoss,
+    AdditiveMarginStats,
+    CenterLoss,
+    MarginEstimate,
+    ProxyAnchorLoss,
+    ProxyNCALoss,
+    additive_margin_loss,
+    center_loss,
+    proxy_anchor_loss,
+    proxy_nca_loss,
+    update_centers,
+)
 from deepmetric.losses.reduction import REDUCTIONS
+from deepmetric.losses.softmax import (
+    ArcFaceLoss,
+    CosFaceLoss,
+    HeatedUpSoftmaxLoss,
+    LambdaSchedule,
+    LargeMarginSoftmaxLoss,
+    NormalizedSoftmaxLoss,
+    SphereFaceLoss,
+    arcface_loss,
+    cosface_loss,
+    large_margin_softmax_loss,
+    normalized_softmax_loss,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -27,4 +60,31 @@ __all__ = [
     "TripletStats",
     "contrastive_loss",
     "triplet_margin_loss",
+    "AdaptiveMargin",
+    "AdditiveMarginLoss",
+    "AdditiveMarginStats",
+    "ArcFaceLoss",
+    "CenterLoss",
+    "CosFaceLoss",
+    "DistillationLoss",
+    "HeatedUpSoftmaxLoss",
+    "LambdaSchedule",
+    "LargeMarginSoftmaxLoss",
+    "MarginEstimate",
+    "NormalizedSoftmaxLoss",
+    "ProxyAnchorLoss",
+    "ProxyNCALoss",
+    "SphereFaceLoss",
+    "additive_margin_loss",
+    "arcface_loss",
+    "center_loss",
+    "cosface_loss",
+    "distillation_loss",
+    "large_margin_softmax_loss",
+    "normalized_softmax_loss",
+    "param_groups",
+    "proxy_anchor_loss",
+    "proxy_nca_loss",
+    "similarity_distillation_loss",
+    "update_centers",
 ]
