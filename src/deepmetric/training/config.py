@@ -282,6 +282,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, e.g. {key}={{a: 1}}, got {value!r}")
         return dict(value)
+    if annotation in (int, float) and isinstance(value, str):
+        try:
+            value = annotation(value.strip())  # "1e-3", which YAML reads as a string
+        except ValueError:
+            pass
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from deepmetric.index import NeighbourIndex
-from deepmetric.metrics import evaluate
+from deepmetric.metrics import evaluate, format_table
 from deepmetric.models import build_model
 from deepmetric.report import ImageSource, write_report
 from deepmetric.samplers import PKBatchSampler
@@ -331,6 +331,13 @@ def train(
         if config.eval.before_training:
             state.before, _ = evaluation()
             log.write({"event": "eval", "epoch": 0, "step": 0, **state.before})
+            say(format_table(state.before, title="before training"))
+
+    def interrupted() -> None:
+        log.close()
+        say(f"interrupted at step {state.step}; saved {run.last}")
+        say(f"continue with: deepmetric train --resume {run.root}")
+        raise KeyboardInterrupt
 
     # The loop: one optimiser step per P x K batch, evaluation after each epoch.
     started = time.perf_counter() - state.seconds
@@ -390,17 +397,15 @@ def train(
                         samples_s=f"{record['samples_per_second']:.0f}",
                     )
                     interval_start, interval_samples = time.perf_counter(), 0
-                mid_epoch = state.batch < len(batches)
+                # Mid-epoch checkpoints; the last batch of an epoch is saved after evaluation.
                 every = config.train.checkpoint_every_steps
-                if mid_epoch and (stop.requested or (every and state.step % every == 0)):
-                    state.seconds = time.perf_counter() - started
-                    save_checkpoint(checkpoint(state), run.last)
-                if stop.requested:
-                    progress.close()
-                    log.close()
-                    say(f"interrupted at step {state.step}; saved {run.last}")
-                    say(f"continue with: deepmetric train --resume {run.root}")
-                    raise KeyboardInterrupt
+                if state.batch < len(batches):
+                    if stop.requested or (every and state.step % every == 0):
+                        state.seconds = time.perf_counter() - started
+                        save_checkpoint(checkpoint(state), run.last)
+                    if stop.requested:
+                        progress.close()
+                        interrupted()
                 if on_step is not None:
                     on_step(state)
             progress.close()
@@ -449,9 +454,7 @@ def train(
             state.seconds = time.perf_counter() - started
             save_checkpoint(checkpoint(state), run.last)
             if stop.requested:
-                log.close()
-                say(f"interrupted after epoch {state.epoch}; saved {run.last}")
-                raise KeyboardInterrupt
+                interrupted()
     log.close()
 
     # Results of the best epoch: its embeddings, an index over them, the summary and report.

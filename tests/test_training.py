@@ -1,0 +1,247 @@
+"""The trainer, checkpoints and models: tiny runs on scikit-learn's digits.
+
+The kill-and-resume tests run a job uninterrupted and again interrupted mid-epoch (a hard
+kill that saves nothing, and a Ctrl-C that saves at the step boundary), resume it from its
+last checkpoint, and require the same weights, metrics and log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepmetric.models import ConvEmbedder, MLPEmbedder, build_model
+from deepmetric.training.checkpoint import load_checkpoint, load_state, save_checkpoint
+from deepmetric.training.config import load_config
+from deepmetric.training.errors import CheckpointError, ConfigError
+from deepmetric.training.run_folder import RunFolder
+from deepmetric.training.trainer import TrainState, load_model, train
+
+TINY = [
+    "data.name=digits",
+    "model.name=mlp",
+    "model.hidden_dims=[32]",
+    "model.embedding_dim=16",
+    "train.epochs=1",
+    "train.classes_per_batch=5",
+    "train.samples_per_class=4",
+    "train.batches_per_epoch=6",
+    "train.log_every_steps=2",
+    "eval.metrics=[recall@k, map@r]",
+    "eval.before_training=false",
+    "report.enabled=false",
+]
+
+
+def tiny(*overrides: str):
+    return load_config(overrides=[*TINY, *overrides])
+
+
+# A job that uses every piece of state a checkpoint must carry: learnable class weights with
+# their own learning rate, a cosine schedule with warm-up, dropout and random shifts (torch's
+# generator), gradient clipping, two epochs, mid-epoch checkpoints every 3 steps.
+RESUMABLE = (
+    "train.epochs=2",
+    "train.batches_per_epoch=8",
+    "train.checkpoint_every_steps=3",
+    "model.dropout=0.2",
+    "data.augment_shift=1",
+    "optimizer.warmup_steps=3",
+    "optimizer.grad_clip_norm=0.5",
+)
+
+
+class Killed(Exception):
+    """Stands for a hard kill: nothing is saved at the moment it happens."""
+
+
+def _final_state(run: Path) -> tuple[dict, dict, list]:
+    summary = json.loads((run / "summary.json").read_text())
+    weights = {
+        name: load_checkpoint(run / "checkpoints" / name)["model"]
+        for name in ("best.pt", "last.pt")
+    }
+    timing = ("samples_per_second", "seconds")
+    history = [
+        {k: v for k, v in record.items() if k not in timing} for record in RunFolder(run).history()
+    ]
+    return summary, weights, history
+
+
+def _assert_same_run(first: Path, second: Path) -> None:
+    summary_a, weights_a, history_a = _final_state(first)
+    summary_b, weights_b, history_b = _final_state(second)
+    assert summary_a["after"] == summary_b["after"]
+    assert summary_a["best_epoch"] == summary_b["best_epoch"]
+    assert summary_a["steps"] == summary_b["steps"] == 16
+    for name in weights_a:
+        for key, tensor in weights_a[name].items():
+            assert torch.equal(tensor, weights_b[name][key]), (name, key)
+    assert history_a == history_b
+    labels_a = np.load(first / "embeddings.npz")["embeddings"]
+    assert np.array_equal(labels_a, np.load(second / "embeddings.npz")["embeddings"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    train(tiny(*RESUMABLE), run, quiet=True)
+    return run
+
+
+@pytest.mark.parametrize("kill_at", [5, 11])
+def test_hard_kill_mid_epoch_then_resume_ends_identically(tmp_path, uninterrupted, kill_at):
+    run = tmp_path / "killed"
+
+    def kill(state: TrainState) -> None:
+        if state.step == kill_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny(*RESUMABLE), run, quiet=True, on_step=kill)
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["state"]
+    assert saved["step"] == kill_at // 3 * 3 and 0 < saved["batch"] < 8  # mid-epoch checkpoint
+    train(tiny(*RESUMABLE), run, resume=True, quiet=True)
+    _assert_same_run(uninterrupted, run)
+
+
+def test_ctrl_c_saves_at_the_step_and_resumes_identically(tmp_path, uninterrupted):
+    run = tmp_path / "interrupted"
+
+    def interrupt(state: TrainState) -> None:
+        if state.step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(*RESUMABLE), run, quiet=True, on_step=interrupt)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 8
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    train(tiny(*RESUMABLE), run, resume=True, quiet=True)
+    _assert_same_run(uninterrupted, run)
+
+
+def test_run_folder_contents(tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny("eval.before_training=true"), run, quiet=True)
+    names = {"config.yaml", "metrics.jsonl", "summary.json", "embeddings.npz", "index.npz"}
+    assert names <= {p.name for p in run.iterdir()}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    records = RunFolder(run).history()
+    assert [r["event"] for r in records] == ["eval", "train", "train", "train", "eval"]
+    assert records[0]["epoch"] == 0 and records[-1]["epoch"] == 1
+    assert set(summary["before"]) == set(summary["after"]) >= {"recall@1", "map@r"}
+    assert summary["steps"] == 6 and summary["best_epoch"] == 1
+    assert load_config(base=RunFolder(run).read_config().to_dict()) == tiny(
+        "eval.before_training=true"
+    )
+    data = np.load(run / "embeddings.npz")
+    assert data["embeddings"].shape == (len(data["labels"]), 16)
+    assert set(data["labels"].tolist()) == {5, 6, 7, 8, 9}
+    if (run / "tensorboard").exists():
+        assert any(
+            p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir()
+        )
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    first = train(tiny(), tmp_path / "a", quiet=True)
+    second = train(tiny(), tmp_path / "b", quiet=True)
+    third = train(tiny("train.seed=1"), tmp_path / "c", quiet=True)
+    assert first["after"] == second["after"] != third["after"]
+
+
+def test_loss_parameters_get_their_own_learning_rate(tmp_path):
+    run = tmp_path / "run"
+    train(tiny("optimizer.lr=0.001", "optimizer.loss_lr=0.05"), run, quiet=True)
+    optimizer = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]
+    assert [group["initial_lr"] for group in optimizer["param_groups"]] == [0.001, 0.05]
+
+
+def test_pair_loss_with_miner_from_config(tmp_path):
+    config = tiny(
+        "loss.name=TripletMarginLoss",
+        "loss.params={margin: 0.2}",
+        "loss.distance=CosineSimilarity",
+        "miner.name=BatchHardMiner",
+        "optimizer.schedule=constant",
+    )
+    summary = train(config, tmp_path / "run", quiet=True)
+    assert 0 <= summary["after"]["map@r"] <= 1
+
+
+def test_early_stopping(tmp_path):
+    # num_skipped is 0 at every evaluation, so it never improves after the first one.
+    config = tiny(
+        "train.epochs=5", "train.early_stopping_patience=2", "eval.select_metric=num_skipped"
+    )
+    summary = train(config, tmp_path / "run", quiet=True)
+    assert summary["steps"] == 3 * 6 and summary["best_epoch"] == 1
+
+
+def test_fp16_autocast_with_gradient_scaling_runs(tmp_path):
+    summary = train(tiny("train.precision=bf16"), tmp_path / "run", quiet=True)
+    assert summary["precision"] == "bfloat16"
+    assert np.isfinite(summary["after"]["map@r"])
+
+
+def test_resume_with_changed_config_names_the_keys(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run, quiet=True)
+    with pytest.raises(ConfigError, match=r"(?s)train\.epochs: 1 -> 2.*--resume"):
+        train(tiny("train.epochs=2"), run, resume=True, quiet=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny(), run, quiet=True)
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run, quiet=True)
+    model, config = load_model(run / "checkpoints" / "best.pt")
+    assert config.model.embedding_dim == 16 and model.head.out_features == 16
+    with pytest.raises(
+        CheckpointError, match=r"head\.weight: checkpoint \(16, 32\), model \(8, 32\)"
+    ):
+        load_model(run / "checkpoints" / "best.pt", tiny("model.embedding_dim=8"))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(run / "missing.pt")
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"weights": torch.ones(3)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint({"weights": torch.zeros(3), "bad": Unpicklable()}, path)
+    assert torch.equal(load_checkpoint(path)["weights"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_load_state_lists_missing_and_unexpected_tensors():
+    model = MLPEmbedder(4, 2, hidden_dims=())
+    state = {"head.weight": torch.zeros(2, 4), "extra": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="(?s)head.bias: missing.*extra: not in the model"):
+        load_state(model, state, "model", "test.pt")
+
+
+def test_models_shapes_and_normalisation():
+    cnn = ConvEmbedder(in_channels=1, embedding_dim=8, channels=(4, 8))
+    out = cnn(torch.randn(3, 1, 32, 32))
+    assert out.shape == (3, 8) and torch.allclose(out.norm(dim=1), torch.ones(3))
+    mlp = build_model("mlp", (1, 8, 8), 5, hidden_dims=[7], normalize=False)
+    assert mlp(torch.randn(2, 1, 8, 8)).shape == (2, 5)
+    with pytest.raises(ValueError, match="model.name=mlp"):
+        build_model("cnn", (64,), 8)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        cnn(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet", (1, 8, 8), 8)

@@ -1,0 +1,119 @@
+"""The training config: defaults, YAML, key=value overrides, and errors that name the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from deepmetric.training.config import (
+    Config,
+    ConfigError,
+    config_diff,
+    config_help,
+    load_config,
+    parse_override,
+)
+
+
+def test_defaults_are_the_kanji_recipe():
+    config = load_config()
+    assert config == Config()
+    assert config.data.name == "kanji_fonts"
+    assert config.loss.name == "NormalizedSoftmaxLoss"
+    assert config.eval.select_metric == "map@r"
+
+
+@pytest.mark.parametrize(
+    ("override", "section", "name", "expected"),
+    [
+        ("train.epochs=3", "train", "epochs", 3),
+        ("optimizer.lr=1e-2", "optimizer", "lr", 0.01),
+        ("optimizer.lr=1", "optimizer", "lr", 1.0),
+        ("optimizer.loss_lr=null", "optimizer", "loss_lr", None),
+        ("model.channels=[8, 16]", "model", "channels", [8, 16]),
+        ("model.channels=8,16", "model", "channels", [8, 16]),
+        ("eval.metrics=[map@r, recall@k]", "eval", "metrics", ["map@r", "recall@k"]),
+        ("model.normalize=false", "model", "normalize", False),
+        ("data.train_classes=null", "data", "train_classes", None),
+        ("miner.name=BatchHardMiner", "miner", "name", "BatchHardMiner"),
+    ],
+)
+def test_overrides_are_coerced_to_the_key_type(override, section, name, expected):
+    value = getattr(getattr(load_config(overrides=[override]), section), name)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_params_keys_and_whole_mappings():
+    config = load_config(overrides=["loss.params.temperature=0.1"])
+    assert config.loss.params == {"temperature": 0.1}
+    config = load_config(overrides=["loss.name=TripletMarginLoss", "loss.params={margin: 0.2}"])
+    assert config.loss.params == {"margin": 0.2}
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data:\n  name: digits\nmodel:\n  name: mlp\n  embedding_dim: 32\n"
+        "loss:\n  name: TripletMarginLoss\n  params: {margin: 0.1}\ntrain:\n  epochs: 4\n"
+    )
+    config = load_config(path, ["train.epochs=5"])
+    assert (config.data.name, config.model.embedding_dim, config.train.epochs) == ("digits", 32, 5)
+    assert config.loss.params == {"margin": 0.1}
+    assert load_config(base=config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "did you mean 'train.epochs'"),
+        ("trian.epochs=3", "did you mean 'train.epochs'"),
+        ("optimiser.lr=0.1", "did you mean 'optimizer.lr'"),
+        ("loss.params.temprature=0.1", "did you mean loss.params.temperature"),
+        ("loss.name=TripletLoss", "did you mean 'TripletMarginLoss'"),
+        ("miner.name=batchhardminer", "did you mean 'BatchHardMiner'"),
+        ("optimizer.name=adamw", "did you mean 'AdamW'"),
+        ("loss.distance=Cosine", "CosineSimilarity"),
+        ("train.epochs=three", "train.epochs must be an integer"),
+        ("train.epochs=0", "train.epochs must be > 0"),
+        ("eval.distance=manhattan", "eval.distance must be one of euclidean, cosine"),
+        ("model.normalize=maybe", "model.normalize must be true or false"),
+        ("train.epochs", "is not key=value"),
+        ("data.name=image_folder", "needs data.path"),
+        ("loss.params.num_classes=3", "is set by the trainer"),
+        ("miner.params.margin=0.1", "miner.name is null"),
+    ],
+)
+def test_errors_name_the_problem_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(overrides=[override])
+
+
+def test_yaml_with_unknown_section_or_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
+        load_config(path)
+
+
+def test_help_lists_every_key_with_its_default():
+    text = config_help()
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(getattr(Config(), section.name)):
+            assert f"{section.name}.{key.name}=" in text
+    assert "train.epochs=2" in text and "The K values of Recall@K." in text
+
+
+def test_diff_lists_changed_keys():
+    old, new = load_config(), load_config(overrides=["train.epochs=9", "loss.params.temperature=1"])
+    assert config_diff(old, new) == [
+        "loss.params: {} -> {'temperature': 1}",
+        "train.epochs: 2 -> 9",
+    ]
+    assert config_diff(old, load_config()) == []
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a.b=hello world") == ("a.b", "hello world")
+    assert parse_override("a.b=") == ("a.b", "")
