@@ -202,8 +202,9 @@ def test_resume_with_changed_config_names_the_keys(tmp_path):
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     run = tmp_path / "run"
     train(tiny(), run, quiet=True)
-    model, config = load_model(run / "checkpoints" / "best.pt")
+    model, config, input_shape = load_model(run / "checkpoints" / "best.pt")
     assert config.model.embedding_dim == 16 and model.head.out_features == 16
+    assert input_shape == (1, 8, 8)
     with pytest.raises(
         CheckpointError, match=r"head\.weight: checkpoint \(16, 32\), model \(8, 32\)"
     ):

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from deepmetric.data import LabeledDataset, load_image
+from deepmetric.data import IMAGE_EXTENSIONS, LabeledDataset, load_image
 from deepmetric.index import NeighbourIndex
 from deepmetric.metrics import format_table
 from deepmetric.report import comparison_table
@@ -53,12 +54,12 @@ def _checkpoint(run: RunFolder, which: str) -> Path:
     return run.best if which == "best" else run.last
 
 
-def _model(run: RunFolder, which: str):
-    model, config = load_model(_checkpoint(run, which), run.read_config())
-    return model.to(pick_device(config.train.device)), config
+def _model(run: RunFolder, which: str) -> tuple[nn.Module, Config, tuple[int, ...]]:
+    model, config, input_shape = load_model(_checkpoint(run, which), run.read_config())
+    return model.to(pick_device(config.train.device)), config, input_shape
 
 
-def _embed(model, config: Config, dataset: LabeledDataset) -> np.ndarray:
+def _embed(model: nn.Module, config: Config, dataset: LabeledDataset) -> np.ndarray:
     return embed(
         model,
         dataset,
@@ -89,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     run = RunFolder(args.run)
-    model, config = _model(run, args.checkpoint)
+    model, config, _ = _model(run, args.checkpoint)
     if args.data is None:
         dataset = load_split(config.data, args.split or config.eval.split)
     else:
@@ -100,7 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> None:
     run = RunFolder(args.run)
-    model, config = _model(run, args.checkpoint)
+    model, config, _ = _model(run, args.checkpoint)
     dataset = data_from_spec(args.data, args.split, config.data)
     embeddings = _embed(model, config, dataset)
     out = Path(args.out or run.root / f"embeddings-{Path(args.data).name}-{args.split}.npz")
@@ -115,7 +116,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 def cmd_index(args: argparse.Namespace) -> None:
     run = RunFolder(args.run)
-    model, config = _model(run, args.checkpoint)
+    model, config, _ = _model(run, args.checkpoint)
     dataset = data_from_spec(args.data, args.split, config.data)
     index = build_index(_embed(model, config, dataset), dataset.labels, config.eval.distance)
     out = Path(args.out or run.index)
@@ -125,12 +126,14 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     run = RunFolder(args.run)
-    model, config = _model(run, args.checkpoint)
+    model, config, input_shape = _model(run, args.checkpoint)
     index = NeighbourIndex.load(args.index or run.index)
     query = Path(args.query)
-    if query.is_file() and query.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
-        size = config.data.image_size
-        items = load_image(query, config.data.image_mode, size)[None]
+    if query.is_file() and query.suffix.lower() in IMAGE_EXTENSIONS:
+        if len(input_shape) != 3:
+            raise ConfigError(f"the model of {run.root} embeds vectors, not images like {query}")
+        mode = "L" if input_shape[0] == 1 else "RGB"
+        items = load_image(query, mode, tuple(input_shape[1:]))[None]
         names, query_labels = [query.name], [None]
     else:
         dataset = data_from_spec(args.query, args.split, config.data)
@@ -292,7 +295,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     config_arguments(sweep_command)
     sweep_command.add_argument(
-        "--temperatures", type=float, nargs="+", default=list(SWEEP_TEMPERATURES)
+        "--temperatures",
+        type=lambda text: [float(t) for t in text.split(",")],
+        default=list(SWEEP_TEMPERATURES),
+        help="comma-separated (default: " + ",".join(f"{t:g}" for t in SWEEP_TEMPERATURES) + ")",
     )
     sweep_command.add_argument("--out", type=Path, default=Path("runs/temperature-sweep"))
     sweep_command.set_defaults(handler=cmd_sweep_temperature)

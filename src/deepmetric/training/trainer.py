@@ -154,8 +154,10 @@ def build_index(embeddings: np.ndarray, labels: np.ndarray, distance: str) -> Ne
     return index
 
 
-def load_model(path: str | Path, config: Config | None = None) -> tuple[nn.Module, Config]:
-    """The model of a checkpoint file, in eval mode, and its run's config.
+def load_model(
+    path: str | Path, config: Config | None = None
+) -> tuple[nn.Module, Config, tuple[int, ...]]:
+    """The model of a checkpoint file (in eval mode), its config and the shape of one input.
 
     ``config`` defaults to the one stored in the checkpoint; a config whose model has
     another shape raises `CheckpointError` naming each tensor that does not fit.
@@ -163,9 +165,10 @@ def load_model(path: str | Path, config: Config | None = None) -> tuple[nn.Modul
     checkpoint = load_checkpoint(path)
     if config is None:
         config = load_config(base=checkpoint["config"])
+    input_shape = tuple(checkpoint["input_shape"])
     model = build_model(
         config.model.name,
-        checkpoint["input_shape"],
+        input_shape,
         config.model.embedding_dim,
         hidden_dims=config.model.hidden_dims,
         channels=config.model.channels,
@@ -173,7 +176,7 @@ def load_model(path: str | Path, config: Config | None = None) -> tuple[nn.Modul
         dropout=config.model.dropout,
     )
     load_state(model, checkpoint["model"], "model", str(path))
-    return model.eval(), config
+    return model.eval(), config, input_shape
 
 
 def report_run(run: RunFolder, config: Config, images: ImageSource | None = None) -> Path:

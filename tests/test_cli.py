@@ -1,0 +1,144 @@
+"""The `deepmetric` command line, run in-process on a tiny digits config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepmetric.cli import main
+from deepmetric.index import NeighbourIndex
+
+TINY = [
+    "data.name=digits",
+    "model.name=mlp",
+    "model.hidden_dims=[32]",
+    "model.embedding_dim=16",
+    "train.epochs=1",
+    "train.classes_per_batch=5",
+    "train.samples_per_class=4",
+    "train.batches_per_epoch=4",
+    "eval.metrics=[recall@k, map@r]",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--quiet", "--run-dir", str(folder), *TINY]) == 0
+    return folder
+
+
+def test_train_prints_the_before_and_after_table(run, capsys, tmp_path):
+    assert (run / "report.html").is_file() and (run / "index.npz").is_file()
+    code = main(["train", "--run-dir", str(tmp_path / "again"), *TINY, "report.enabled=false"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "before training" in out
+    header = next(
+        line for line in out.splitlines() if line.startswith("metric") and "after" in line
+    )
+    assert header.split() == ["metric", "before", "after"]
+    assert "map@r" in out and "best epoch 1" in out
+
+
+def test_train_help_lists_config_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("data.train_classes=300", "loss.name=NormalizedSoftmaxLoss", "train.epochs=2"):
+        assert key in out
+    assert "train.checkpoint_every_steps=" in out and "--resume" in out
+
+
+def test_unknown_key_fails_with_a_suggestion(capsys, tmp_path):
+    code = main(["train", "--run-dir", str(tmp_path / "r"), "train.epoch=3"])
+    assert code == 2
+    assert "did you mean 'train.epochs'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_of_a_finished_run_and_of_a_changed_config(run, capsys):
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0
+    assert "map@r" in capsys.readouterr().out
+    assert main(["train", "--quiet", "--resume", str(run), "train.epochs=3"]) == 2
+    assert "train.epochs: 1 -> 3" in capsys.readouterr().err
+
+
+def test_evaluate(run, capsys):
+    assert main(["evaluate", str(run)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    line = next(row for row in out.splitlines() if row.startswith("map@r"))
+    assert float(line.split()[1]) == pytest.approx(summary["after"]["map@r"], abs=1e-4)
+    assert main(["evaluate", str(run), "--split", "train", "--checkpoint", "last"]) == 0
+    assert "num_queries  901" in capsys.readouterr().out
+
+
+def test_embed_index_and_search(run, capsys, tmp_path):
+    out = tmp_path / "digits.npz"
+    assert main(["embed", str(run), "digits", "--split", "all", "--out", str(out)]) == 0
+    data = np.load(out)
+    assert data["embeddings"].shape == (1797, 16) and len(data["labels"]) == 1797
+
+    index_path = tmp_path / "index.npz"
+    assert main(["index", str(run), "digits", "--split", "test", "--out", str(index_path)]) == 0
+    assert len(NeighbourIndex.load(index_path)) == 896
+    capsys.readouterr()
+
+    results = tmp_path / "found.json"
+    args = ["search", str(run), "digits", "--index", str(index_path), "-k", "3", "--limit", "2"]
+    assert main([*args, "--out", str(results)]) == 0
+    found = json.loads(results.read_text())
+    assert len(found) == 6 and [r["rank"] for r in found[:3]] == [1, 2, 3]
+    assert found[0]["distance"] == pytest.approx(0.0, abs=1e-3)  # a query finds itself
+    assert found[0]["label"] == found[0]["query_label"]
+    assert "rank  index   label" in capsys.readouterr().out
+
+    image = tmp_path / "query.png"
+    Image.fromarray((np.eye(8) * 255).astype(np.uint8)).save(image)
+    assert main(["search", str(run), str(image), "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "query query.png" in out and out.count("\n") == 4
+
+
+def test_report_rewrites_the_html(run, capsys):
+    (run / "report.html").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file()
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_commands_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_sweep_temperature(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep-temperature", "--quiet", "--out", str(out), "--temperatures", "0.05,1"]
+    assert main([*args, *TINY]) == 0
+    table = (out / "sweep.md").read_text()
+    assert table.splitlines()[0] == "| temperature | R@1 | MAP@R |"
+    assert table.splitlines()[2].startswith("| 0.05 |") and table.splitlines()[3].startswith(
+        "| 1 |"
+    )
+    assert [r["temperature"] for r in json.loads((out / "sweep.json").read_text())] == [0.05, 1.0]
+    assert table in capsys.readouterr().out
+    assert main([*args, *TINY]) == 0  # finished runs are reused, not retrained
+    assert (out / "sweep.md").read_text() == table
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "deepmetric.cli", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    for command in ("train", "evaluate", "embed", "index", "search", "report", "sweep-temperature"):
+        assert command in result.stdout
