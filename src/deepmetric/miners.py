@@ -19,9 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric._validation import CheckedBatch, check_batch, check_choice, check_positive
-from deepmetric.distances import BaseDistance, EuclideanDistance
-from deepmetric.triplet_counting import triplet_runs
-from deepmetric.tuples import MinedTuple, label_masks, positive_lists, reference_key
+from deepmetric.distances import BaseDistance, EuclideanDistance, row_blocks
+from deepmetric.triplet_counting import fill_same_label_, same_label_columns, triplet_runs
+from deepmetric.tuples import (
+    MinedTuple,
+    PositiveLists,
+    label_masks,
+    positive_lists,
+    reference_key,
+)
 
 
 class BaseMiner(nn.Module):
@@ -30,6 +36,7 @@ class BaseMiner(nn.Module):
 
     Subclasses implement `mine(matrix, batch)`, where `matrix` is the raw (N, M) output of
     `self.distance` and `batch` the checked inputs (labels, ref_labels, ref_is_query, ...).
+    `mine` owns `matrix` and may overwrite it (the miners below do, to avoid (N, M) copies).
     """
 
     def __init__(self, distance: BaseDistance | None = None) -> None:
@@ -85,11 +92,20 @@ class PairMarginMiner(BaseMiner):
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
 
     def mine(self, matrix, batch):
-        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
-        positive, negative = label_masks(labels, ref_labels, ref_is_query)
-        positive &= self.distance.margin(matrix, self.pos_margin) > 0
-        negative &= self.distance.margin(self.neg_margin, matrix) > 0
-        return (*positive.nonzero(as_tuple=True), *negative.nonzero(as_tuple=True))
+        positives = positive_lists(batch.labels, batch.ref_labels, batch.ref_is_query)
+        values = matrix.gather(1, positives.index)
+        violated = positives.valid & (self.distance.margin(values, self.pos_margin) > 0)
+        anchor1 = _row_numbers(positives.index).expand_as(violated)[violated]
+        columns, has_same = same_label_columns(positives, batch.ref_is_query)
+        anchor2, negative = [], []
+        for rows in row_blocks(*matrix.shape):
+            block = matrix[rows]
+            near = block > self.neg_margin if self.distance.is_inverted else block < self.neg_margin
+            fill_same_label_(near, columns[rows], has_same[rows], False)
+            row, column = near.nonzero(as_tuple=True)
+            anchor2.append(row + rows.start)
+            negative.append(column)
+        return anchor1, positives.index[violated], torch.cat(anchor2), torch.cat(negative)
 
 
 class AllTripletsMiner(BaseMiner):
@@ -152,12 +168,11 @@ class BatchHardMiner(BaseMiner):
     """
 
     def mine(self, matrix, batch):
-        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
-        dis = self.distance.as_dissimilarity(matrix)
-        positive, negative = label_masks(labels, ref_labels, ref_is_query)
-        hardest_positive = dis.masked_fill(~positive, -math.inf).argmax(dim=1)
-        hardest_negative = dis.masked_fill(~negative, math.inf).argmin(dim=1)
-        anchors = (positive.any(dim=1) & negative.any(dim=1)).nonzero(as_tuple=True)[0]
+        positives = positive_lists(batch.labels, batch.ref_labels, batch.ref_is_query)
+        hardest_positive = _farthest_positive(matrix, positives, self.distance.is_inverted)
+        _, hardest_negative = _nearest_negative(matrix, batch, positives, self.distance)
+        has_both = (positives.count > 0) & (_num_negatives(matrix, batch, positives) > 0)
+        anchors = has_both.nonzero(as_tuple=True)[0]
         return anchors, hardest_positive[anchors], hardest_negative[anchors]
 
 
@@ -179,11 +194,11 @@ class HardNetMiner(BaseMiner):
         return super().forward(embeddings, labels)
 
     def mine(self, matrix, batch):
-        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
-        dis = self.distance.as_dissimilarity(matrix)
-        positive, negative = label_masks(labels, ref_labels, ref_is_query)
-        nearest_value, nearest = dis.masked_fill(~negative, math.inf).min(dim=1)
-        anchor, pos = positive.nonzero(as_tuple=True)
+        positives = positive_lists(batch.labels, batch.ref_labels, batch.ref_is_query)
+        nearest_value, nearest = _nearest_negative(matrix, batch, positives, self.distance)
+        nearest_value = self.distance.as_dissimilarity(nearest_value)
+        anchor = _row_numbers(positives.index).expand_as(positives.valid)[positives.valid]
+        pos = positives.index[positives.valid]
         keep = torch.isfinite(nearest_value[anchor])
         anchor, pos = anchor[keep], pos[keep]
         from_positive = nearest_value[pos] < nearest_value[anchor]
@@ -224,23 +239,31 @@ class DistanceWeightedMiner(BaseMiner):
         self.generator = generator
 
     def mine(self, matrix, batch):
-        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+        positives = positive_lists(batch.labels, batch.ref_labels, batch.ref_is_query)
+        columns, has_same = same_label_columns(positives, batch.ref_is_query)
+        has_negative = _num_negatives(matrix, batch, positives) > 0
         dim = batch.embeddings.shape[1]
-        d = matrix.clamp_min(self.cutoff)
-        log_q = (dim - 2) * d.log() + (dim - 3) / 2 * (1 - d.pow(2) / 4).clamp_min(1e-8).log()
-        _, negative = label_masks(labels, ref_labels, ref_is_query)
-        allowed = negative & (matrix < self.nonzero_loss_cutoff)
-        log_w = torch.where(allowed, -log_q, -math.inf)
-        uniform_rows = ~allowed.any(dim=1, keepdim=True)
-        log_w = torch.where(uniform_rows, torch.where(negative, 0.0, -math.inf), log_w)
-        has_negative = negative.any(dim=1, keepdim=True)
-        weights = torch.where(has_negative, (log_w - log_w.amax(dim=1, keepdim=True)).exp(), 1.0)
-        positives = positive_lists(labels, ref_labels, ref_is_query)
+        for rows in row_blocks(*matrix.shape):
+            block = matrix[rows]  # turned into the sampling weights, in place
+            d = block.clamp_min(self.cutoff)
+            # log q(d) = (n - 2) log d + (n - 3) / 2 log(1 - d^2 / 4), as the paper writes it
+            tail = d.square().mul_(0.25).neg_().add_(1).clamp_min_(1e-8).log_()
+            log_w = d.log_().mul_(dim - 2).add_(tail.mul_((dim - 3) / 2)).neg_()
+            log_w.masked_fill_(block >= self.nonzero_loss_cutoff, -math.inf)
+            fill_same_label_(log_w, columns[rows], has_same[rows], -math.inf)
+            uniform = log_w.amax(dim=1) == -math.inf
+            if bool(uniform.any()):  # no negative within the cutoff: draw among all negatives
+                fallback = torch.zeros_like(log_w[uniform])
+                picked = uniform.nonzero(as_tuple=True)[0]
+                fill_same_label_(fallback, columns[rows][picked], has_same[rows][picked], -math.inf)
+                log_w[uniform] = fallback
+            torch.sub(log_w, log_w.amax(dim=1, keepdim=True), out=block).exp_()
+            block.masked_fill_(~has_negative[rows].unsqueeze(1), 1.0)
         draws = torch.multinomial(
-            weights, positives.index.shape[1], replacement=True, generator=self.generator
+            matrix, positives.index.shape[1], replacement=True, generator=self.generator
         )
-        keep = positives.valid & has_negative
-        anchor = torch.arange(len(labels), device=matrix.device).unsqueeze(1).expand_as(keep)
+        keep = positives.valid & has_negative.unsqueeze(1)
+        anchor = _row_numbers(positives.index).expand_as(keep)
         return anchor[keep], positives.index[keep], draws[keep]
 
 
@@ -278,24 +301,59 @@ class RankWindowMiner(BaseMiner):
         self.generator = generator
 
     def mine(self, matrix, batch):
-        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
-        dis = self.distance.as_dissimilarity(matrix)
-        _, negative = label_masks(labels, ref_labels, ref_is_query)
+        labels = batch.labels
+        positives = positive_lists(labels, batch.ref_labels, batch.ref_is_query)
+        _exclude_same_label_(matrix, batch, positives, self.distance)
         first, last = self.window
-        depth = min(last, dis.shape[1])
-        ranked_value, ranked = dis.masked_fill(~negative, math.inf).topk(
-            depth, dim=1, largest=False
-        )
+        depth = min(last, matrix.shape[1])
+        ranked_value, ranked = matrix.topk(depth, dim=1, largest=self.distance.is_inverted)
         window_size = (torch.isfinite(ranked_value).sum(dim=1) - (first - 1)).clamp_min(0)
-        positives = positive_lists(labels, ref_labels, ref_is_query)
         shape = (*positives.index.shape, self.negatives_per_positive)
-        uniform = torch.rand(shape, generator=self.generator, device=dis.device)
+        uniform = torch.rand(shape, generator=self.generator, device=matrix.device)
         pick = (first - 1) + (uniform * window_size.view(-1, 1, 1)).long()
         keep = (positives.valid & (window_size > 0).unsqueeze(1)).unsqueeze(2).expand(shape)
-        anchor = torch.arange(len(labels), device=dis.device).view(-1, 1, 1).expand(shape)
+        anchor = torch.arange(len(labels), device=matrix.device).view(-1, 1, 1).expand(shape)
         pos = positives.index.unsqueeze(2).expand(shape)
         neg = ranked.gather(1, pick.clamp_max(depth - 1).view(len(labels), -1)).view(shape)
         return anchor[keep], pos[keep], neg[keep]
+
+
+def _row_numbers(table: Tensor) -> Tensor:
+    """(N, 1) row indices of an (N, K) table."""
+    return torch.arange(len(table), device=table.device).unsqueeze(1)
+
+
+def _num_negatives(matrix: Tensor, batch: CheckedBatch, positives: PositiveLists) -> Tensor:
+    """(N,) number of reference entries with another label than each anchor."""
+    return matrix.shape[1] - positives.count - int(batch.ref_is_query)
+
+
+def _exclude_same_label_(
+    matrix: Tensor, batch: CheckedBatch, positives: PositiveLists, distance: BaseDistance
+) -> Tensor:
+    """Overwrite the same-label entries with the farthest value (+inf, -inf for similarities)."""
+    columns, has_same = same_label_columns(positives, batch.ref_is_query)
+    farthest = -math.inf if distance.is_inverted else math.inf
+    return fill_same_label_(matrix, columns, has_same, farthest)
+
+
+def _nearest_negative(
+    matrix: Tensor, batch: CheckedBatch, positives: PositiveLists, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """Each anchor's nearest negative: (raw value, column); +-inf where there is none.
+
+    Overwrites the same-label entries of `matrix`; ties go to the lowest column.
+    """
+    _exclude_same_label_(matrix, batch, positives, distance)
+    return matrix.max(dim=1) if distance.is_inverted else matrix.min(dim=1)
+
+
+def _farthest_positive(matrix: Tensor, positives: PositiveLists, inverted: bool) -> Tensor:
+    """Each anchor's farthest positive column (lowest column on ties; 0 where none)."""
+    values = matrix.gather(1, positives.index)
+    values = -values if inverted else values
+    slot = values.masked_fill(~positives.valid, -math.inf).argmax(dim=1, keepdim=True)
+    return positives.index.gather(1, slot).squeeze(1)
 
 
 __all__ = [
