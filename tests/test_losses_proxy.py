@@ -164,6 +164,10 @@ def negative_cosine(a, b):
     return -dot(unit(a), unit(b))
 
 
+def unit_sq_dist(a, b):
+    return sq_dist(unit(a), unit(b))
+
+
 def metric_cosine(a, b):
     return torch.sqrt(1 - dot(unit(a), unit(b)))
 
@@ -347,6 +351,7 @@ def test_center_loss_bf16_updates_float32_centres():
         (EuclideanDistance(), euclidean),
         (CosineSimilarity(), negative_cosine),
         (MetricCosineDistance(), metric_cosine),
+        (SquaredEuclideanDistance(normalize_embeddings=True), unit_sq_dist),
     ],
 )
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -374,6 +379,9 @@ def test_additive_margin_stats_are_distances_to_own_centre():
     expected = torch.stack([torch.dist(x[i], c[y[i]]) for i in range(6)]).detach()
     torch.testing.assert_close(stats.center_distance, expected)
     assert stats.margin == 0.2 and not stats.center_distance.requires_grad
+    _, stats = additive_margin_loss(x, y, c, distance=CosineSimilarity(), return_stats=True)
+    expected = torch.stack([negative_cosine(x[i], c[y[i]]) for i in range(6)]).detach()
+    torch.testing.assert_close(stats.center_distance, -expected)
 
 
 # ---------------------------------------------------------------- adaptive margin

@@ -215,9 +215,12 @@ def proxy_anchor_loss(
         cos_target = (x * unit_proxies[labels]).sum(dim=1)
         pos_terms = _grouped_log1p_sum_exp(-alpha * (cos_target - margin), labels, num_classes)
         has_positive = torch.bincount(labels, minlength=num_classes) > 0
-        negative = (x * alpha) @ unit_proxies.T + alpha * margin
+        negative = (x * alpha) @ unit_proxies.T  # the + alpha delta comes after the sum
         negative.scatter_(1, labels.unsqueeze(1), very_negative(x.dtype))
-        neg_terms = F.softplus(negative.logsumexp(dim=0))
+        with torch.no_grad():
+            top = negative.amax(dim=0)
+        column_lse = (negative - top).exp().sum(dim=0).log() + top
+        neg_terms = F.softplus(column_lse + alpha * margin)
         loss = reduce_terms(pos_terms, reduction, has_positive) + reduce_terms(neg_terms, reduction)
     return inputs.finish(loss)
 
@@ -350,17 +353,25 @@ def additive_margin_loss(
     inputs = check_class_call(embeddings, labels, *centers.shape, centers)
     with full_precision(embeddings.device):
         x = inputs.embeddings
-        matrix = distance(x, centers.to(x.dtype))
-        dissimilarity = distance.as_dissimilarity(matrix)
-        logits = dissimilarity * -scale
+        centers = centers.to(x.dtype)
         column = labels.unsqueeze(1)
-        target = (dissimilarity.gather(1, column) + margin) * -scale
+        coefficient = _cosine_coefficient(distance, scale)
+        if coefficient is not None:  # logits -s d(z, c_i) up to a per-row constant
+            unit_x, unit_c = F.normalize(x, dim=1), F.normalize(centers, dim=1)
+            logits = (unit_x * coefficient) @ unit_c.T
+            own = coefficient * (unit_x * unit_c[labels]).sum(dim=1, keepdim=True)
+            target = own - scale * margin
+        else:
+            dissimilarity = distance.as_dissimilarity(distance(x, centers))
+            logits = dissimilarity * -scale
+            target = (dissimilarity.gather(1, column) + margin) * -scale
         terms = cross_entropy_terms(logits.scatter_(1, column, target), labels)
         loss = reduce_rows(terms, reduction, inputs)
     if not return_stats:
         return loss
-    stats = AdditiveMarginStats(matrix.detach().gather(1, column).squeeze(1), float(margin))
-    return loss, stats
+    with torch.no_grad():
+        own_distance = distance.pairwise_distance(x, centers[labels])
+    return loss, AdditiveMarginStats(own_distance, float(margin))
 
 
 @dataclass(frozen=True)
