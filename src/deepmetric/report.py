@@ -74,8 +74,9 @@ def _plot_training_curves(history: Sequence[Mapping[str, Any]], path: Path) -> N
     left.set(xlabel="step", ylabel="training loss", title="Training loss")
     left.legend()
     for name in ("map@r", "recall@1", "r_precision", "nmi"):
-        if evals and name in evals[0]:
-            right.plot([r["epoch"] for r in evals], [r[name] for r in evals], "o-", label=name)
+        points = [(r["epoch"], r[name]) for r in evals if name in r]
+        if points:
+            right.plot(*zip(*points, strict=True), "o-", label=name)
     right.set(xlabel="epoch (0: before training)", ylabel="score", title="Evaluation", ylim=(0, 1))
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.legend()
