@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +126,14 @@ def test_transform_errors() -> None:
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
+
+
+@pytest.mark.parametrize(
+    "index", range(len(re.findall(r"```python\n", DOCS.read_text(encoding="utf-8"))))
+)
+def test_docs_code_blocks_run(index: int) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
+    exec(compile(blocks[index], f"docs/data.md block {index}", "exec"), {})

@@ -152,3 +152,13 @@ def test_parquet_without_reader_says_what_to_install(tmp_path: Path) -> None:
     path.write_bytes(b"PAR1")
     with pytest.raises(ImportError, match="pip install pyarrow"):
         load_feature_table(path)
+
+
+def test_column_of_vectors_is_a_feature_block(tmp_path: Path) -> None:
+    from deepmetric.data.feature_table import _features
+
+    column = np.empty(3, dtype=object)
+    for i in range(3):
+        column[i] = [float(i), 1.0]
+    block = _features({"emb": column, "x": np.arange(3)}, tmp_path, ["emb", "x"])
+    assert block.tolist() == [[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [2.0, 1.0, 2.0]]

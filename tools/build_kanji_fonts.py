@@ -25,7 +25,9 @@ Steps (all inputs sorted, so two runs give the same bytes):
    a ``.npy`` stream compressed with xz, beside a JSON file with the characters and faces and
    a FONTS-ATTRIBUTION file with each face's copyright and licence.
 
-Usage (from the repository root; about 10 minutes on 2 cores, most of it rendering)::
+Usage, from the repository root (16 minutes measured on 2 cores shared with other jobs:
+rendering took 2.5 to 6.5 minutes, the raw-pixel evaluation that ``--skip-eval`` leaves
+out 9 to 15)::
 
     apt-get update
     .venv/bin/python tools/build_kanji_fonts.py            # fetch, render, filter, pack

@@ -130,8 +130,11 @@ def _features(table: dict, path: Path, columns: Sequence[str | int]) -> np.ndarr
     for name in columns:
         values = table[name]
         try:
-            block = np.asarray(values, dtype=np.float32)
-        except ValueError:
+            if values.dtype == object and len(values) and np.ndim(values[0]) == 1:
+                block = np.stack([np.asarray(v, dtype=np.float32) for v in values])  # vectors
+            else:
+                block = np.asarray(values, dtype=np.float32)
+        except (ValueError, TypeError):
             raise ValueError(
                 f"{os.fspath(path)}: feature column {name!r} is not numeric: list the numeric "
                 "columns in feature_columns=, or name this one as label_column/split_column"
