@@ -10,7 +10,8 @@ backward costs one multiplication per input. Memory is O(block + N D).
 
 Losses whose terms depend on other rows (a column's hardest negative, the global histogram)
 take two sweeps: `Sweep.blocks` without gradient to collect the statistics, then `Sweep.run`
-on a surrogate whose gradient equals the loss gradient.
+on a surrogate whose gradient equals the loss gradient, or `Sweep.run_gradient` with the
+gradient in D written out (no autograd through the loss's elementwise steps).
 
 Double backward (create_graph=True) through these losses is not supported.
 """
@@ -130,6 +131,12 @@ class PairSets:
             return self._negatives[rows]
         return self.labels[rows].unsqueeze(1) != self.ref_labels.unsqueeze(0)
 
+    def non_negative_mask(self, rows: slice) -> Tensor:
+        """(rows, M) mask of the entries that are not negative pairs (~negative_mask)."""
+        if self._negatives is not None:
+            return ~self._negatives[rows]
+        return self.labels[rows].unsqueeze(1) == self.ref_labels.unsqueeze(0)
+
     def positive_mask(self, rows: slice) -> Tensor:
         """(rows, M) dense mask of the positive pairs of the anchors in `rows`."""
         lists = self.positive_rows(rows)
@@ -213,15 +220,34 @@ class Sweep:
             with torch.set_grad_enabled(self.tracking):
                 value = objective(self.distance(self.query[rows], self.ref), rows)
             if self.tracking and value.requires_grad:
-                grads = torch.autograd.grad(value, self.leaves, allow_unused=True)
-                if self.grads is None:
-                    self.grads = [torch.zeros_like(leaf) for leaf in self.leaves]
-                for acc, grad in zip(self.grads, grads, strict=True):
-                    if grad is not None:
-                        acc += grad
+                self._accumulate(torch.autograd.grad(value, self.leaves, allow_unused=True))
             value = value.detach()
             total = value if total is None else total + value
         return total
+
+    def run_gradient(self, block_gradient: Callable[[Tensor, slice], Tensor]) -> None:
+        """Accumulate the gradients of a loss whose gradient in D[rows] is given directly.
+
+        `block_gradient(D[rows], rows)` (called without gradient) returns dL/dD[rows]; it is
+        pulled back through the distance. Cheaper than `run` when the derivative in D is
+        known in closed form (no autograd through the loss's elementwise steps).
+        """
+        if not self.tracking:
+            return
+        for rows in row_slices(self.num_rows, self.num_cols):
+            with torch.enable_grad():
+                block = self.distance(self.query[rows], self.ref)
+            with torch.no_grad():
+                grad = block_gradient(block.detach(), rows)
+            if block.requires_grad:
+                self._accumulate(torch.autograd.grad(block, self.leaves, grad, allow_unused=True))
+
+    def _accumulate(self, grads: Sequence[Tensor | None]) -> None:
+        if self.grads is None:
+            self.grads = [torch.zeros_like(leaf) for leaf in self.leaves]
+        for acc, grad in zip(self.grads, grads, strict=True):
+            if grad is not None:
+                acc += grad
 
     def result(self, value: Tensor, scale: float | Tensor = 1.0) -> Tensor:
         """`value` as a loss whose gradient is `scale` times the accumulated gradients."""

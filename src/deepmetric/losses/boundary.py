@@ -257,12 +257,13 @@ class MarginLoss(MetricLoss):
 
     See `margin_loss` for the formula. With `learn_beta=True`, beta is an `nn.Parameter`
     (`loss_fn.beta`) of shape () or (num_classes,); give it its own learning rate with an
-    optimizer parameter group, as Wu et al. do:
+    optimizer parameter group, as Wu et al. do (their beta learning rate is larger than the
+    network's), e.g. with `deepmetric.losses.param_groups.param_groups`:
 
-        optimizer = torch.optim.SGD([
-            {"params": model.parameters(), "lr": 1e-3},
-            {"params": loss_fn.parameters(), "lr": 1e-2},
-        ])
+        optimizer = torch.optim.SGD(param_groups(model, loss_fn, lr=1e-3, loss_lr=1e-2))
+
+    which is the same as passing [{"params": model.parameters(), "lr": 1e-3},
+    {"params": loss_fn.parameters(), "lr": 1e-2}].
 
     Args:
         margin, nu, distance, reduction: as in `margin_loss`.

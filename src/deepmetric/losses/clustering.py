@@ -296,28 +296,25 @@ def greedy_medoids(
     cluster_sizes[0] = n
     cells = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     cells[0] = class_sizes
+    cell_phi_total = _entropy_sum(class_sizes)
     score = -float(nearest.double().sum())
     taken = torch.zeros(n, dtype=torch.bool, device=device)
     taken[first] = True
     arange = torch.arange(n, device=device)
+    lengths = torch.searchsorted(sorted_dis, nearest.unsqueeze(1)).squeeze(1)
     for step in range(1, num_classes):
-        lengths = torch.searchsorted(sorted_dis, nearest.unsqueeze(1)).squeeze(1)
         item = torch.repeat_interleave(arange, lengths)
-        slot = torch.arange(len(item), device=device) - (torch.cumsum(lengths, 0) - lengths)[item]
-        candidate = order[item, slot]
+        offset = arange * n - (torch.cumsum(lengths, 0) - lengths)
+        flat = torch.arange(len(item), device=device) + offset[item]
+        candidate = torch.take(order, flat)
         gain = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
-            0, candidate, (nearest[item] - sorted_dis[item, slot]).double()
+            0, candidate, (nearest[item] - torch.take(sorted_dis, flat)).double()
         )
-        moved = torch.bincount(candidate, minlength=n)
-        item_cluster, item_class = cluster[item], truth[item]
-        cluster_phi = _entropy_sum(cluster_sizes) + _removed_phi(
-            candidate * num_classes + item_cluster, cluster_sizes[item_cluster], candidate, n
+        cluster_phi, cell_phi = _entropy_changes(
+            candidate, cluster[item], truth[item], cluster_sizes, cells, n
         )
-        cluster_phi = cluster_phi + torch.xlogy(moved.double(), moved.double())
-        cell_keys = (candidate * num_classes + item_cluster) * num_classes + item_class
-        cell_sizes = cells[item_cluster, item_class]
-        cell_phi = _entropy_sum(cells.flatten()) + _removed_phi(cell_keys, cell_sizes, candidate, n)
-        cell_phi = cell_phi + _added_phi(candidate * num_classes + item_class, candidate, n)
+        cluster_phi += _entropy_sum(cluster_sizes)
+        cell_phi += cell_phi_total
         h_cluster = log_n - cluster_phi / n
         h_joint = log_n - cell_phi / n
         nmi = _nmi_from_entropies(h_cluster, h_truth.expand_as(h_cluster), h_joint)
@@ -325,38 +322,64 @@ def greedy_medoids(
         best = int(torch.argmax(value.masked_fill(taken, -torch.inf)))
         switch = dis[:, best] < nearest
         old = cluster[switch]
+        touched = torch.unique(old)
+        cell_phi_total = cell_phi_total - _entropy_sum(cells[touched].flatten())
         cluster_sizes.index_add_(0, old, torch.full_like(old, -1))
         cells.index_put_((old, truth[switch]), torch.full_like(old, -1), accumulate=True)
         cluster[switch] = step
         cluster_sizes[step] = int(switch.sum())
         cells[step] = torch.bincount(truth[switch], minlength=num_classes)
+        cell_phi_total = cell_phi_total + _entropy_sum(cells[touched].flatten())
+        cell_phi_total = cell_phi_total + _entropy_sum(cells[step])
         nearest = torch.where(switch, dis[:, best], nearest)
+        rows = switch.nonzero().squeeze(1)
+        lengths[rows] = torch.searchsorted(sorted_dis[rows], nearest[rows].unsqueeze(1)).squeeze(1)
         score = -float(nearest.double().sum())
         taken[best] = True
         medoids.append(best)
     return torch.tensor(medoids, device=device), cluster
 
 
-def _removed_phi(keys: Tensor, sizes: Tensor, candidate: Tensor, n: int) -> Tensor:
-    """Per candidate: sum over the groups its movers leave of phi(size - moved) - phi(size).
+def _phi(counts: Tensor) -> Tensor:
+    return torch.xlogy(counts, counts)
 
-    Entries sharing a key form one group (a moved count a, the group's size from `sizes`);
-    each entry carries 1/a of its group's change, so the sum over entries counts each once.
+
+def _entropy_changes(
+    candidate: Tensor,
+    item_cluster: Tensor,
+    item_class: Tensor,
+    cluster_sizes: Tensor,
+    cells: Tensor,
+    n: int,
+) -> tuple[Tensor, Tensor]:
+    """Per candidate j, the change of sum phi(cluster sizes) and of sum phi(cell sizes) when
+    the listed items (those closer to j than to their medoid) move to a new cluster j.
+
+    phi(n) = n log n. The items are grouped once by (candidate, cluster, class), sorted; the
+    (candidate, cluster) groups are runs of that order and the (candidate, class) groups come
+    from the much shorter list of cells.
     """
-    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    moved = counts[inverse].double()
-    size = sizes.double()
-    change = torch.xlogy(size - moved, size - moved) - torch.xlogy(size, size)
-    out = torch.zeros(n, dtype=torch.float64, device=keys.device)
-    return out.index_add_(0, candidate, change / moved)
+    k = cells.shape[1]
+    keys, moved = torch.unique((candidate * k + item_cluster) * k + item_class, return_counts=True)
+    moved = moved.double()
+    owner, cluster, klass = keys // (k * k), (keys // k) % k, keys % k
 
+    def per_candidate(values: Tensor, who: Tensor) -> Tensor:
+        return torch.zeros(n, dtype=torch.float64, device=keys.device).index_add_(0, who, values)
 
-def _added_phi(keys: Tensor, candidate: Tensor, n: int) -> Tensor:
-    """Per candidate: sum over the groups of its movers (by key) of phi(group size)."""
-    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    moved = counts[inverse].double()
-    out = torch.zeros(n, dtype=torch.float64, device=keys.device)
-    return out.index_add_(0, candidate, torch.xlogy(moved, moved) / moved)
+    size = cells[cluster, klass].double()
+    cell_change = per_candidate(_phi(size - moved) - _phi(size), owner)
+    prefixes, group = torch.unique_consecutive(keys // k, return_inverse=True)
+    left = torch.zeros(len(prefixes), dtype=torch.float64, device=keys.device)
+    left.index_add_(0, group, moved)
+    size = cluster_sizes[prefixes % k].double()
+    cluster_change = per_candidate(_phi(size - left) - _phi(size), prefixes // k)
+    joined = per_candidate(moved, owner)
+    classes, group = torch.unique(owner * k + klass, return_inverse=True)
+    per_class = torch.zeros(len(classes), dtype=torch.float64, device=keys.device)
+    per_class.index_add_(0, group, moved)
+    cell_change += per_candidate(_phi(per_class), classes // k)
+    return cluster_change + _phi(joined), cell_change
 
 
 class FacilityLocationLoss(MetricLoss):

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from deepmetric.distances import BaseDistance, CosineSimilarity
-from deepmetric.losses._blocks import PairSets, Sweep, closeness
+from deepmetric.losses._blocks import PairSets, Sweep
 from deepmetric.losses.base import MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import zero_with_graph
 
@@ -73,31 +74,33 @@ def histogram_loss(
     step = (high - low) / n_bins
     device = inputs.embeddings.device
 
-    def nodes(sim: Tensor) -> tuple[Tensor, Tensor]:
-        position = (sim.clamp(low, high) - low) / step
-        lower = position.detach().floor().clamp_(0, n_bins - 1)
-        return lower.long(), position - lower
+    def positions(block: Tensor) -> Tensor:
+        """Each similarity's position on the node axis, in bins: 0 at low, n_bins at high."""
+        scale = 1 / step if distance.is_inverted else -1 / step
+        return torch.mul(block, scale).sub_(low / step)
 
-    def accumulate(hist: Tensor, sim: Tensor, mask: Tensor) -> None:
-        lower, frac = nodes(sim)
-        weight = mask.to(sim.dtype)
-        for offset, share in ((0, (1 - frac) * weight), (1, frac * weight)):
-            hist += torch.bincount(
-                (lower + offset).flatten(), share.flatten(), minlength=n_bins + 1
-            ).double()
+    def accumulate(hist: Tensor, position: Tensor, excluded: Tensor) -> None:
+        """Add each value to its two nodes with weights (1 - frac) and frac; skip `excluded`."""
+        position = position.clamp_(0, n_bins)
+        lower = position.floor().clamp_(max=n_bins - 1)
+        frac = position.sub_(lower).masked_fill_(excluded, 0).flatten()
+        index = lower.masked_fill_(excluded, n_bins + 1).to(torch.int32).flatten()
+        counts = torch.bincount(index, minlength=n_bins + 2)[: n_bins + 1].double()
+        upper = torch.bincount(index, frac, minlength=n_bins + 2)[: n_bins + 1].double()
+        hist += counts - upper
+        hist[1:] += upper[:-1]
 
     hist_pos = torch.zeros(n_bins + 1, dtype=torch.float64, device=device)
     hist_neg = torch.zeros_like(hist_pos)
     num_pos = torch.zeros((), dtype=torch.long, device=device)
     num_neg = torch.zeros_like(num_pos)
     for rows, block in sweep.blocks():
-        sim = closeness(block, distance)
         positives = pairs.positive_rows(rows)
-        negatives = pairs.negative_mask(rows)
-        accumulate(hist_pos, sim.gather(1, positives.index), positives.valid)
-        accumulate(hist_neg, sim, negatives)
+        excluded = pairs.non_negative_mask(rows)
+        accumulate(hist_pos, positions(block.gather(1, positives.index)), ~positives.valid)
+        accumulate(hist_neg, positions(block), excluded)
         num_pos += positives.count.sum()
-        num_neg += negatives.sum()
+        num_neg += excluded.numel() - excluded.sum()
 
     if int(num_pos) == 0 or int(num_neg) == 0:
         loss = zero_with_graph(inputs.embeddings, inputs.ref_emb)
@@ -108,28 +111,34 @@ def histogram_loss(
             value = (density_neg * density_pos.cumsum(0)).sum()
             grad_pos, grad_neg = torch.autograd.grad(value, [density_pos, density_neg])
         dtype = inputs.embeddings.dtype
-        coef_pos = (grad_pos / num_pos).to(dtype)
-        coef_neg = (grad_neg / num_neg).to(dtype)
+        # d/ds of a value's share, coef[lower] (1 - frac) + coef[lower + 1] frac, is the
+        # slope of its bin; index 0 and n_bins + 1 (outside the range, or not a pair) give 0.
+        sign = 1.0 if distance.is_inverted else -1.0
+        slopes = []
+        for grad, count in ((grad_pos, num_pos), (grad_neg, num_neg)):
+            slope = (grad[1:] - grad[:-1]) * (sign / (float(count) * step))
+            slopes.append(F.pad(slope, (1, 1)).to(dtype))
+        slope_pos, slope_neg = slopes
 
-        def surrogate(block: Tensor, rows: slice) -> Tensor:
-            sim = closeness(block, distance)
+        def bin_slopes(slope: Tensor, position: Tensor, excluded: Tensor) -> Tensor:
+            """Each value's slope: bin r holds positions in (r, r + 1], found by ceil."""
+            index = position.ceil_().clamp_(0, n_bins + 1).masked_fill_(excluded, 0)
+            index = index.to(torch.int32).flatten()
+            return slope.index_select(0, index).view(position.shape)
+
+        def block_gradient(block: Tensor, rows: slice) -> Tensor:
             positives = pairs.positive_rows(rows)
-            pos_part = _interpolate(coef_pos, *nodes(sim.gather(1, positives.index)))
-            neg_part = _interpolate(coef_neg, *nodes(sim))
-            return (pos_part * positives.valid).sum() + (neg_part * pairs.negative_mask(rows)).sum()
+            grad = bin_slopes(slope_neg, positions(block), pairs.non_negative_mask(rows))
+            pos_position = positions(block.gather(1, positives.index))
+            pos_grad = bin_slopes(slope_pos, pos_position, ~positives.valid)
+            return grad.scatter_add_(1, positives.index, pos_grad)
 
-        if sweep.tracking:
-            sweep.run(surrogate)
+        sweep.run_gradient(block_gradient)
         loss = sweep.result(value.detach().to(dtype))
     loss = inputs.finish(loss)
     if not return_stats:
         return loss
     return loss, HistogramStats(num_pos_pairs=num_pos, num_neg_pairs=num_neg)
-
-
-def _interpolate(coef: Tensor, lower: Tensor, frac: Tensor) -> Tensor:
-    """coef at the two nodes around each value, linearly weighted: d/ds is the slope."""
-    return coef[lower] * (1 - frac) + coef[lower + 1] * frac
 
 
 def _check_histogram(
