@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "build_kanji_fonts.py"
@@ -84,3 +85,28 @@ def test_missing_or_free_form_copyright_is_unclear(tool: ModuleType, tmp_path: P
     free_form = tmp_path / "free"
     free_form.write_text("This font is free.\n")
     assert not tool.decide_licence(free_form, Path("a.ttf")).allowed
+
+
+def test_place_centres_and_binarises(tool: ModuleType) -> None:
+    crop = np.full((40, 20), 255, dtype=np.uint8)  # a solid bar, 2:1
+    out = tool._place(crop, scale=0.5)
+    assert out.shape == (32, 32) and out.dtype == bool
+    rows, cols = np.flatnonzero(out.any(axis=1)), np.flatnonzero(out.any(axis=0))
+    assert (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) == (20, 10)
+    assert rows[0] == 6 and cols[0] == 11  # centred
+    huge = tool._place(np.full((400, 100), 255, dtype=np.uint8), scale=1.0)
+    assert np.flatnonzero(huge.any(axis=1)).size == tool.MAX_BOX  # shrunk to fit
+
+
+def test_raw_pixel_retrieval(tool: ModuleType) -> None:
+    rows = np.array(
+        [[1] * 8 + [0] * 8, [1] * 7 + [0] * 9, [0] * 8 + [1] * 8, [1] * 6 + [0] * 10],
+        dtype=np.uint8,
+    )
+    bits = np.packbits(rows, axis=1)
+    perfect = tool.raw_pixel_retrieval(bits[:3], np.array([0, 0, 1]))
+    assert perfect["recall_at_1"] == pytest.approx(2 / 3, abs=1e-4)  # class 1: no positive
+    mixed = tool.raw_pixel_retrieval(bits, np.array([0, 0, 1, 1]))
+    # query 3 is nearest to query 1 (another class); query 1 is as near to 0 as to 3 and
+    # ties go to the lower index, so only query 3 misses
+    assert mixed["recall_at_1"] == pytest.approx(0.75)

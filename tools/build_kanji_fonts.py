@@ -383,7 +383,7 @@ def raw_pixel_retrieval(bits: np.ndarray, labels: np.ndarray, chunk: int = 1024)
         order = torch.topk(d, r, dim=1, largest=False, sorted=True).indices
         same = (y[order] == qy[:, None]).double()
         hits1 += float(same[:, 0].sum())
-        rq = (counts[qy] - 1).double()
+        rq = (counts[qy] - 1).clamp(min=1).double()  # a singleton class scores 0
         precision = same.cumsum(dim=1) / torch.arange(1, r + 1)
         mask = torch.arange(r)[None, :] < rq[:, None]
         ap_sum += float(((precision * same * mask).sum(dim=1) / rq).sum())
@@ -490,13 +490,16 @@ def build(args: argparse.Namespace) -> None:
     (out_dir / f"{DATA_STEM}.json").write_text(
         json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
     )
-    write_attribution(out_dir / "FONTS-ATTRIBUTION.txt", kept, rendered, licences, build_dir)
+    attribution = out_dir / "FONTS-ATTRIBUTION.txt"
+    write_attribution(attribution, kept, rendered, licences, build_dir, decisions)
 
     labels = np.repeat(np.arange(num_classes), num_faces)
     test = labels >= (num_classes + 1) // 2
-    eval_start = time.time()
-    figures = raw_pixel_retrieval(bits[test], labels[test]) if not args.skip_eval else {}
-    log.append(f"raw-pixel retrieval on the test split took {time.time() - eval_start:.0f} s")
+    figures = {}
+    if not args.skip_eval:
+        eval_start = time.time()
+        figures = raw_pixel_retrieval(bits[test], labels[test])
+        log.append(f"raw-pixel retrieval on the test split took {time.time() - eval_start:.0f} s")
     clipped = {str(rendered[k]["name"]): int(rendered[k]["clipped"]) for k in kept}
     report = {
         "characters": len(chars),
@@ -534,8 +537,10 @@ def write_attribution(
     rendered: dict,
     licences: dict,
     build_dir: Path,
+    decisions: Sequence[dict],
 ) -> None:
-    """Write each kept face, its package, copyright holders and licence, then licence texts."""
+    """Write each kept face with its package, copyright holders and licence, the licence
+    decision and reason for every face not used, then the licence texts."""
     lines = [
         "Kanji-Fonts-32: fonts whose renderings make up this data set",
         "=" * 62,
@@ -564,7 +569,16 @@ def write_attribution(
                 packages = texts.setdefault(text, (name, []))[1]
                 if k.package not in packages:
                     packages.append(k.package)
-    lines += ["", "Licence texts (as given in the Debian copyright files)", "=" * 54, ""]
+    dropped = [d for d in decisions if not d["kept"]]
+    lines += [
+        "",
+        f"Faces considered and not used ({len(dropped)}): Debian licence; reason",
+        "=" * 62,
+        "",
+    ]
+    for d in dropped:
+        lines.append(f"- {d['name']} ({d['package']}, {d['file']}): {d['licence']}; {d['reason']}")
+    lines += ["", "", "Licence texts (as given in the Debian copyright files)", "=" * 54, ""]
     for text, (name, packages) in sorted(texts.items(), key=lambda t: (t[1][0], t[1][1])):
         lines += [f"--- {name}, as given for {', '.join(packages)}", "", text, ""]
     path.write_text("\n".join(lines), encoding="utf-8")
