@@ -257,8 +257,7 @@ class MarginLoss(MetricLoss):
 
     See `margin_loss` for the formula. With `learn_beta=True`, beta is an `nn.Parameter`
     (`loss_fn.beta`) of shape () or (num_classes,); give it its own learning rate with an
-    optimizer parameter group, as Wu et al. do (their beta learning rate is larger than the
-    network's), e.g. with `deepmetric.losses.param_groups.param_groups`:
+    optimizer parameter group, e.g. with `deepmetric.losses.param_groups.param_groups`:
 
         optimizer = torch.optim.SGD(param_groups(model, loss_fn, lr=1e-3, loss_lr=1e-2))
 

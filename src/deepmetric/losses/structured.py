@@ -96,16 +96,19 @@ def lifted_structure_loss(
 
     # Sweep 1: per-row (and per-column) negative statistics and the positive distances.
     row_stat = torch.empty(num_rows, dtype=dtype, device=device)
+    row_arg = torch.zeros(num_rows, dtype=torch.long, device=device)
     col_stat = torch.full((num_cols,), -torch.inf, dtype=dtype, device=device)
     col_arg = torch.zeros(num_cols, dtype=torch.long, device=device)
     pos_dis = torch.empty(num_rows, width, dtype=dtype, device=device)
     for rows, block in sweep.blocks():
-        dis = distance.as_dissimilarity(block)
-        negatives = pairs.negative_mask(rows)
-        pos_dis[rows] = dis.gather(1, pairs.positive_rows(rows).index)
-        row_stat[rows] = _negative_statistic(neg_margin - dis, negatives, smooth)
+        values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
+        index = pairs.positive_rows(rows).index
+        pos_dis[rows] = distance.as_dissimilarity(block.gather(1, index))
+        if smooth:
+            row_stat[rows] = masked_logsumexp(values, None)
+        else:
+            row_stat[rows], row_arg[rows] = values.max(dim=1)
         if columns:
-            values = (neg_margin - dis).masked_fill_(~negatives, -torch.inf)
             if smooth:
                 col_stat = torch.logaddexp(col_stat, masked_logsumexp(values, None, dim=0))
             else:
@@ -133,42 +136,46 @@ def lifted_structure_loss(
     if grads is not None:
         grad_pos, grad_row = grads[0], grads[1]
         grad_col = grads[2] if columns else None
+        sign = -1.0 if distance.is_inverted else 1.0
+        row_safe = row_stat.masked_fill(torch.isinf(row_stat), 0).unsqueeze(1)
+        col_safe = col_stat.masked_fill(torch.isinf(col_stat), 0).unsqueeze(0)
 
-        def surrogate(block: Tensor, rows: slice) -> Tensor:
-            dis = distance.as_dissimilarity(block)
-            negatives = pairs.negative_mask(rows)
-            value = (grad_pos[rows] * dis.gather(1, pairs.positive_rows(rows).index)).sum()
-            stat = _negative_statistic(neg_margin - dis, negatives, smooth)
-            value = value + (grad_row[rows] * stat.masked_fill(torch.isinf(stat), 0)).sum()
-            if grad_col is not None:
-                value = value + _column_surrogate(
-                    neg_margin - dis, negatives, rows, grad_col, col_stat, col_arg, smooth
-                )
-            return value
+        def block_gradient(block: Tensor, rows: slice) -> Tensor:
+            """dL/dD: through the positive distances and the negative statistics."""
+            values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
+            # d stat / d D = -softmax of the values (smooth) or -1 at the argmax (hard).
+            if smooth:
+                grad = (values - row_safe[rows]).exp_().mul_(-grad_row[rows].unsqueeze(1))
+                if grad_col is not None:
+                    grad.sub_(values.sub_(col_safe).exp_().mul_(grad_col))
+            else:
+                grad = torch.zeros_like(values)
+                grad.scatter_(1, row_arg[rows].unsqueeze(1), -grad_row[rows].unsqueeze(1))
+                if grad_col is not None:
+                    inside = (col_arg >= rows.start) & (col_arg < rows.stop)
+                    cols = inside.nonzero().squeeze(1)
+                    grad.index_put_(
+                        (col_arg[cols] - rows.start, cols), -grad_col[cols], accumulate=True
+                    )
+            grad.scatter_add_(1, pairs.positive_rows(rows).index, grad_pos[rows])
+            return grad.mul_(sign)
 
-        sweep.run(surrogate)
+        sweep.run_gradient(block_gradient)
     loss = inputs.finish(sweep.result(loss.detach()))
     if not return_stats:
         return loss
     return loss, StructuredStats(num_terms=counts[0], num_active=counts[1])
 
 
-def _negative_statistic(values: Tensor, negatives: Tensor, smooth: bool) -> Tensor:
-    """Per row: log-sum-exp (smooth) or maximum of `values` over the negatives; -inf if none."""
-    if smooth:
-        return masked_logsumexp(values, negatives)
-    return values.masked_fill(~negatives, -torch.inf).amax(dim=1)
-
-
-def _column_surrogate(values, negatives, rows, grad_col, col_stat, col_arg, smooth) -> Tensor:
-    """A block's share of sum_j grad_col[j] * col_stat[j], with the right gradient in `values`."""
-    if smooth:
-        finite = torch.isfinite(col_stat)
-        weights = (values - col_stat.masked_fill(~finite, 0)).masked_fill(~negatives, -torch.inf)
-        return (weights.exp() * grad_col).sum()
-    inside = (col_arg >= rows.start) & (col_arg < rows.stop) & torch.isfinite(col_stat)
-    cols = inside.nonzero().squeeze(1)
-    return (values[col_arg[cols] - rows.start, cols] * grad_col[cols]).sum()
+def _margin_values(
+    block: Tensor, distance: BaseDistance, neg_margin: float, negatives: Tensor
+) -> Tensor:
+    """neg_margin - D on the negative pairs, -inf elsewhere (a fresh tensor)."""
+    if distance.is_inverted:  # D = -s
+        values = block.add(neg_margin)
+    else:
+        values = torch.sub(neg_margin, block)
+    return values.masked_fill_(~negatives, -torch.inf)
 
 
 class LiftedStructureLoss(MetricLoss):
