@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import _rss_kb  # noqa: E402
 
 from deepmetric.distances import CosineSimilarity  # noqa: E402
-from deepmetric.losses import distillation, proxy, softmax  # noqa: E402
+from deepmetric.losses import additive_margin, distillation, proxy, softmax  # noqa: E402
 
 NUM_CLASSES = 1000
 
@@ -66,14 +66,14 @@ def _loss(name: str, dim: int) -> torch.nn.Module:
         ),
         "Proxy-Anchor": lambda: proxy.ProxyAnchorLoss(NUM_CLASSES, dim),
         "Centre loss (+ softmax, centre update)": lambda: proxy.CenterLoss(NUM_CLASSES, dim),
-        "Additive margin (Euclidean)": lambda: proxy.AdditiveMarginLoss(
+        "Additive margin (Euclidean)": lambda: additive_margin.AdditiveMarginLoss(
             NUM_CLASSES, dim, margin=0.5
         ),
-        "Additive margin (cosine)": lambda: proxy.AdditiveMarginLoss(
+        "Additive margin (cosine)": lambda: additive_margin.AdditiveMarginLoss(
             NUM_CLASSES, dim, margin=0.35, scale=30.0, distance=CosineSimilarity()
         ),
-        "Additive margin (adaptive, Euclidean)": lambda: proxy.AdditiveMarginLoss(
-            NUM_CLASSES, dim, margin=proxy.AdaptiveMargin(update_every=2)
+        "Additive margin (adaptive, Euclidean)": lambda: additive_margin.AdditiveMarginLoss(
+            NUM_CLASSES, dim, margin=additive_margin.AdaptiveMargin(update_every=2)
         ),
     }
     return builders[name]()

@@ -19,15 +19,17 @@ from deepmetric.distances import (
     MetricCosineDistance,
     SquaredEuclideanDistance,
 )
-from deepmetric.losses.param_groups import param_groups
-from deepmetric.losses.proxy import (
+from deepmetric.losses.additive_margin import (
     AdaptiveMargin,
     AdditiveMarginLoss,
-    CenterLoss,
     MarginEstimate,
+    additive_margin_loss,
+)
+from deepmetric.losses.param_groups import param_groups
+from deepmetric.losses.proxy import (
+    CenterLoss,
     ProxyAnchorLoss,
     ProxyNCALoss,
-    additive_margin_loss,
     center_loss,
     proxy_anchor_loss,
     proxy_nca_loss,
@@ -391,7 +393,7 @@ def test_adaptive_margin_starts_at_zero_and_tracks_the_diameter(caplog):
     schedule = AdaptiveMargin(update_every=3)
     assert schedule.margin == 0.0
     observed = [torch.tensor([1.0, 2.0]), torch.tensor([3.0]), torch.tensor([0.5, 0.5, 2.0])]
-    with caplog.at_level(logging.INFO, logger="deepmetric.losses.proxy"):
+    with caplog.at_level(logging.INFO, logger="deepmetric.losses.additive_margin"):
         results = []
         for values in observed:
             schedule.observe(values)
@@ -608,10 +610,9 @@ def test_functional_shape_checks():
         update_centers(p.detach().clone(), x, y, alpha=2.0)
 
 
-def test_docstring_examples():
-    result = doctest.testmod(
-        importlib.import_module("deepmetric.losses.proxy"), optionflags=doctest.ELLIPSIS
-    )
+@pytest.mark.parametrize("name", ["deepmetric.losses.proxy", "deepmetric.losses.additive_margin"])
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
 
 

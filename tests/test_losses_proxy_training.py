@@ -9,15 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from deepmetric.distances import MetricCosineDistance
-from deepmetric.losses.param_groups import param_groups
-from deepmetric.losses.proxy import (
+from deepmetric.losses.additive_margin import (
     AdaptiveMargin,
     AdditiveMarginLoss,
-    CenterLoss,
-    ProxyAnchorLoss,
-    ProxyNCALoss,
     additive_margin_loss,
 )
+from deepmetric.losses.param_groups import param_groups
+from deepmetric.losses.proxy import CenterLoss, ProxyAnchorLoss, ProxyNCALoss
 
 NUM_CLASSES, INPUT_DIM, EMBEDDING_DIM = 8, 32, 16
 

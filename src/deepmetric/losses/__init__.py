@@ -7,6 +7,13 @@ Families: pair and triplet (`pair_triplet`).
 
 from __future__ import annotations
 
+from deepmetric.losses.additive_margin import (
+    AdaptiveMargin,
+    AdditiveMarginLoss,
+    AdditiveMarginStats,
+    MarginEstimate,
+    additive_margin_loss,
+)
 from deepmetric.losses.base import MetricLoss
 from deepmetric.losses.distillation import (
     DistillationLoss,
@@ -23,14 +30,9 @@ from deepmetric.losses.pair_triplet import (
 )
 from deepmetric.losses.param_groups import param_groups
 from deepmetric.losses.proxy import (
-    AdaptiveMargin,
-    AdditiveMarginLoss,
-    AdditiveMarginStats,
     CenterLoss,
-    MarginEstimate,
     ProxyAnchorLoss,
     ProxyNCALoss,
-    additive_margin_loss,
     center_loss,
     proxy_anchor_loss,
     proxy_nca_loss,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric._validation import check_positive
-from deepmetric.distances import BaseDistance
+from deepmetric.distances import BaseDistance, CosineSimilarity, SquaredEuclideanDistance
 from deepmetric.losses.base import LossInputs, MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import reduce_terms
 
@@ -162,6 +162,19 @@ class ClassifierLoss(MetricLoss):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
+
+
+def cosine_coefficient(distance: BaseDistance, scale: float) -> float | None:
+    """c such that -scale d(x, p) = c cos(x, p) + (a constant), or None.
+
+    Softmax-type losses do not change when all logits of a row move by one constant, so
+    for these distances one matmul of unit vectors gives the logits: for unit vectors the
+    squared Euclidean distance is 2 - 2 cos (survey eq. 16)."""
+    if type(distance) is CosineSimilarity:
+        return scale
+    if type(distance) is SquaredEuclideanDistance and distance.normalize_embeddings:
+        return 2 * scale
+    return None
 
 
 def check_scale(value: float, name: str) -> float:

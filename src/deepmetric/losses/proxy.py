@@ -1,15 +1,12 @@
-"""Proxy and centre losses (SPEC §5): Proxy-NCA, Proxy-Anchor, centre loss, the additive
-margin cross-entropy over any distance (seed 000), and the adaptive margin that sets m to
-the measured class diameter.
+"""Proxy and centre losses (SPEC §5): Proxy-NCA, Proxy-Anchor and the centre loss. The
+additive margin over any distance and the adaptive margin (seed 000) are in
+`deepmetric.losses.additive_margin`.
 
 Every loss keeps learnable class vectors (proxies or centres) of shape (C, D) and costs one
 (N, C) distance matrix plus O(N C) elementwise work; no loop runs over samples or classes.
 """
 
 from __future__ import annotations
-
-import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +25,7 @@ from deepmetric.losses.classifier import (
     check_count,
     check_range,
     check_scale,
+    cosine_coefficient,
     cross_entropy_terms,
     full_precision,
     init_class_vectors,
@@ -37,26 +35,11 @@ from deepmetric.losses.classifier import (
 )
 from deepmetric.losses.reduction import check_reduction, reduce_terms, zero_with_graph
 
-logger = logging.getLogger(__name__)
-
 ASSIGNMENTS = ("static", "dynamic")
 
 
 def _default_proxy_distance() -> BaseDistance:
     return SquaredEuclideanDistance(normalize_embeddings=True)
-
-
-def _cosine_coefficient(distance: BaseDistance, scale: float) -> float | None:
-    """c such that -scale d(x, p) = c cos(x, p) + (a constant), or None.
-
-    Softmax-type losses do not change when all logits of a row move by one constant, so
-    for these distances one matmul of unit vectors gives the logits: for unit vectors the
-    squared Euclidean distance is 2 - 2 cos (survey eq. 16)."""
-    if type(distance) is CosineSimilarity:
-        return scale
-    if type(distance) is SquaredEuclideanDistance and distance.normalize_embeddings:
-        return 2 * scale
-    return None
 
 
 def _logsumexp_middle(values: Tensor) -> Tensor:
@@ -130,7 +113,7 @@ def proxy_nca_loss(
         proxies = proxies.to(x.dtype)
         # own[j, i]: the row of proxy j of sample i's class
         own = labels + num_classes * torch.arange(per_class, device=x.device).unsqueeze(1)
-        coefficient = _cosine_coefficient(distance, scale)
+        coefficient = cosine_coefficient(distance, scale)
         if coefficient is not None:
             unit_x, unit_p = F.normalize(x, dim=1), F.normalize(proxies, dim=1)
             logits = (unit_x * coefficient) @ unit_p.T
@@ -297,193 +280,6 @@ def update_centers(centers: Tensor, embeddings: Tensor, labels: Tensor, alpha: f
     sums = torch.zeros_like(centers).index_add_(0, labels, x)
     delta = (counts.unsqueeze(1) * centers - sums) / (1 + counts.unsqueeze(1))
     return centers.sub_(alpha * delta)
-
-
-@dataclass(frozen=True)
-class AdditiveMarginStats:
-    """From the last additive-margin call: d(z, c_y) per sample (detached, in the distance's
-    units; for a similarity, the similarity) and the margin used."""
-
-    center_distance: Tensor
-    margin: float
-
-
-def additive_margin_loss(
-    embeddings: Tensor,
-    labels: Tensor,
-    centers: Tensor,
-    *,
-    margin: float = 0.0,
-    scale: float = 1.0,
-    distance: BaseDistance | None = None,
-    reduction: str = "mean",
-    return_stats: bool = False,
-) -> Tensor | tuple[Tensor, AdditiveMarginStats]:
-    """Additive-margin cross-entropy over any distance (seed 000, eq. 5).
-
-        L(z) = log(1 + sum_{i != y} exp(s (d(z, c_y) + m - d(z, c_i))))
-
-    asks each sample to be nearer its own centre than any other centre by m. By the
-    triangle inequality, with m the mean class diameter this makes nearest-centre
-    classification imply correct nearest-neighbour ranking (seed 000). With a similarity
-    the differences turn around: CosineSimilarity gives AM-Softmax / CosFace,
-    log(1 + sum_{i != y} exp(s (cos(z, c_i) + m - cos(z, c_y)))). It equals the softmax
-    cross-entropy of the logits -s d(z, c_i), with m added to the true class's distance.
-
-    Args:
-        embeddings: (N, D); labels: (N,) class indices in [0, C).
-        centers: (C, D) class centres c_i.
-        margin: m >= 0, in the distance's units.
-        scale: s > 0, in 1 / distance units.
-        distance: any `BaseDistance` (default Euclidean); seed 000 asks for a metric, e.g.
-            Euclidean or `MetricCosineDistance`.
-        reduction: "mean", "nonzero_mean" or "sum" over samples.
-        return_stats: also return an `AdditiveMarginStats`.
-
-    Example:
-        >>> x, y, c = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(3, 4)
-        >>> additive_margin_loss(x, y, c, margin=0.5, scale=4.0) > 0
-        tensor(True)
-    """
-    distance = EuclideanDistance() if distance is None else distance
-    check_reduction(reduction)
-    if not margin >= 0:
-        raise ValueError(f"margin must be >= 0 (distance units), got {margin}")
-    scale = check_scale(scale, "scale")
-    inputs = check_class_call(embeddings, labels, *centers.shape, centers)
-    with full_precision(embeddings.device):
-        x = inputs.embeddings
-        centers = centers.to(x.dtype)
-        column = labels.unsqueeze(1)
-        coefficient = _cosine_coefficient(distance, scale)
-        if coefficient is not None:  # logits -s d(z, c_i) up to a per-row constant
-            unit_x, unit_c = F.normalize(x, dim=1), F.normalize(centers, dim=1)
-            logits = (unit_x * coefficient) @ unit_c.T
-            own = coefficient * (unit_x * unit_c[labels]).sum(dim=1, keepdim=True)
-            target = own - scale * margin
-        else:
-            dissimilarity = distance.as_dissimilarity(distance(x, centers))
-            logits = dissimilarity * -scale
-            target = (dissimilarity.gather(1, column) + margin) * -scale
-        terms = cross_entropy_terms(logits.scatter_(1, column, target), labels)
-        loss = reduce_rows(terms, reduction, inputs)
-    if not return_stats:
-        return loss
-    with torch.no_grad():
-        own_distance = distance.pairwise_distance(x, centers[labels])
-    return loss, AdditiveMarginStats(own_distance, float(margin))
-
-
-@dataclass(frozen=True)
-class MarginEstimate:
-    """One re-estimation of the adaptive margin: at `step`, the mean distance of
-    `num_samples` samples to their class centre, and the margin set from it."""
-
-    step: int
-    mean_center_distance: float
-    margin: float
-    num_samples: int
-
-
-class AdaptiveMargin:
-    """The adaptive margin of seed 000: start with m = 0, train, measure the mean class
-    diameter, use it as m, and re-measure as training goes on.
-
-        m = diameter_factor * mean_i d(z_i, c_{y_i})
-
-    over the samples observed since the last estimate. Seed 000's margin is
-    d(z3, c1) + d(z2, c2), two class radii, hence diameter_factor = 2. Every estimate is
-    logged (logger `deepmetric.losses.proxy`, level INFO) and kept in `history`.
-
-    `AdditiveMarginLoss(margin=AdaptiveMargin(...))` calls `observe` and `step` itself on
-    every training-mode call; a trainer can also call them directly.
-
-    Args:
-        update_every: re-estimate m every this many `step()` calls (>= 1).
-        diameter_factor: > 0, how many radii make the margin (default 2).
-        initial_margin: m before the first estimate (>= 0; 0 in seed 000).
-        max_margin: optional upper bound on m.
-
-    Example:
-        >>> schedule = AdaptiveMargin(update_every=2)
-        >>> for _ in range(2):
-        ...     schedule.observe(torch.tensor([0.2, 0.4]))
-        ...     estimate = schedule.step()
-        >>> round(schedule.margin, 6)
-        0.6
-    """
-
-    def __init__(
-        self,
-        update_every: int = 100,
-        diameter_factor: float = 2.0,
-        initial_margin: float = 0.0,
-        max_margin: float | None = None,
-    ) -> None:
-        self.update_every = check_count(update_every, "update_every")
-        self.diameter_factor = check_scale(diameter_factor, "diameter_factor")
-        if not initial_margin >= 0:
-            raise ValueError(f"initial_margin must be >= 0, got {initial_margin}")
-        if max_margin is not None and not max_margin >= 0:
-            raise ValueError(f"max_margin must be >= 0 or None, got {max_margin}")
-        self.max_margin = max_margin
-        self.margin = float(initial_margin)
-        self.num_steps = 0
-        self.history: list[MarginEstimate] = []
-        self._sum: Tensor | float = 0.0
-        self._count = 0
-
-    def observe(self, center_distances: Tensor) -> None:
-        """Add samples' distances to their own class centre (any shape; detached). No host
-        synchronisation: the sum stays on the device until the next estimate."""
-        values = center_distances.detach()
-        self._sum = self._sum + values.sum(dtype=torch.float64)
-        self._count += values.numel()
-
-    def step(self) -> MarginEstimate | None:
-        """Count one step; every `update_every` steps set m from the observed distances and
-        return the new `MarginEstimate` (None otherwise, or when nothing was observed)."""
-        self.num_steps += 1
-        if self.num_steps % self.update_every or self._count == 0:
-            return None
-        mean = float(self._sum) / self._count
-        margin = max(self.diameter_factor * mean, 0.0)
-        if self.max_margin is not None:
-            margin = min(margin, self.max_margin)
-        estimate = MarginEstimate(self.num_steps, mean, margin, self._count)
-        self.margin = margin
-        self.history.append(estimate)
-        self._sum, self._count = 0.0, 0
-        logger.info(
-            "adaptive margin at step %d: mean distance to class centre %.6g over %d samples "
-            "-> margin %.6g",
-            estimate.step,
-            estimate.mean_center_distance,
-            estimate.num_samples,
-            estimate.margin,
-        )
-        return estimate
-
-    def state_dict(self) -> dict:
-        """What a checkpoint needs to resume the schedule."""
-        return {
-            "margin": self.margin,
-            "num_steps": self.num_steps,
-            "history": [vars(e) for e in self.history],
-            "sum": float(self._sum),
-            "count": self._count,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.margin, self.num_steps = float(state["margin"]), int(state["num_steps"])
-        self.history = [MarginEstimate(**e) for e in state["history"]]
-        self._sum, self._count = float(state["sum"]), int(state["count"])
-
-    def __repr__(self) -> str:
-        return (
-            f"AdaptiveMargin(margin={self.margin:.6g}, update_every={self.update_every}, "
-            f"diameter_factor={self.diameter_factor})"
-        )
 
 
 class ProxyNCALoss(ClassifierLoss):
@@ -658,85 +454,3 @@ class CenterLoss(ClassifierLoss):
             f"{super().extra_repr()}, center_weight={self.center_weight}, alpha={self.alpha}, "
             f"bias={self.bias is not None}"
         )
-
-
-class AdditiveMarginLoss(ClassifierLoss):
-    """Additive-margin cross-entropy over any distance with learnable class centres (seed
-    000); see `additive_margin_loss` for the formula.
-
-    Holds `centers` (C, D), a float32 parameter. `margin` is a number (distance units) or an
-    `AdaptiveMargin`, whose current m is used and which, in training mode, is fed each
-    batch's distances to the class centres and stepped once per call. `stats` holds the
-    `AdditiveMarginStats` of the last call.
-
-    Args:
-        num_classes: C; embedding_size: D.
-        margin: m >= 0 or an `AdaptiveMargin` (which needs a distance, not a similarity).
-        scale: s > 0, in 1 / distance units (default 1).
-        distance: any `BaseDistance` (default Euclidean).
-        reduction: "mean", "nonzero_mean" or "sum".
-
-    Example:
-        >>> loss_fn = AdditiveMarginLoss(3, 4, margin=AdaptiveMargin(update_every=10))
-        >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
-        >>> loss_fn.margin.margin
-        0.0
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float | AdaptiveMargin = 0.0,
-        scale: float = 1.0,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, reduction)
-        if isinstance(margin, AdaptiveMargin):
-            if self.distance.is_inverted:
-                raise ValueError(
-                    "an AdaptiveMargin measures class diameters, which needs a distance, not a "
-                    f"similarity ({type(self.distance).__name__}); use e.g. EuclideanDistance "
-                    "or MetricCosineDistance"
-                )
-        elif not margin >= 0:
-            raise ValueError(f"margin must be >= 0 (distance units), got {margin}")
-        self.margin = margin
-        self.scale = check_scale(scale, "scale")
-        self.centers = init_class_vectors(num_classes, embedding_size)
-        self.stats: AdditiveMarginStats | None = None
-
-    @property
-    def current_margin(self) -> float:
-        """The margin the next call uses."""
-        adaptive = isinstance(self.margin, AdaptiveMargin)
-        return self.margin.margin if adaptive else float(self.margin)
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        loss, self.stats = additive_margin_loss(
-            embeddings,
-            labels,
-            self.centers,
-            margin=self.current_margin,
-            scale=self.scale,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
-        )
-        if self.training and isinstance(self.margin, AdaptiveMargin):
-            self.margin.observe(self.stats.center_distance)
-            self.margin.step()
-        return loss
-
-    def get_extra_state(self) -> dict:
-        adaptive = isinstance(self.margin, AdaptiveMargin)
-        return {"adaptive_margin": self.margin.state_dict() if adaptive else None}
-
-    def set_extra_state(self, state: dict) -> None:
-        if state.get("adaptive_margin") is not None and isinstance(self.margin, AdaptiveMargin):
-            self.margin.load_state_dict(state["adaptive_margin"])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, margin={self.margin}, scale={self.scale}"
