@@ -30,18 +30,49 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 BLOCK_ELEMENTS = 1 << 22
+"""Entries per row block for matrix products: 16 MiB of float32, served from malloc's heap
+(larger arrays are mapped afresh on every allocation and pay their page faults each time)."""
+
+PASS_BLOCK_ELEMENTS = 1 << 20
+"""Entries per row block for chains of elementwise passes: the few arrays of a block stay in
+cache between passes."""
 
 
-def row_blocks(num_rows: int, num_cols: int) -> Iterator[slice]:
-    """Slices of rows whose (rows, num_cols) blocks hold about BLOCK_ELEMENTS entries each.
-
-    A float32 block is then 16 MiB: small enough to be served from malloc's heap (larger
-    arrays are mapped afresh on every allocation and pay their page faults each time), large
-    enough for matrix products and elementwise passes to run at full speed.
-    """
-    step = max(1, BLOCK_ELEMENTS // max(num_cols, 1))
+def row_blocks(num_rows: int, num_cols: int, elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
+    """Slices of rows whose (rows, num_cols) blocks hold about `elements` entries each."""
+    step = max(1, elements // max(num_cols, 1))
     for start in range(0, num_rows, step):
         yield slice(start, min(start + step, num_rows))
+
+
+class RowBlocks:
+    """The row blocks of an (N, M) matrix, and work arrays reused from block to block.
+
+    Iterating gives the slices of `row_blocks`. `buffer(name, like)` gives an array of the
+    current block's shape that is the same memory in every block, so each work array is
+    allocated, and its pages faulted in, once per call instead of once per block (freed
+    blocks of a few MiB are otherwise handed back to the system by malloc and mapped again).
+    """
+
+    def __init__(self, num_rows: int, num_cols: int, elements: int = BLOCK_ELEMENTS) -> None:
+        self.num_rows, self.num_cols = num_rows, num_cols
+        self.step = max(1, elements // max(num_cols, 1))
+        self._rows = 0
+        self._buffers: dict[str, Tensor] = {}
+
+    def __iter__(self) -> Iterator[slice]:
+        for rows in row_blocks(self.num_rows, self.num_cols, self.step * max(self.num_cols, 1)):
+            self._rows = rows.stop - rows.start
+            yield rows
+
+    def buffer(self, name: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The work array `name` for the current block, uninitialised, dtype of `like`."""
+        dtype = like.dtype if dtype is None else dtype
+        array = self._buffers.get(name)
+        if array is None or array.dtype != dtype:
+            shape = (min(self.step, self.num_rows), self.num_cols)
+            array = self._buffers[name] = like.new_empty(shape, dtype=dtype)
+        return array[: self._rows]
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -72,7 +103,7 @@ class _EuclideanMatrix(torch.autograd.Function):
     output is the only thing saved besides the inputs.
 
     Backward, in row blocks of the incoming gradient G: W = G / d where d > 0 and 0 where
-    d = 0 (the `safe_sqrt` rule; W = 2 G for the square), then
+    d = 0 (the `safe_sqrt` rule; W = 2 G for the square; see `_distance_weights`), then
     grad_q = rowsum(W) q - W r and grad_r = colsum(W) r - W^T q, two matrix products as in
     the backward of a plain similarity matmul, with no (N, M) temporary.
     """
@@ -88,7 +119,7 @@ class _EuclideanMatrix(torch.autograd.Function):
         if root:
             out.sqrt_()
         ctx.save_for_backward(query, ref, out)
-        ctx.root = root
+        ctx.root, ctx.same_set = root, same_set
         return out
 
     @staticmethod
@@ -99,12 +130,11 @@ class _EuclideanMatrix(torch.autograd.Function):
         grad_query = out.new_empty(query.shape) if need_query else None
         grad_ref = out.new_zeros(ref.shape) if need_ref else None
         col_sum = out.new_zeros(out.shape[1]) if need_ref else None
-        for rows in row_blocks(*out.shape):
-            block = out[rows]
-            weights = grad[rows] / block if ctx.root else grad[rows] * 2
-            weights.masked_fill_(block == 0, 0)
+        blocks = RowBlocks(*out.shape)
+        for rows in blocks:
+            weights = blocks.buffer("weights", out)
+            row_sum = _distance_weights(grad[rows], out[rows], ctx, rows, weights)
             if need_query:
-                row_sum = weights.sum(dim=1, keepdim=True)
                 torch.addmm(query[rows] * row_sum, weights, ref, alpha=-1, out=grad_query[rows])
             if need_ref:
                 col_sum += weights.sum(dim=0)
@@ -112,6 +142,29 @@ class _EuclideanMatrix(torch.autograd.Function):
         if need_ref:
             grad_ref.addcmul_(col_sum.unsqueeze(1), ref)
         return grad_query, grad_ref, None, None
+
+
+def _distance_weights(grad: Tensor, block: Tensor, ctx, rows: slice, weights: Tensor) -> Tensor:
+    """Fill `weights` with grad / d (root) or 2 grad (square), 0 where d = 0; return row sums.
+
+    For the root, a zero distance makes grad / d infinite or NaN, which the row sums reveal:
+    only then is the mask of zeros built. The diagonal of a set against itself is exactly 0
+    and is cleared directly.
+    """
+    if ctx.root:
+        torch.div(grad, block, out=weights)
+    else:
+        torch.mul(grad, 2, out=weights)
+    if ctx.same_set:
+        weights.diagonal(offset=rows.start).zero_()
+    if not ctx.root:
+        weights.masked_fill_(block == 0, 0)
+        return weights.sum(dim=1, keepdim=True)
+    row_sum = weights.sum(dim=1, keepdim=True)
+    if not bool(torch.isfinite(row_sum).all()):
+        weights.masked_fill_(block == 0, 0)
+        row_sum = weights.sum(dim=1, keepdim=True)
+    return row_sum
 
 
 def euclidean_matrix(query: Tensor, ref: Tensor) -> Tensor:

@@ -18,19 +18,19 @@ rows (`row_blocks`) so the temporaries stay bounded and cache-sized for any batc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from deepmetric.distances import BLOCK_ELEMENTS, row_blocks
+from deepmetric.distances import BLOCK_ELEMENTS, PASS_BLOCK_ELEMENTS, RowBlocks, row_blocks
 from deepmetric.tuples import PositiveLists
 
 __all__ = [
     "BLOCK_ELEMENTS",
     "AllTripletsHinge",
+    "AllTripletsSoftplus",
     "count_at_most",
     "fill_same_label_",
     "negative_mask",
@@ -38,6 +38,7 @@ __all__ = [
     "same_label_columns",
     "sorted_positive_values",
     "count_above",
+    "count_triplets",
     "triplet_runs",
 ]
 
@@ -95,9 +96,6 @@ def _take_rows(positives: PositiveLists, rows: slice) -> PositiveLists:
 SEARCH_ABOVE = 24
 """Bounds per row above which one `searchsorted` beats one vectorised comparison per bound."""
 
-COUNT_BLOCK_ELEMENTS = 1 << 20
-"""Entries per block in the counting loops: their few arrays of this size stay in cache."""
-
 
 def count_above(
     bounds: Tensor,
@@ -106,6 +104,8 @@ def count_above(
     *,
     per_entry: bool = True,
     per_bound: bool = False,
+    out: Tensor | None = None,
+    scratch: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Compare each row's `bounds` (R, K; those where `valid`) with its entries `block` (R, M).
 
@@ -115,17 +115,22 @@ def count_above(
 
     Up to SEARCH_ABOVE valid bounds per row this is one comparison per bound, written as
     floats (the vectorised form) and accumulated; above, one `searchsorted` on the sorted
-    bounds and a per-row histogram of where the entries fall.
+    bounds and a per-row histogram of where the entries fall. `out` receives the per-entry
+    counts and `scratch` is work space, both (R, M) in the block's dtype (e.g. from
+    `RowBlocks.buffer`); they are allocated when not given.
     """
     num_rows, num_cols = block.shape
     width = int(valid.sum(dim=1).max()) if valid.numel() else 0
     if width > SEARCH_ABOVE:
-        return _count_above_by_search(bounds, valid, block, per_entry, per_bound)
+        counts, below_bound = _count_above_by_search(bounds, valid, block, per_entry, per_bound)
+        return (counts if out is None or counts is None else out.copy_(counts)), below_bound
     # Valid bounds first, padded with -inf (never above an entry).
     ordered, order = bounds.masked_fill(~valid, -math.inf).sort(dim=1, descending=True)
-    counts = block.new_zeros(block.shape) if per_entry else None
+    counts = None
+    if per_entry:
+        counts = block.new_zeros(block.shape) if out is None else out.zero_()
     below_bound = block.new_zeros(bounds.shape) if per_bound else None
-    scratch = torch.empty_like(block)
+    scratch = torch.empty_like(block) if scratch is None else scratch
     for k in range(width):
         torch.lt(block, ordered[:, k : k + 1], out=scratch)
         if per_entry:
@@ -156,6 +161,12 @@ def _count_above_by_search(bounds, valid, block, per_entry, per_bound):
     return counts, below_bound
 
 
+def count_triplets(positives: PositiveLists, num_cols: int, ref_is_query: bool) -> Tensor:
+    """Number of triplets (a, p, n): sum over anchors of positives times negatives."""
+    num_negatives = num_cols - positives.count - int(ref_is_query)
+    return (positives.count * num_negatives).sum()
+
+
 def _row_offsets(num_rows: int, num_buckets: int, device) -> Tensor:
     return (torch.arange(num_rows, dtype=torch.int32, device=device) * num_buckets).unsqueeze(1)
 
@@ -174,12 +185,6 @@ def _same_below(bounds: Tensor, valid: Tensor, same: Tensor, same_valid: Tensor)
     """(R, K) in the values' dtype: how many valid same-label values are < each valid bound."""
     below = (same.unsqueeze(2) < bounds.unsqueeze(1)) & same_valid.unsqueeze(2)
     return below.sum(dim=1).to(same.dtype) * valid
-
-
-def _count_blocks(num_rows: int, num_cols: int) -> Iterator[slice]:
-    step = max(1, COUNT_BLOCK_ELEMENTS // max(num_cols, 1))
-    for start in range(0, num_rows, step):
-        yield slice(start, min(start + step, num_rows))
 
 
 class AllTripletsHinge(torch.autograd.Function):
@@ -212,12 +217,14 @@ class AllTripletsHinge(torch.autograd.Function):
         active_negatives = dis.new_zeros(positives.index.shape)
         total = dis.new_zeros(())
         num_hard = torch.zeros((), dtype=torch.long, device=dis.device)
-        for rows in _count_blocks(num_rows, num_cols):
+        blocks = RowBlocks(num_rows, num_cols, PASS_BLOCK_ELEMENTS)
+        for rows in blocks:
             block = dis[rows]
             index, valid = positives.index[rows], positives.valid[rows]
             d_ap = block.gather(1, index)
             thresholds = d_ap + margin
-            above, below = count_above(thresholds, valid, block, per_bound=True)
+            work = {"out": blocks.buffer("above", dis), "scratch": blocks.buffer("scratch", dis)}
+            above, below = count_above(thresholds, valid, block, per_bound=True, **work)
             fill_same_label_(above, columns[rows], has_same[rows], 0)
             active_positives[rows] = above
             same, same_valid = _same_label_values(block, rows, d_ap, valid, ref_is_query)
@@ -226,10 +233,9 @@ class AllTripletsHinge(torch.autograd.Function):
             pushed = torch.dot(above.view(-1), block.reshape(-1))
             total = total + (active * thresholds).sum() - pushed
             if count_hard:
-                _, below = count_above(d_ap, valid, block, per_entry=False, per_bound=True)
+                _, below = count_above(d_ap, valid, block, per_entry=False, per_bound=True, **work)
                 num_hard += (below - _same_below(d_ap, valid, same, same_valid)).long().sum()
-        num_negatives = num_cols - positives.count - int(ref_is_query)
-        num_triplets = (positives.count * num_negatives).sum()
+        num_triplets = count_triplets(positives, num_cols, ref_is_query)
         num_active = active_negatives.long().sum()
         ctx.save_for_backward(active_positives, active_negatives, positives.index)
         ctx.mark_non_differentiable(num_triplets, num_active, num_hard)
@@ -244,6 +250,62 @@ class AllTripletsHinge(torch.autograd.Function):
             grad[rows].copy_(active_positives[rows]).mul_(-grad_total)
         grad.scatter_add_(1, index, active_negatives * grad_total)
         return grad, None, None, None, None
+
+
+class AllTripletsSoftplus(torch.autograd.Function):
+    """sum over all triplets (a, p, n) of log(1 + exp(D[a, p] + margin - D[a, n])).
+
+    Unlike the hinge, every triplet has its own non-zero term, so this is O(N M K) by nature:
+    per row block and per positive slot, one (R, M) pass of soft-plus in forward and of its
+    derivative (the sigmoid) in backward, recomputed rather than stored, so memory stays
+    O(N M) for any K. Same-label entries are zeroed by a small scatter, rows whose slot is
+    not a positive are dropped from the row sums.
+
+    forward(dis, positives, ref_is_query, margin) returns the sum.
+    """
+
+    @staticmethod
+    def forward(ctx, dis, positives, ref_is_query, margin):  # noqa: D102
+        total = dis.new_zeros(())
+        for _, terms, valid, _ in _softplus_slots(dis, positives, ref_is_query, margin):
+            torch.ops.aten.softplus.out(terms, 1, 20, out=terms)
+            total += terms.sum(dim=1) @ valid
+        ctx.save_for_backward(dis, *positives)
+        ctx.ref_is_query, ctx.margin = ref_is_query, margin
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):  # noqa: D102
+        dis, *lists = ctx.saved_tensors
+        grad = torch.zeros_like(dis, memory_format=torch.contiguous_format)
+        slots = _softplus_slots(dis, PositiveLists(*lists), ctx.ref_is_query, ctx.margin)
+        for rows, slopes, valid, index in slots:
+            torch.sigmoid(slopes, out=slopes).mul_(valid.unsqueeze(1))
+            grad[rows].sub_(slopes).scatter_add_(1, index, slopes.sum(dim=1, keepdim=True))
+        return grad.mul_(grad_total), None, None, None
+
+
+def _softplus_slots(dis: Tensor, positives: PositiveLists, ref_is_query: bool, margin: float):
+    """For each row block and each positive slot filled by some of its rows: (rows, the
+    block's D[a, p] + margin - D[a, n] with same-label entries zeroed, in a buffer reused,
+    which rows fill the slot as 0/1, the slot's (R, 1) column indices)."""
+    columns, has_same = same_label_columns(positives, ref_is_query)
+    blocks = RowBlocks(*dis.shape, PASS_BLOCK_ELEMENTS)
+    for rows in blocks:
+        block = dis[rows]
+        # Each row's positives first, so that the slots to visit are the first `width`.
+        first = positives.valid[rows].logical_not().to(torch.uint8).argsort(dim=1, stable=True)
+        index, valid = (
+            positives.index[rows].gather(1, first),
+            positives.valid[rows].gather(1, first),
+        )
+        thresholds = block.gather(1, index) + margin
+        terms = blocks.buffer("terms", dis)
+        for slot in range(int(valid.sum(dim=1).max()) if valid.numel() else 0):
+            torch.sub(thresholds[:, slot : slot + 1], block, out=terms)
+            fill_same_label_(terms, columns[rows], has_same[rows], -math.inf)
+            yield rows, terms, valid[:, slot].to(dis.dtype), index[:, slot : slot + 1]
 
 
 def triplet_runs(
@@ -264,19 +326,21 @@ def triplet_runs(
     anchors, pos_out, negs = [], [], []
     columns, has_same = same_label_columns(positives, ref_is_query)
     num_cols = dis.shape[1]
-    for rows in _count_blocks(*dis.shape):
+    blocks = RowBlocks(*dis.shape, PASS_BLOCK_ELEMENTS)
+    for rows in blocks:
         block = dis[rows]
         index, valid = positives.index[rows], positives.valid[rows]
         d_ap = block.gather(1, index)
         sorted_index = index.gather(1, d_ap.masked_fill(~valid, math.inf).argsort(dim=1))
         count = positives.count[rows].unsqueeze(1).to(dis.dtype)
+        lengths, scratch = blocks.buffer("lengths", dis), blocks.buffer("scratch", dis)
         if upper_offset is None:
-            lengths = count.expand(block.shape).clone()
+            lengths.copy_(count.expand(block.shape))
         else:
-            lengths, _ = count_above(d_ap + upper_offset, valid, block)
-        end = lengths.clone() if lower_offset is not None else None
+            count_above(d_ap + upper_offset, valid, block, out=lengths, scratch=scratch)
         if lower_offset is not None:
-            not_lower, _ = count_above(d_ap + lower_offset, valid, block)
+            not_lower = blocks.buffer("not_lower", dis)
+            count_above(d_ap + lower_offset, valid, block, out=not_lower, scratch=scratch)
             lengths.sub_(not_lower)
         fill_same_label_(lengths, columns[rows], has_same[rows], 0)
         (where,) = lengths.view(-1).nonzero(as_tuple=True)
@@ -284,7 +348,7 @@ def triplet_runs(
         owner = torch.repeat_interleave(torch.arange(len(where), device=dis.device), run_length)
         # The run ends where the suffix of positives with D[a, n] < D[a, p] + lower begins.
         run_end = count.expand(block.shape).reshape(-1)[where].long()
-        if end is not None:
+        if lower_offset is not None:
             run_end = run_end - not_lower.view(-1)[where].long()
         slot = (
             torch.arange(len(owner), device=dis.device)

@@ -16,11 +16,18 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from deepmetric.distances import BaseDistance, EuclideanDistance
+from deepmetric.distances import (
+    PASS_BLOCK_ELEMENTS,
+    BaseDistance,
+    EuclideanDistance,
+    RowBlocks,
+)
 from deepmetric.losses.base import MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import check_reduction, reduce_terms, reduce_total
 from deepmetric.triplet_counting import (
     AllTripletsHinge,
+    AllTripletsSoftplus,
+    count_triplets,
     fill_same_label_,
     negative_mask,
     row_blocks,
@@ -175,8 +182,10 @@ class _ContrastiveSums(torch.autograd.Function):
         columns, has_same = same_label_columns(positives, ref_is_query)
         neg_sum = matrix.new_zeros(())
         num_active_neg = torch.zeros((), dtype=torch.long, device=matrix.device)
-        for rows in row_blocks(*matrix.shape):
-            terms = _negative_hinge(matrix[rows], neg_margin, sign).clamp_min_(0)
+        blocks = RowBlocks(*matrix.shape, PASS_BLOCK_ELEMENTS)
+        for rows in blocks:
+            terms = _negative_hinge(matrix[rows], neg_margin, sign, blocks.buffer("terms", matrix))
+            terms.clamp_min_(0)
             if power != 1:
                 terms.pow_(power)
             fill_same_label_(terms, columns[rows], has_same[rows], 0)
@@ -195,11 +204,11 @@ class _ContrastiveSums(torch.autograd.Function):
         matrix, index, valid, columns, has_same = ctx.saved_tensors
         pos_margin, neg_margin, power, sign = ctx.constants
         grad = torch.empty_like(matrix, memory_format=torch.contiguous_format)
-        for rows in row_blocks(*matrix.shape):
+        for rows in row_blocks(*matrix.shape, PASS_BLOCK_ELEMENTS):
             block, out = matrix[rows], grad[rows]
-            if power == 1:
-                out.copy_(block > neg_margin if sign < 0 else block < neg_margin)
-                out.mul_(-sign * grad_neg)
+            if power == 1:  # the slope of the hinge: 1 where neg_margin is not reached
+                compare = torch.gt if sign < 0 else torch.lt
+                compare(block, neg_margin, out=out).mul_(-sign * grad_neg)
             else:
                 _negative_hinge(block, neg_margin, sign, out=out).clamp_min_(0)
                 out.pow_(power - 1).mul_(-sign * power * grad_neg)
@@ -216,9 +225,7 @@ def _negative_hinge(block: Tensor, neg_margin: float, sign: float, out=None) -> 
     """sign (neg_margin - block), computed as `neg_margin - block` or `block - neg_margin`."""
     if sign < 0:
         return torch.sub(block, neg_margin, out=out)
-    if out is None:
-        return torch.rsub(block, neg_margin)
-    return torch.mul(block, -1, out=out).add_(neg_margin)
+    return torch.sub(block.new_tensor(neg_margin), block, out=out)
 
 
 def _positive_terms(matrix, positives, pos_margin, power, sign):
@@ -250,14 +257,15 @@ def triplet_margin_loss(
 
     over all triplets of the batch (a, p same label, a != p; n another label), or over the
     triplets of `indices_tuple`. The all-triplets hinge is computed exactly without
-    enumerating triplets: per anchor the positives' thresholds d(a, p) + margin are sorted
-    and every negative is placed among them (see `deepmetric.triplet_counting`), which is
-    O(N M log K) time and O(N M) memory.
+    enumerating triplets: per anchor, each negative is compared with the positives'
+    thresholds d(a, p) + margin, and the counts of active positives and negatives give the
+    sum and its gradient (see `deepmetric.triplet_counting`): O(N M K) vectorised
+    comparisons (O(N M log K) by `searchsorted` for large K) and O(N M) memory.
 
     `smooth_loss=True` uses log(1 + exp(d(a, p) - d(a, n) + margin)) (the soft-plus of
     Hermans et al. 2017 when margin = 0). `swap=True` replaces d(a, n) by min(d(a, n),
-    d(p, n)) (Balntas et al. 2016). Both need every (p, n) of an anchor and cost
-    O(N K M) time, in bounded memory (blocks of anchors, recomputed in backward).
+    d(p, n)) (Balntas et al. 2016). Both give every (p, n) of an anchor its own term and
+    cost O(N K M) time by nature, in O(N M) memory (blocks, recomputed in backward).
 
     Args:
         margin: required gap between positive and negative distances, >= 0 (distance units).
@@ -287,15 +295,10 @@ def triplet_margin_loss(
         loss, counts = _listed_triplets(
             dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, reduction
         )
-    elif smooth_loss or swap:
+    elif swap:
         loss, counts = _dense_triplets(dis, swap_dis, inputs, margin, smooth_loss, reduction)
     else:
-        positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
-        total, num_triplets, num_active, num_hard = AllTripletsHinge.apply(
-            dis, positives, inputs.ref_is_query, margin, return_stats
-        )
-        loss = reduce_total(total, num_triplets, num_active, reduction)
-        counts = (num_triplets, num_active, num_triplets - num_active, num_hard)
+        loss, counts = _all_triplets(dis, inputs, margin, smooth_loss, reduction, return_stats)
     loss = inputs.finish(loss)
     if not return_stats:
         return loss
@@ -326,6 +329,22 @@ def _triplet_terms(
             ((gap < 0) & keep).sum(),
         )
     return (terms if mask is None else terms * mask), *counts
+
+
+def _all_triplets(dis, inputs, margin, smooth, reduction, with_counts):
+    """All triplets without enumerating them; counts (hinge sense) only `with_counts`."""
+    positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
+    counts = None
+    if with_counts or not smooth:
+        hinge, num_triplets, num_active, num_hard = AllTripletsHinge.apply(
+            dis.detach() if smooth else dis, positives, inputs.ref_is_query, margin, with_counts
+        )
+        counts = (num_triplets, num_active, num_triplets - num_active, num_hard)
+    if not smooth:
+        return reduce_total(hinge, num_triplets, num_active, reduction), counts
+    total = AllTripletsSoftplus.apply(dis, positives, inputs.ref_is_query, margin)
+    num_triplets = count_triplets(positives, dis.shape[1], inputs.ref_is_query)
+    return reduce_total(total, num_triplets, num_triplets, reduction), counts
 
 
 def _listed_triplets(dis, swap_dis, indices_tuple, margin, smooth, reduction):
