@@ -310,3 +310,13 @@ def test_docstring_examples_run(module):
     module = importlib.import_module(module)
     result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n for n in LOSSES if n not in ("coupled clusters", "facility location", "deep clustering")],
+)
+def test_mined_pairs_need_no_labels(name):
+    x, y, _, _ = batch(3)
+    mined = MultiSimilarityMiner(epsilon=0.5)(x, y)
+    torch.testing.assert_close(LOSSES[name](x, None, mined), LOSSES[name](x, y, mined))

@@ -15,11 +15,22 @@ from deepmetric.losses.additive_margin import (
     additive_margin_loss,
 )
 from deepmetric.losses.base import MetricLoss
+from deepmetric.losses.boundary import MarginLoss, RankedListLoss, margin_loss, ranked_list_loss
+from deepmetric.losses.clustering import (
+    CoupledClustersLoss,
+    DeepClusteringLoss,
+    FacilityLocationLoss,
+    FacilityLocationStats,
+    coupled_clusters_loss,
+    deep_clustering_loss,
+    facility_location_loss,
+)
 from deepmetric.losses.distillation import (
     DistillationLoss,
     distillation_loss,
     similarity_distillation_loss,
 )
+from deepmetric.losses.histogram import HistogramLoss, HistogramStats, histogram_loss
 from deepmetric.losses.pair_triplet import (
     ContrastiveLoss,
     PairStats,
@@ -51,6 +62,23 @@ from deepmetric.losses.softmax import (
     cosface_loss,
     large_margin_softmax_loss,
     normalized_softmax_loss,
+)
+from deepmetric.losses.softmax_pairs import (
+    NPairsLoss,
+    NTXentLoss,
+    SupConLoss,
+    npairs_loss,
+    ntxent_loss,
+    supcon_loss,
+)
+from deepmetric.losses.structured import (
+    CircleLoss,
+    LiftedStructureLoss,
+    MultiSimilarityLoss,
+    StructuredStats,
+    circle_loss,
+    lifted_structure_loss,
+    multi_similarity_loss,
 )
 
 __all__ = [
@@ -89,4 +117,31 @@ __all__ = [
     "proxy_nca_loss",
     "similarity_distillation_loss",
     "update_centers",
+    "CircleLoss",
+    "CoupledClustersLoss",
+    "DeepClusteringLoss",
+    "FacilityLocationLoss",
+    "FacilityLocationStats",
+    "HistogramLoss",
+    "HistogramStats",
+    "LiftedStructureLoss",
+    "MarginLoss",
+    "MultiSimilarityLoss",
+    "NPairsLoss",
+    "NTXentLoss",
+    "RankedListLoss",
+    "StructuredStats",
+    "SupConLoss",
+    "circle_loss",
+    "coupled_clusters_loss",
+    "deep_clustering_loss",
+    "facility_location_loss",
+    "histogram_loss",
+    "lifted_structure_loss",
+    "margin_loss",
+    "multi_similarity_loss",
+    "npairs_loss",
+    "ntxent_loss",
+    "ranked_list_loss",
+    "supcon_loss",
 ]

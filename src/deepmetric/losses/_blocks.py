@@ -116,10 +116,6 @@ class PairSets:
             )
             self._negatives[anchor2, negative] = True
 
-    @property
-    def mined(self) -> bool:
-        return self._negatives is not None
-
     def positive_rows(self, rows: slice) -> PositiveLists:
         """The positive lists of the anchors in `rows`."""
         lists = self.positives
@@ -154,16 +150,6 @@ class PairSets:
         mask = torch.ones(num_rows, self.num_ref, dtype=torch.bool, device=self.labels.device)
         mask.diagonal(offset=rows.start).fill_(False)
         return mask
-
-    def num_negatives(self) -> Tensor:
-        """Number of negative pairs of each anchor, (N,)."""
-        if self._negatives is not None:
-            return self._negatives.sum(dim=1)
-        classes, inverse, sizes = torch.unique(
-            torch.cat([self.labels, self.ref_labels]), return_inverse=True, return_counts=True
-        )
-        ref_sizes = sizes - torch.bincount(inverse[: len(self.labels)], minlength=len(classes))
-        return self.num_ref - ref_sizes[inverse[: len(self.labels)]]
 
 
 class Sweep:
