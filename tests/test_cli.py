@@ -13,6 +13,7 @@ from PIL import Image
 
 from deepmetric.cli import main
 from deepmetric.index import NeighbourIndex
+from deepmetric.training.config import config_help
 
 TINY = [
     "data.name=digits",
@@ -142,3 +143,13 @@ def test_module_entry_point_runs():
     assert result.returncode == 0
     for command in ("train", "evaluate", "embed", "index", "search", "report", "sweep-temperature"):
         assert command in result.stdout
+
+
+def test_docs_list_every_config_key_with_its_default():
+    docs = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    lines = config_help().splitlines()
+    keys = [line.strip() for line in lines if line.startswith("  ") and line[2] != " "]
+    assert len(keys) == 55
+    for entry in keys:
+        key, default = entry.split("=", 1)
+        assert f"| `{key}` | `{default}` |" in docs, entry

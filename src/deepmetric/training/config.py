@@ -130,7 +130,7 @@ class OptimizerConfig:
     loss_weight_decay: float = 0.0
     """Weight decay of the loss's parameters."""
     momentum: float = 0.9
-    """SGD only: momentum."""
+    """Optimisers that take a momentum (SGD, RMSprop): its value."""
     schedule: str = "cosine"
     """Learning-rate schedule over all steps: constant or cosine (to 0)."""
     warmup_steps: int = 0
