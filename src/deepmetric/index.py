@@ -77,8 +77,23 @@ class Neighbours:
     metric: str = "l2"
 
     def __post_init__(self) -> None:
-        indices = np.array(self.indices, dtype=np.int64, copy=True)
-        distances = np.array(self.distances, dtype=np.float32, copy=True)
+        self._check_and_freeze(copy=True)
+
+    @classmethod
+    def _adopt(
+        cls, indices: np.ndarray, distances: np.ndarray, labels: np.ndarray | None, metric: str
+    ) -> Neighbours:
+        """Build from arrays that nobody else holds: checked and frozen, but not copied."""
+        value = cls.__new__(cls)
+        for name, field in (("indices", indices), ("distances", distances), ("labels", labels),
+                            ("metric", metric)):  # fmt: skip
+            object.__setattr__(value, name, field)
+        value._check_and_freeze(copy=False)
+        return value
+
+    def _check_and_freeze(self, copy: bool) -> None:
+        indices = np.array(self.indices, dtype=np.int64, copy=copy)
+        distances = np.array(self.distances, dtype=np.float32, copy=copy)
         if indices.ndim != 2:
             raise ValueError(f"indices must be 2-D (num_queries, k), got shape {indices.shape}")
         if distances.shape != indices.shape:
@@ -105,7 +120,7 @@ class Neighbours:
         object.__setattr__(self, "indices", indices)
         object.__setattr__(self, "distances", distances)
         if self.labels is not None:
-            labels = np.array(self.labels, copy=True)
+            labels = np.array(self.labels, copy=copy)
             if labels.shape != indices.shape:
                 raise ValueError(
                     f"labels has shape {labels.shape} but indices has shape {indices.shape}"
@@ -226,10 +241,11 @@ def _drop_excluded(
     dist: np.ndarray, idx: np.ndarray, exclude: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """From k+1 ranked candidates keep k: drop the excluded reference, else the last one."""
-    drop = idx == exclude[:, None]
-    drop[~drop.any(axis=1), -1] = True
-    keep = ~drop
-    return dist[keep].reshape(len(idx), k), idx[keep].reshape(len(idx), k)
+    is_excluded = idx == exclude[:, None]
+    position = np.where(is_excluded.any(axis=1), is_excluded.argmax(axis=1), k)
+    columns = np.arange(k)[None, :]
+    columns = columns + (columns >= position[:, None])
+    return np.take_along_axis(dist, columns, 1), np.take_along_axis(idx, columns, 1)
 
 
 def exact_search(
@@ -526,7 +542,9 @@ class NeighbourIndex:
             dist, idx = _drop_excluded(dist, idx, exclude, k)
         labels = self._reference_labels()
         neighbour_labels = None if labels is None else labels[np.maximum(idx, 0)]
-        return Neighbours(idx, dist, neighbour_labels, self.metric)
+        return Neighbours._adopt(
+            np.ascontiguousarray(idx), np.ascontiguousarray(dist), neighbour_labels, self.metric
+        )
 
     def _ranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best candidates per query as (distances, indices), ordered by the tie rule."""
