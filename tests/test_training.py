@@ -184,10 +184,13 @@ def test_early_stopping(tmp_path):
     assert summary["steps"] == 3 * 6 and summary["best_epoch"] == 1
 
 
-def test_fp16_autocast_with_gradient_scaling_runs(tmp_path):
-    summary = train(tiny("train.precision=bf16"), tmp_path / "run", quiet=True)
-    assert summary["precision"] == "bfloat16"
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_mixed_precision_runs(tmp_path, precision, dtype):
+    summary = train(tiny(f"train.precision={precision}"), tmp_path / "run", quiet=True)
+    assert summary["precision"] == dtype
     assert np.isfinite(summary["after"]["map@r"])
+    scaler = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # fp16 scales the loss, bf16 needs not
 
 
 def test_resume_with_changed_config_names_the_keys(tmp_path):

@@ -156,7 +156,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     precision: str = "auto"
-    """auto, fp32, bf16 or fp16 (autocast); auto: bf16 on GPUs that have it, else fp32."""
+    """auto, fp32, bf16 or fp16 (autocast); auto: bf16 where the GPU or CPU has it, else fp32."""
     threads: int | None = None
     """CPU threads for torch (torch.set_num_threads); null: torch's default."""
     checkpoint_every_steps: int = 50
