@@ -38,8 +38,10 @@ PASS_BLOCK_ELEMENTS = 1 << 20
 cache between passes."""
 
 
-def row_blocks(num_rows: int, num_cols: int, elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
-    """Slices of rows whose (rows, num_cols) blocks hold about `elements` entries each."""
+def row_blocks(num_rows: int, num_cols: int, elements: int | None = None) -> Iterator[slice]:
+    """Slices of rows whose (rows, num_cols) blocks hold about `elements` entries each
+    (default BLOCK_ELEMENTS)."""
+    elements = BLOCK_ELEMENTS if elements is None else elements
     step = max(1, elements // max(num_cols, 1))
     for start in range(0, num_rows, step):
         yield slice(start, min(start + step, num_rows))
@@ -48,22 +50,26 @@ def row_blocks(num_rows: int, num_cols: int, elements: int = BLOCK_ELEMENTS) -> 
 class RowBlocks:
     """The row blocks of an (N, M) matrix, and work arrays reused from block to block.
 
-    Iterating gives the slices of `row_blocks`. `buffer(name, like)` gives an array of the
-    current block's shape that is the same memory in every block, so each work array is
-    allocated, and its pages faulted in, once per call instead of once per block (freed
-    blocks of a few MiB are otherwise handed back to the system by malloc and mapped again).
+    Iterating gives the slices of `row_blocks`, of BLOCK_ELEMENTS entries, or of
+    PASS_BLOCK_ELEMENTS with `passes=True` (for chains of elementwise passes). `buffer(name,
+    like)` gives an array of the current block's shape that is the same memory in every
+    block, so each work array is allocated, and its pages faulted in, once per call instead
+    of once per block (freed arrays of a few MiB are otherwise handed back to the system by
+    malloc and mapped again).
     """
 
-    def __init__(self, num_rows: int, num_cols: int, elements: int = BLOCK_ELEMENTS) -> None:
+    def __init__(self, num_rows: int, num_cols: int, passes: bool = False) -> None:
         self.num_rows, self.num_cols = num_rows, num_cols
+        elements = PASS_BLOCK_ELEMENTS if passes else BLOCK_ELEMENTS
         self.step = max(1, elements // max(num_cols, 1))
         self._rows = 0
         self._buffers: dict[str, Tensor] = {}
 
     def __iter__(self) -> Iterator[slice]:
-        for rows in row_blocks(self.num_rows, self.num_cols, self.step * max(self.num_cols, 1)):
-            self._rows = rows.stop - rows.start
-            yield rows
+        for start in range(0, self.num_rows, self.step):
+            stop = min(start + self.step, self.num_rows)
+            self._rows = stop - start
+            yield slice(start, stop)
 
     def buffer(self, name: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """The work array `name` for the current block, uninitialised, dtype of `like`."""

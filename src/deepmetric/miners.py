@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric._validation import CheckedBatch, check_batch, check_choice, check_positive
-from deepmetric.distances import BaseDistance, EuclideanDistance, row_blocks
+from deepmetric.distances import BaseDistance, EuclideanDistance, RowBlocks
 from deepmetric.triplet_counting import fill_same_label_, same_label_columns, triplet_runs
 from deepmetric.tuples import (
     MinedTuple,
@@ -98,9 +98,11 @@ class PairMarginMiner(BaseMiner):
         anchor1 = _row_numbers(positives.index).expand_as(violated)[violated]
         columns, has_same = same_label_columns(positives, batch.ref_is_query)
         anchor2, negative = [], []
-        for rows in row_blocks(*matrix.shape):
-            block = matrix[rows]
-            near = block > self.neg_margin if self.distance.is_inverted else block < self.neg_margin
+        blocks = RowBlocks(*matrix.shape, passes=True)
+        for rows in blocks:
+            compare = torch.gt if self.distance.is_inverted else torch.lt
+            near = blocks.buffer("near", matrix, torch.bool)
+            compare(matrix[rows], self.neg_margin, out=near)
             fill_same_label_(near, columns[rows], has_same[rows], False)
             row, column = near.nonzero(as_tuple=True)
             anchor2.append(row + rows.start)
@@ -243,11 +245,13 @@ class DistanceWeightedMiner(BaseMiner):
         columns, has_same = same_label_columns(positives, batch.ref_is_query)
         has_negative = _num_negatives(matrix, batch, positives) > 0
         dim = batch.embeddings.shape[1]
-        for rows in row_blocks(*matrix.shape):
+        blocks = RowBlocks(*matrix.shape, passes=True)
+        for rows in blocks:
             block = matrix[rows]  # turned into the sampling weights, in place
-            d = block.clamp_min(self.cutoff)
+            d = torch.clamp(block, min=self.cutoff, out=blocks.buffer("log_w", matrix))
             # log q(d) = (n - 2) log d + (n - 3) / 2 log(1 - d^2 / 4), as the paper writes it
-            tail = d.square().mul_(0.25).neg_().add_(1).clamp_min_(1e-8).log_()
+            tail = torch.square(d, out=blocks.buffer("tail", matrix))
+            tail.mul_(0.25).neg_().add_(1).clamp_min_(1e-8).log_()
             log_w = d.log_().mul_(dim - 2).add_(tail.mul_((dim - 3) / 2)).neg_()
             log_w.masked_fill_(block >= self.nonzero_loss_cutoff, -math.inf)
             fill_same_label_(log_w, columns[rows], has_same[rows], -math.inf)

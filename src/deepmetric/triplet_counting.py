@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from deepmetric.distances import BLOCK_ELEMENTS, PASS_BLOCK_ELEMENTS, RowBlocks, row_blocks
+from deepmetric.distances import BLOCK_ELEMENTS, RowBlocks, row_blocks
 from deepmetric.tuples import PositiveLists
 
 __all__ = [
@@ -217,7 +217,7 @@ class AllTripletsHinge(torch.autograd.Function):
         active_negatives = dis.new_zeros(positives.index.shape)
         total = dis.new_zeros(())
         num_hard = torch.zeros((), dtype=torch.long, device=dis.device)
-        blocks = RowBlocks(num_rows, num_cols, PASS_BLOCK_ELEMENTS)
+        blocks = RowBlocks(num_rows, num_cols, passes=True)
         for rows in blocks:
             block = dis[rows]
             index, valid = positives.index[rows], positives.valid[rows]
@@ -291,7 +291,7 @@ def _softplus_slots(dis: Tensor, positives: PositiveLists, ref_is_query: bool, m
     block's D[a, p] + margin - D[a, n] with same-label entries zeroed, in a buffer reused,
     which rows fill the slot as 0/1, the slot's (R, 1) column indices)."""
     columns, has_same = same_label_columns(positives, ref_is_query)
-    blocks = RowBlocks(*dis.shape, PASS_BLOCK_ELEMENTS)
+    blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:
         block = dis[rows]
         # Each row's positives first, so that the slots to visit are the first `width`.
@@ -326,7 +326,7 @@ def triplet_runs(
     anchors, pos_out, negs = [], [], []
     columns, has_same = same_label_columns(positives, ref_is_query)
     num_cols = dis.shape[1]
-    blocks = RowBlocks(*dis.shape, PASS_BLOCK_ELEMENTS)
+    blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:
         block = dis[rows]
         index, valid = positives.index[rows], positives.valid[rows]

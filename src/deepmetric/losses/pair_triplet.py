@@ -17,7 +17,6 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from deepmetric.distances import (
-    PASS_BLOCK_ELEMENTS,
     BaseDistance,
     EuclideanDistance,
     RowBlocks,
@@ -182,7 +181,7 @@ class _ContrastiveSums(torch.autograd.Function):
         columns, has_same = same_label_columns(positives, ref_is_query)
         neg_sum = matrix.new_zeros(())
         num_active_neg = torch.zeros((), dtype=torch.long, device=matrix.device)
-        blocks = RowBlocks(*matrix.shape, PASS_BLOCK_ELEMENTS)
+        blocks = RowBlocks(*matrix.shape, passes=True)
         for rows in blocks:
             terms = _negative_hinge(matrix[rows], neg_margin, sign, blocks.buffer("terms", matrix))
             terms.clamp_min_(0)
@@ -204,7 +203,7 @@ class _ContrastiveSums(torch.autograd.Function):
         matrix, index, valid, columns, has_same = ctx.saved_tensors
         pos_margin, neg_margin, power, sign = ctx.constants
         grad = torch.empty_like(matrix, memory_format=torch.contiguous_format)
-        for rows in row_blocks(*matrix.shape, PASS_BLOCK_ELEMENTS):
+        for rows in RowBlocks(*matrix.shape, passes=True):
             block, out = matrix[rows], grad[rows]
             if power == 1:  # the slope of the hinge: 1 where neg_margin is not reached
                 compare = torch.gt if sign < 0 else torch.lt

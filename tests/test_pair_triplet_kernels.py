@@ -1,0 +1,187 @@
+"""The fast paths behind the pair and triplet losses and the miners (issue 2): the fused
+Euclidean matrix, per-bound counting (comparisons and `searchsorted`), blocked autograd
+Functions. Each is checked against a plain form, with blocks made small so that every
+multi-block path runs on test-sized inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import reduce, triplet_terms
+
+from deepmetric import distances as dist
+from deepmetric import miners, triplet_counting
+from deepmetric.losses import contrastive_loss, triplet_margin_loss
+
+F64 = torch.float64
+
+
+@pytest.fixture(params=["one block", "small blocks"])
+def blocks(request, monkeypatch):
+    """Run a test with the default blocks and again with blocks of a few rows."""
+    if request.param == "small blocks":
+        monkeypatch.setattr(dist, "BLOCK_ELEMENTS", 40)
+        monkeypatch.setattr(dist, "PASS_BLOCK_ELEMENTS", 24)
+    return request.param
+
+
+@pytest.fixture(params=["comparisons", "searchsorted"])
+def counting(request, monkeypatch):
+    """Run a test with per-bound comparisons and again with `searchsorted` for every K."""
+    if request.param == "searchsorted":
+        monkeypatch.setattr(triplet_counting, "SEARCH_ABOVE", 0)
+    return request.param
+
+
+def unfused_euclidean(query, ref, root=True):
+    squared = (
+        torch.addmm(ref.pow(2).sum(dim=1).unsqueeze(0), query, ref.T, alpha=-2)
+        .add(query.pow(2).sum(dim=1, keepdim=True))
+        .clamp_min(0)
+    )
+    if query is ref:
+        squared = squared * (1 - torch.eye(len(query), dtype=query.dtype))
+    return dist.safe_sqrt(squared) if root else squared
+
+
+def points_with_duplicates(n=9, dim=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, dtype=F64, generator=g)
+    x[3] = x[0]
+    x[7] = x[5]
+    return x
+
+
+@pytest.mark.parametrize("root", [True, False], ids=["euclidean", "squared"])
+def test_fused_euclidean_matches_the_unfused_form(blocks, root):
+    fused = dist.euclidean_matrix if root else dist.squared_euclidean_matrix
+    q = points_with_duplicates().requires_grad_()
+    r = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    r = torch.cat([r, q[:2].detach()]).requires_grad_()
+    w = torch.randn(9, 9, dtype=F64, generator=torch.Generator().manual_seed(2))
+    for a, b in ((q, r), (q, q)):
+        fast, slow = fused(a, b), unfused_euclidean(a, b, root)
+        torch.testing.assert_close(fast, slow)
+        inputs = (a,) if a is b else (a, b)
+        weights = w[: fast.shape[0], : fast.shape[1]]
+        fast_grads = torch.autograd.grad((fast * weights).sum(), inputs)
+        slow_grads = torch.autograd.grad((slow * weights).sum(), inputs)
+        for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
+            assert torch.isfinite(fast_grad).all()
+            torch.testing.assert_close(fast_grad, slow_grad)
+    assert (dist.euclidean_matrix(q, q).diagonal() == 0).all()
+
+
+def test_fused_euclidean_passes_gradcheck(blocks):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 3, dtype=F64, generator=g).requires_grad_()
+    r = torch.randn(4, 3, dtype=F64, generator=g).requires_grad_()
+    for fused in (dist.euclidean_matrix, dist.squared_euclidean_matrix):
+        assert torch.autograd.gradcheck(fused, (q, r))
+        assert torch.autograd.gradcheck(lambda a, f=fused: f(a, a), (q,))
+
+
+def test_zero_distances_get_zero_weight(blocks):
+    """A duplicate pair and the diagonal pass no gradient, whatever the upstream gradient."""
+    x = points_with_duplicates().requires_grad_()
+    d = dist.euclidean_matrix(x, x)
+    mask = torch.zeros_like(d)
+    mask[0, 3] = mask[3, 0] = mask[5, 7] = mask[1, 1] = 1.0
+    (grad,) = torch.autograd.grad((d * mask).sum(), x)
+    assert (grad == 0).all()
+
+
+def test_count_above_both_ways_match_brute_force(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    bounds = torch.randint(0, 6, (5, 7), generator=g).to(F64)
+    valid = torch.rand(5, 7, generator=g) > 0.3
+    block = torch.randint(0, 7, (5, 11), generator=g).to(F64)
+    above = ((bounds.unsqueeze(1) > block.unsqueeze(2)) & valid.unsqueeze(1)).sum(dim=2)
+    below = (block.unsqueeze(1) < bounds.unsqueeze(2)).sum(dim=2) * valid
+    for search_above in (24, 0):
+        monkeypatch.setattr(triplet_counting, "SEARCH_ABOVE", search_above)
+        counts, per_bound = triplet_counting.count_above(bounds, valid, block, per_bound=True)
+        assert torch.equal(counts, above.to(F64))
+        assert torch.equal(per_bound, below.to(F64))
+
+
+def batch(n=20, classes=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, dtype=F64, generator=g)
+    x[4] = x[0]  # a zero distance between positives or negatives
+    return x.requires_grad_(), torch.randint(0, classes, (n,), generator=g)
+
+
+def assert_same(fast, slow, x):
+    torch.testing.assert_close(fast, slow)
+    (g_fast,) = torch.autograd.grad(fast, x, retain_graph=True)
+    (g_slow,) = torch.autograd.grad(slow, x, retain_graph=True)
+    torch.testing.assert_close(g_fast, g_slow)
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["hinge", "soft-plus"])
+def test_all_triplets_match_reference_in_blocks_and_both_counting_ways(blocks, counting, smooth):
+    x, y = batch()
+    fast, stats = triplet_margin_loss(
+        x, y, margin=0.4, smooth_loss=smooth, reduction="sum", return_stats=True
+    )
+    d = torch.cdist(x, x)
+    assert_same(fast, reduce(triplet_terms(d, y, y, True, 0.4, smooth=smooth), "sum", x), x)
+    terms = triplet_terms(d.detach(), y, y, True, 0.4)
+    hard = triplet_terms(d.detach(), y, y, True, 0.0)  # [d_ap - d_an]+ > 0: hard
+    assert int(stats.num_triplets) == len(terms)
+    assert int(stats.num_active) == sum(1 for t in terms if t > 0)
+    assert int(stats.num_hard) == sum(1 for t in hard if t > 0)
+
+
+def test_triplet_with_a_reference_set_in_blocks(blocks, counting):
+    x, y = batch(n=12, classes=5)
+    g = torch.Generator().manual_seed(6)
+    ref = torch.randn(24, 3, dtype=F64, generator=g).requires_grad_()
+    ref_y = torch.randint(0, 3, (24,), generator=g)  # labels 3 and 4 of the batch are absent
+    for smooth in (False, True):
+        fast = triplet_margin_loss(x, y, ref_emb=ref, ref_labels=ref_y, smooth_loss=smooth)
+        slow = triplet_terms(torch.cdist(x, ref), y, ref_y, False, 0.2, smooth=smooth)
+        assert_same(fast, reduce(slow, "mean", x), x)
+        assert_same(fast, reduce(slow, "mean", x), ref)
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_contrastive_with_a_reference_set_in_blocks(blocks, power):
+    x, y = batch(n=12, classes=5)
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(24, 3, dtype=F64, generator=g).requires_grad_()
+    ref_y = torch.randint(0, 3, (24,), generator=g)
+    fast = contrastive_loss(
+        x, y, ref_emb=ref, ref_labels=ref_y, pos_margin=0.5, neg_margin=2.0, power=power
+    )
+    d = torch.cdist(x, ref)
+    same = y.unsqueeze(1) == ref_y.unsqueeze(0)
+    pos = (d - 0.5).clamp_min(0).pow(power)[same]
+    neg = (2.0 - d).clamp_min(0).pow(power)[~same]
+    slow = pos.sum() / max(len(pos), 1) + neg.sum() / max(len(neg), 1)
+    assert_same(fast, slow, x)
+    assert_same(fast, slow, ref)
+
+
+def test_miners_do_not_depend_on_blocks_or_counting(monkeypatch):
+    x, y = batch(n=40, classes=3)
+    x = x.detach()
+
+    def mine_all():
+        return [
+            miners.TripletMarginMiner(0.5, kind)(x, y) for kind in ("all", "hard", "semihard")
+        ] + [
+            miners.BatchHardMiner()(x, y),
+            miners.HardNetMiner()(x, y),
+            miners.PairMarginMiner(0.5, 1.5)(x, y),
+            miners.DistanceWeightedMiner(generator=torch.Generator().manual_seed(0))(x, y),
+            miners.RankWindowMiner((2, 9), 2, generator=torch.Generator().manual_seed(0))(x, y),
+        ]
+
+    expected = mine_all()
+    monkeypatch.setattr(dist, "BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(dist, "PASS_BLOCK_ELEMENTS", 24)
+    monkeypatch.setattr(triplet_counting, "SEARCH_ABOVE", 0)
+    for got, want in zip(mine_all(), expected, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
