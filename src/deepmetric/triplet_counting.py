@@ -3,16 +3,17 @@
 For an anchor a with positives p (few: K - 1 in a P x K batch) and negatives n (many), every
 triplet condition used by the triplet loss and its miners compares d(a, n) with a bound that
 depends on p alone (d(a, p), or d(a, p) + margin). For each (a, n) the number of the anchor's
-bounds that are <= d(a, n) (`count_bounds_at_most`) gives every per-negative count, and for
-each bound the number of entries of the row at or above it gives every per-positive count:
-O(N M K) comparisons for small K, O(N M log K) by `searchsorted` for large K, never an
-N x M x K tensor.
+bounds above d(a, n) gives every per-negative count, and for each bound the number of entries
+of the row below it gives every per-positive count (`count_above`): O(N M K) vectorised
+comparisons for small K, O(N M log K) by `searchsorted` for large K, never an N x M x K
+tensor.
 
 Same-label entries (the positives and, when the batch is its own reference set, the anchor
 itself) are few per row: their contribution is computed from the (N, K) positive lists and
 subtracted, and they are overwritten by a small scatter where a per-entry value must be
 zero (`fill_same_label_`), so no (N, M) label mask is built. Work is done in blocks of anchor
-rows (`row_blocks`) so the temporaries stay bounded and cache-sized for any batch size.
+rows (`deepmetric.distances.RowBlocks`) whose work arrays are reused, so the temporaries stay
+bounded, cache-sized and allocated once per call for any batch size.
 """
 
 from __future__ import annotations
@@ -24,37 +25,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from deepmetric.distances import BLOCK_ELEMENTS, RowBlocks, row_blocks
+from deepmetric.distances import RowBlocks, row_blocks
 from deepmetric.tuples import PositiveLists
 
 __all__ = [
-    "BLOCK_ELEMENTS",
     "AllTripletsHinge",
     "AllTripletsSoftplus",
-    "count_at_most",
-    "fill_same_label_",
-    "negative_mask",
-    "row_blocks",
-    "same_label_columns",
-    "sorted_positive_values",
     "count_above",
     "count_triplets",
+    "fill_same_label_",
+    "negative_mask",
+    "same_label_columns",
     "triplet_runs",
 ]
-
-
-def sorted_positive_values(values: Tensor, positives: PositiveLists) -> tuple[Tensor, Tensor]:
-    """Each row's positive values sorted ascending, invalid slots as +inf at the end.
-
-    Returns the sorted (N, K) values and the permutation from sorted slots to list slots.
-    """
-    padded = values.masked_fill(~positives.valid, float("inf"))
-    return padded.sort(dim=1)
-
-
-def count_at_most(sorted_values: Tensor, values: Tensor) -> Tensor:
-    """For each entry of `values` (N, M): how many of its row's `sorted_values` (N, K) are <= it."""
-    return torch.searchsorted(sorted_values.contiguous(), values.contiguous(), right=True)
 
 
 def negative_mask(labels: Tensor, ref_labels: Tensor) -> Tensor:
@@ -87,10 +70,6 @@ def fill_same_label_(block: Tensor, columns: Tensor, has_same: Tensor, value) ->
     keep = block[:, :1]
     source = torch.where(has_same.unsqueeze(1), torch.as_tensor(value, dtype=block.dtype), keep)
     return block.scatter_(1, columns, source.expand(columns.shape))
-
-
-def _take_rows(positives: PositiveLists, rows: slice) -> PositiveLists:
-    return PositiveLists(positives.index[rows], positives.valid[rows], positives.count[rows])
 
 
 SEARCH_ABOVE = 24
@@ -258,8 +237,8 @@ class AllTripletsSoftplus(torch.autograd.Function):
     Unlike the hinge, every triplet has its own non-zero term, so this is O(N M K) by nature:
     per row block and per positive slot, one (R, M) pass of soft-plus in forward and of its
     derivative (the sigmoid) in backward, recomputed rather than stored, so memory stays
-    O(N M) for any K. Same-label entries are zeroed by a small scatter, rows whose slot is
-    not a positive are dropped from the row sums.
+    O(N M) for any K. Same-label entries are set to -inf by a small scatter (their soft-plus
+    and sigmoid are then 0); rows whose slot is not a positive are dropped from the sums.
 
     forward(dis, positives, ref_is_query, margin) returns the sum.
     """
@@ -288,7 +267,7 @@ class AllTripletsSoftplus(torch.autograd.Function):
 
 def _softplus_slots(dis: Tensor, positives: PositiveLists, ref_is_query: bool, margin: float):
     """For each row block and each positive slot filled by some of its rows: (rows, the
-    block's D[a, p] + margin - D[a, n] with same-label entries zeroed, in a buffer reused,
+    block's D[a, p] + margin - D[a, n] with -inf at same-label entries, in a buffer reused,
     which rows fill the slot as 0/1, the slot's (R, 1) column indices)."""
     columns, has_same = same_label_columns(positives, ref_is_query)
     blocks = RowBlocks(*dis.shape, passes=True)

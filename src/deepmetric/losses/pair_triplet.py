@@ -20,6 +20,7 @@ from deepmetric.distances import (
     BaseDistance,
     EuclideanDistance,
     RowBlocks,
+    row_blocks,
 )
 from deepmetric.losses.base import MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import check_reduction, reduce_terms, reduce_total
@@ -29,7 +30,6 @@ from deepmetric.triplet_counting import (
     count_triplets,
     fill_same_label_,
     negative_mask,
-    row_blocks,
     same_label_columns,
 )
 from deepmetric.tuples import pairs_to_triplets, positive_lists
