@@ -338,4 +338,6 @@ def triplet_runs(
         anchors.append(anchor_row + rows.start)
         pos_out.append(sorted_index[anchor_row, slot])
         negs.append((where % num_cols)[owner])
-    return torch.cat(anchors), torch.cat(pos_out), torch.cat(negs)
+    return tuple(
+        parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (anchors, pos_out, negs)
+    )
