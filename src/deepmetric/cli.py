@@ -193,8 +193,9 @@ def cmd_sweep_temperature(args: argparse.Namespace) -> None:
             f"loss.params={{temperature: {temperature}}}",
             "eval.before_training=false",
             "report.enabled=false",
-        ]
-        config = load_config(args.config, overrides)
+        ]  # and one evaluation, after the last epoch: no choice of epoch on the test split
+        epochs = load_config(args.config, overrides).train.epochs
+        config = load_config(args.config, [*overrides, f"eval.every_epochs={epochs}"])
         run = RunFolder(out / f"temperature-{temperature:g}")
         if run.summary.is_file():
             summary = json.loads(run.summary.read_text(encoding="utf-8"))

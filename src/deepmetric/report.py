@@ -102,6 +102,7 @@ def _plot_recall_at_k(
         old = {int(k.split("@")[1]): v for k, v in before.items() if k.startswith("recall@")}
         axes.plot(list(old), list(old.values()), "s--", label="before training")
     axes.set_xscale("log", base=2)
+    axes.set_xticks(list(curve), [str(k) for k in curve])
     axes.set(xlabel="K", ylabel="Recall@K", title="Recall@K", ylim=(0, 1.02))
     axes.legend()
     figure.tight_layout()

@@ -69,7 +69,7 @@ class DataConfig:
     """image_folder: L (grey) or RGB."""
     label_column: str = "label"
     """feature_table: the column that holds the class labels."""
-    augment_shift: int = 0
+    augment_shift: int = 2
     """Random shift of training images by up to this many pixels (0: no augmentation)."""
 
 
@@ -143,11 +143,11 @@ class OptimizerConfig:
 class TrainConfig:
     """The training loop: batches, epochs, precision, checkpoints, seeds."""
 
-    epochs: int = 2
+    epochs: int = 4
     """Passes over the training set."""
-    classes_per_batch: int = 32
+    classes_per_batch: int = 64
     """P: classes per batch."""
-    samples_per_class: int = 4
+    samples_per_class: int = 2
     """K: samples of each class per batch."""
     batches_per_epoch: int | None = None
     """Batches per epoch; null: enough to see every training sample about once."""
