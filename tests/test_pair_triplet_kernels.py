@@ -185,3 +185,40 @@ def test_miners_do_not_depend_on_blocks_or_counting(monkeypatch):
     monkeypatch.setattr(triplet_counting, "SEARCH_ABOVE", 0)
     for got, want in zip(mine_all(), expected, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["hinge", "soft-plus"])
+@pytest.mark.parametrize("reduction", ["mean", "nonzero_mean", "sum"])
+def test_swap_matches_reference_in_blocks(blocks, smooth, reduction):
+    x, y = batch()
+    y = y.clone()
+    y[4] = y[0]  # x[4] = x[0]: min(d(a, n), d(p, n)) ties for this pair, half to each side
+    fast, stats = triplet_margin_loss(
+        x, y, margin=0.4, swap=True, smooth_loss=smooth, reduction=reduction, return_stats=True
+    )
+    d = torch.cdist(x, x)
+    slow = triplet_terms(d, y, y, True, 0.4, smooth=smooth, swap_d=d)
+    assert_same(fast, reduce(slow, reduction, x), x)
+    hinge = triplet_terms(d.detach(), y, y, True, 0.4, swap_d=d.detach())
+    hard = triplet_terms(d.detach(), y, y, True, 0.0, swap_d=d.detach())
+    assert int(stats.num_triplets) == len(hinge)
+    assert int(stats.num_active) == sum(1 for t in hinge if t > 0)
+    assert int(stats.num_hard) == sum(1 for t in hard if t > 0)
+
+
+def test_swap_with_a_reference_set_in_blocks(blocks):
+    x, y = batch(n=12, classes=5)
+    g = torch.Generator().manual_seed(8)
+    ref = torch.randn(24, 3, dtype=F64, generator=g)
+    ref_y = torch.randint(0, 3, (24,), generator=g)
+    # A reference copy of anchor 0 with its label: d(0, n) = S(copy, n), a tie in the swap.
+    ref[5], ref_y[5] = x[0].detach(), y[0]
+    ref.requires_grad_()
+    for smooth in (False, True):
+        fast = triplet_margin_loss(
+            x, y, ref_emb=ref, ref_labels=ref_y, swap=True, smooth_loss=smooth
+        )
+        d, swap_d = torch.cdist(x, ref), torch.cdist(ref, ref)
+        slow = triplet_terms(d, y, ref_y, False, 0.2, smooth=smooth, swap_d=swap_d)
+        assert_same(fast, reduce(slow, "mean", x), x)
+        assert_same(fast, reduce(slow, "mean", x), ref)

@@ -30,7 +30,7 @@ from deepmetric.tuples import PositiveLists
 
 __all__ = [
     "AllTripletsHinge",
-    "AllTripletsSoftplus",
+    "AllTripletsDense",
     "count_above",
     "count_triplets",
     "fill_same_label_",
@@ -231,60 +231,101 @@ class AllTripletsHinge(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-class AllTripletsSoftplus(torch.autograd.Function):
-    """sum over all triplets (a, p, n) of log(1 + exp(D[a, p] + margin - D[a, n])).
+class AllTripletsDense(torch.autograd.Function):
+    """sum over all triplets (a, p, n) of f(D[a, p] + margin - D'[a, p, n]), term by term.
 
-    Unlike the hinge, every triplet has its own non-zero term, so this is O(N M K) by nature:
-    per row block and per positive slot, one (R, M) pass of soft-plus in forward and of its
-    derivative (the sigmoid) in backward, recomputed rather than stored, so memory stays
-    O(N M) for any K. Same-label entries are set to -inf by a small scatter (their soft-plus
-    and sigmoid are then 0); rows whose slot is not a positive are dropped from the sums.
+    f is the hinge [.]+ or the soft-plus log(1 + exp(.)); D'[a, p, n] is D[a, n], or with the
+    anchor swap (Balntas et al. 2016) min(D[a, n], S[p, n]) where S is the distance matrix of
+    the reference set (S is D when the batch is its own reference set). These give every
+    (p, n) of an anchor its own term, so this is O(N M K) by nature: per row block and per
+    positive slot, one chain of (R, M) passes in forward and one for the derivative in
+    backward (recomputed rather than stored, so memory stays O(N M) for any K). Same-label
+    entries and rows whose slot is not a positive get D' = +inf (their terms and slopes are
+    0). The minimum's gradient goes to the smaller side, half to each on ties, as for
+    `torch.minimum`.
 
-    forward(dis, positives, ref_is_query, margin) returns the sum.
+    forward(dis, swap_dis or None, positives, ref_is_query, margin, smooth, count) returns
+    (sum, number of triplets with a positive hinge, number with D'[a, p, n] < D[a, p]), the
+    two counts computed only with `count` (else 0); only the sum is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, dis, positives, ref_is_query, margin):  # noqa: D102
+    def forward(ctx, dis, swap_dis, positives, ref_is_query, margin, smooth, count):  # noqa: D102
         total = dis.new_zeros(())
-        for _, terms, valid, _ in _softplus_slots(dis, positives, ref_is_query, margin):
-            torch.ops.aten.softplus.out(terms, 1, 20, out=terms)
-            total += terms.sum(dim=1) @ valid
-        ctx.save_for_backward(dis, *positives)
-        ctx.ref_is_query, ctx.margin = ref_is_query, margin
-        return total
+        num_active = torch.zeros((), dtype=torch.long, device=dis.device)
+        num_hard = torch.zeros((), dtype=torch.long, device=dis.device)
+        slots = _dense_slots(dis, swap_dis, positives, ref_is_query, margin)
+        for _, _, d_ap, negative, values, _ in slots:
+            if count:
+                num_hard += torch.count_nonzero(negative < d_ap)
+                num_active += torch.count_nonzero(values > 0)
+            if smooth:
+                total += torch.ops.aten.softplus.out(values, 1, 20, out=values).sum()
+            else:
+                total += values.clamp_min_(0).sum()
+        ctx.save_for_backward(dis, swap_dis, *positives)
+        ctx.constants = (ref_is_query, margin, smooth)
+        ctx.mark_non_differentiable(num_active, num_hard)
+        return total, num_active, num_hard
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total):  # noqa: D102
-        dis, *lists = ctx.saved_tensors
+    def backward(ctx, grad_total, *_):  # noqa: D102
+        dis, swap_dis, *lists = ctx.saved_tensors
+        ref_is_query, margin, smooth = ctx.constants
         grad = torch.zeros_like(dis, memory_format=torch.contiguous_format)
-        slots = _softplus_slots(dis, PositiveLists(*lists), ctx.ref_is_query, ctx.margin)
-        for rows, slopes, valid, index in slots:
-            torch.sigmoid(slopes, out=slopes).mul_(valid.unsqueeze(1))
-            grad[rows].sub_(slopes).scatter_add_(1, index, slopes.sum(dim=1, keepdim=True))
-        return grad.mul_(grad_total), None, None, None
+        grad_swap = None
+        if swap_dis is not None:
+            grad_swap = grad if ref_is_query else torch.zeros_like(swap_dis)
+        slots = _dense_slots(dis, swap_dis, PositiveLists(*lists), ref_is_query, margin)
+        for rows, index, _, negative, slopes, swap_rows in slots:
+            if smooth:
+                torch.sigmoid(slopes, out=slopes)
+            else:
+                torch.gt(slopes, 0, out=slopes)
+            grad[rows].scatter_add_(1, index, slopes.sum(dim=1, keepdim=True))
+            if swap_rows is None:
+                grad[rows].sub_(slopes)
+                continue
+            # d min(a, b) / da = [a < b] + [a = b] / 2; the rest of the slope goes to b.
+            block, to_anchor = dis[rows], negative
+            torch.eq(block, swap_rows, out=to_anchor).mul_(0.5)
+            to_anchor.add_(torch.lt(block, swap_rows, out=swap_rows)).mul_(slopes)
+            grad[rows].sub_(to_anchor)
+            grad_swap.index_add_(0, index.squeeze(1), slopes.sub_(to_anchor), alpha=-1)
+        grad.mul_(grad_total)
+        if grad_swap is None or grad_swap is grad:
+            return grad, None, None, None, None, None, None
+        return grad, grad_swap.mul_(grad_total), None, None, None, None, None
 
 
-def _softplus_slots(dis: Tensor, positives: PositiveLists, ref_is_query: bool, margin: float):
-    """For each row block and each positive slot filled by some of its rows: (rows, the
-    block's D[a, p] + margin - D[a, n] with -inf at same-label entries, in a buffer reused,
-    which rows fill the slot as 0/1, the slot's (R, 1) column indices)."""
+def _dense_slots(dis, swap_dis, positives, ref_is_query, margin):
+    """For each row block and each positive slot filled by some of its rows, yield (rows,
+    the slot's (R, 1) columns, its D[a, p] (-inf where the row has no such positive),
+    D'[a, n] (+inf at same-label entries), D[a, p] + margin - D'[a, n], and the rows of the
+    swap matrix S[p] or None), the last three in work arrays reused from slot to slot."""
     columns, has_same = same_label_columns(positives, ref_is_query)
     blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:
         block = dis[rows]
         # Each row's positives first, so that the slots to visit are the first `width`.
-        first = positives.valid[rows].logical_not().to(torch.uint8).argsort(dim=1, stable=True)
-        index, valid = (
-            positives.index[rows].gather(1, first),
-            positives.valid[rows].gather(1, first),
-        )
-        thresholds = block.gather(1, index) + margin
-        terms = blocks.buffer("terms", dis)
+        valid = positives.valid[rows]
+        first = valid.logical_not().to(torch.uint8).argsort(dim=1, stable=True)
+        index, valid = positives.index[rows].gather(1, first), valid.gather(1, first)
+        d_ap = block.gather(1, index).masked_fill_(~valid, -math.inf)
+        negative, values = blocks.buffer("negative", dis), blocks.buffer("values", dis)
+        swap_rows = None if swap_dis is None else blocks.buffer("swap_rows", dis)
         for slot in range(int(valid.sum(dim=1).max()) if valid.numel() else 0):
-            torch.sub(thresholds[:, slot : slot + 1], block, out=terms)
-            fill_same_label_(terms, columns[rows], has_same[rows], -math.inf)
-            yield rows, terms, valid[:, slot].to(dis.dtype), index[:, slot : slot + 1]
+            column = index[:, slot : slot + 1]
+            if swap_rows is None:
+                negative.copy_(block)
+            else:
+                torch.index_select(swap_dis, 0, column.squeeze(1), out=swap_rows)
+                torch.minimum(block, swap_rows, out=negative)
+            fill_same_label_(negative, columns[rows], has_same[rows], math.inf)
+            d_ap_slot = d_ap[:, slot : slot + 1]
+            torch.sub(d_ap_slot + margin, negative, out=values)
+            yield rows, column, d_ap_slot, negative, values, swap_rows
 
 
 def triplet_runs(

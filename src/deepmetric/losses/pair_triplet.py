@@ -14,22 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 from deepmetric.distances import (
     BaseDistance,
     EuclideanDistance,
     RowBlocks,
-    row_blocks,
 )
 from deepmetric.losses.base import MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import check_reduction, reduce_terms, reduce_total
 from deepmetric.triplet_counting import (
+    AllTripletsDense,
     AllTripletsHinge,
-    AllTripletsSoftplus,
     count_triplets,
     fill_same_label_,
-    negative_mask,
     same_label_columns,
 )
 from deepmetric.tuples import pairs_to_triplets, positive_lists
@@ -264,7 +261,8 @@ def triplet_margin_loss(
     `smooth_loss=True` uses log(1 + exp(d(a, p) - d(a, n) + margin)) (the soft-plus of
     Hermans et al. 2017 when margin = 0). `swap=True` replaces d(a, n) by min(d(a, n),
     d(p, n)) (Balntas et al. 2016). Both give every (p, n) of an anchor its own term and
-    cost O(N K M) time by nature, in O(N M) memory (blocks, recomputed in backward).
+    cost O(N K M) time by nature, in O(N M) memory (one pass per positive slot over row
+    blocks, recomputed in backward; `deepmetric.triplet_counting.AllTripletsDense`).
 
     Args:
         margin: required gap between positive and negative distances, >= 0 (distance units).
@@ -294,10 +292,10 @@ def triplet_margin_loss(
         loss, counts = _listed_triplets(
             dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, reduction
         )
-    elif swap:
-        loss, counts = _dense_triplets(dis, swap_dis, inputs, margin, smooth_loss, reduction)
     else:
-        loss, counts = _all_triplets(dis, inputs, margin, smooth_loss, reduction, return_stats)
+        loss, counts = _all_triplets(
+            dis, swap_dis, inputs, margin, smooth_loss, reduction, return_stats
+        )
     loss = inputs.finish(loss)
     if not return_stats:
         return loss
@@ -313,37 +311,48 @@ def triplet_margin_loss(
 
 
 def _triplet_terms(
-    d_ap: Tensor, d_an: Tensor, margin: float, smooth: bool, mask: Tensor | None = None
+    d_ap: Tensor, d_an: Tensor, margin: float, smooth: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Terms of the listed triplets and their counts (active, easy, hard) under `mask`."""
+    """Terms of the listed triplets and their counts (all, active, easy, hard)."""
     violation = d_ap - d_an + margin
     terms = F.softplus(violation) if smooth else F.relu(violation)
     with torch.no_grad():
         gap = d_an - d_ap
-        keep = torch.ones_like(gap, dtype=torch.bool) if mask is None else mask
         counts = (
-            keep.sum(),
-            ((violation > 0) & keep).sum(),
-            ((gap >= margin) & keep).sum(),
-            ((gap < 0) & keep).sum(),
+            torch.tensor(gap.numel()),
+            (violation > 0).sum(),
+            (gap >= margin).sum(),
+            (gap < 0).sum(),
         )
-    return (terms if mask is None else terms * mask), *counts
+    return terms, *counts
 
 
-def _all_triplets(dis, inputs, margin, smooth, reduction, with_counts):
-    """All triplets without enumerating them; counts (hinge sense) only `with_counts`."""
+def _all_triplets(dis, swap_dis, inputs, margin, smooth, reduction, with_counts):
+    """All triplets without enumerating them; the counts only `with_counts`.
+
+    The plain hinge comes from counting (`AllTripletsHinge`); soft-plus and swap need a term
+    per triplet (`AllTripletsDense`), whose counts come from counting too when there is no
+    swap (the comparisons are the same whatever f is).
+    """
     positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
-    counts = None
-    if with_counts or not smooth:
-        hinge, num_triplets, num_active, num_hard = AllTripletsHinge.apply(
-            dis.detach() if smooth else dis, positives, inputs.ref_is_query, margin, with_counts
+    ref_is_query = inputs.ref_is_query
+    num_triplets = count_triplets(positives, dis.shape[1], ref_is_query)
+    if swap_dis is None and not smooth:
+        total, num_triplets, num_active, num_hard = AllTripletsHinge.apply(
+            dis, positives, ref_is_query, margin, with_counts
         )
-        counts = (num_triplets, num_active, num_triplets - num_active, num_hard)
-    if not smooth:
-        return reduce_total(hinge, num_triplets, num_active, reduction), counts
-    total = AllTripletsSoftplus.apply(dis, positives, inputs.ref_is_query, margin)
-    num_triplets = count_triplets(positives, dis.shape[1], inputs.ref_is_query)
-    return reduce_total(total, num_triplets, num_triplets, reduction), counts
+    else:
+        count_here = swap_dis is not None and (with_counts or reduction == "nonzero_mean")
+        total, num_active, num_hard = AllTripletsDense.apply(
+            dis, swap_dis, positives, ref_is_query, margin, smooth, count_here
+        )
+        if with_counts and swap_dis is None:
+            _, _, num_active, num_hard = AllTripletsHinge.apply(
+                dis.detach(), positives, ref_is_query, margin, True
+            )
+    nonzero = num_triplets if smooth else num_active
+    counts = (num_triplets, num_active, num_triplets - num_active, num_hard)
+    return reduce_total(total, num_triplets, nonzero, reduction), counts
 
 
 def _listed_triplets(dis, swap_dis, indices_tuple, margin, smooth, reduction):
@@ -364,35 +373,6 @@ def _listed_triplets(dis, swap_dis, indices_tuple, margin, smooth, reduction):
         num_easy,
         num_hard,
     )
-
-
-def _dense_triplets(dis, swap_dis, inputs, margin, smooth, reduction):
-    positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
-    width = positives.index.shape[1]
-
-    def block_sum(block: Tensor, swap_rows: Tensor | None, rows_index, rows_valid, negatives):
-        d_ap = block.gather(1, rows_index).unsqueeze(2)
-        d_an = block.unsqueeze(1)
-        if swap_rows is not None:
-            d_an = torch.minimum(d_an, swap_rows)
-        mask = rows_valid.unsqueeze(2) & negatives.unsqueeze(1)
-        terms, *counts = _triplet_terms(d_ap, d_an, margin, smooth, mask)
-        return terms.sum(), torch.stack(counts)
-
-    total = dis.sum() * 0
-    counts = torch.zeros(4, dtype=torch.long, device=dis.device)
-    for rows in row_blocks(dis.shape[0], width * dis.shape[1]):
-        rows_index, rows_valid = positives.index[rows], positives.valid[rows]
-        swap_rows = None if swap_dis is None else swap_dis[rows_index]
-        negatives = negative_mask(inputs.labels[rows], inputs.ref_labels)
-        block_total, block_counts = checkpoint(
-            block_sum, dis[rows], swap_rows, rows_index, rows_valid, negatives, use_reentrant=False
-        )
-        total = total + block_total
-        counts += block_counts
-    num_triplets, num_active, num_easy, num_hard = counts
-    nonzero = num_triplets if smooth else num_active
-    return reduce_total(total, num_triplets, nonzero, reduction), tuple(counts)
 
 
 class ContrastiveLoss(MetricLoss):
