@@ -61,6 +61,10 @@ def triplet_smooth(x, y):
     return losses.triplet_margin_loss(x, y, smooth_loss=True)
 
 
+def triplet_swap(x, y):
+    return losses.triplet_margin_loss(x, y, swap=True)
+
+
 @forward_only
 def batch_hard(x, y):
     return miners.BatchHardMiner()(clustered(x, y), y)
@@ -104,6 +108,7 @@ CASES = {
     "triplet (all, hinge)": triplet_all,
     "triplet (all, hinge, stats)": triplet_all_stats,
     "triplet (all, soft-plus)": triplet_smooth,
+    "triplet (all, hinge, anchor swap)": triplet_swap,
     "miner: batch-hard [fwd]": batch_hard,
     "miner: HardNet [fwd]": hardnet,
     "miner: triplet margin, semihard [fwd]": semihard,

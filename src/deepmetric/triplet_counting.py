@@ -303,7 +303,8 @@ def _dense_slots(dis, swap_dis, positives, ref_is_query, margin):
     """For each row block and each positive slot filled by some of its rows, yield (rows,
     the slot's (R, 1) columns, its D[a, p] (-inf where the row has no such positive),
     D'[a, n] (+inf at same-label entries), D[a, p] + margin - D'[a, n], and the rows of the
-    swap matrix S[p] or None), the last three in work arrays reused from slot to slot."""
+    swap matrix S[p] or None), in work arrays reused from slot to slot. Without swap, D' is
+    the block itself, read only, and the same-label entries are -inf in the differences."""
     columns, has_same = same_label_columns(positives, ref_is_query)
     blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:
@@ -313,19 +314,21 @@ def _dense_slots(dis, swap_dis, positives, ref_is_query, margin):
         first = valid.logical_not().to(torch.uint8).argsort(dim=1, stable=True)
         index, valid = positives.index[rows].gather(1, first), valid.gather(1, first)
         d_ap = block.gather(1, index).masked_fill_(~valid, -math.inf)
-        negative, values = blocks.buffer("negative", dis), blocks.buffer("values", dis)
+        same = (columns[rows], has_same[rows])
+        values = blocks.buffer("values", dis)
+        negative = None if swap_dis is None else blocks.buffer("negative", dis)
         swap_rows = None if swap_dis is None else blocks.buffer("swap_rows", dis)
         for slot in range(int(valid.sum(dim=1).max()) if valid.numel() else 0):
-            column = index[:, slot : slot + 1]
+            column, threshold = index[:, slot : slot + 1], d_ap[:, slot : slot + 1] + margin
             if swap_rows is None:
-                negative.copy_(block)
+                negative = block  # the same-label entries are cleared in `values` instead
+                fill_same_label_(torch.sub(threshold, block, out=values), *same, -math.inf)
             else:
                 torch.index_select(swap_dis, 0, column.squeeze(1), out=swap_rows)
                 torch.minimum(block, swap_rows, out=negative)
-            fill_same_label_(negative, columns[rows], has_same[rows], math.inf)
-            d_ap_slot = d_ap[:, slot : slot + 1]
-            torch.sub(d_ap_slot + margin, negative, out=values)
-            yield rows, column, d_ap_slot, negative, values, swap_rows
+                fill_same_label_(negative, *same, math.inf)
+                torch.sub(threshold, negative, out=values)
+            yield rows, column, d_ap[:, slot : slot + 1], negative, values, swap_rows
 
 
 def triplet_runs(
