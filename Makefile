@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/triplet_demo.py
+	$(VENV)/bin/deepmetric train
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

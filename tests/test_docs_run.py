@@ -16,6 +16,12 @@ DOCTEST_MODULES = [
     "deepmetric.losses.pair_triplet",
     "deepmetric.samplers",
     "deepmetric.networks",
+    "deepmetric.losses.softmax",
+    "deepmetric.losses.proxy",
+    "deepmetric.losses.additive_margin",
+    "deepmetric.losses.distillation",
+    "deepmetric.losses.structured",
+    "deepmetric.metrics.evaluation",
 ]
 
 
