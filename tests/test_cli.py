@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +30,13 @@ TINY = [
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", "--quiet", "--run-dir", str(folder), *TINY]) == 0
+    assert main(["train", "--quiet", "--run-dir", str(folder), *TINY, "report.enabled=false"]) == 0
     return folder
 
 
 def test_train_prints_the_before_and_after_table(run, capsys, tmp_path):
-    assert (run / "report.html").is_file() and (run / "index.npz").is_file()
-    code = main(["train", "--run-dir", str(tmp_path / "again"), *TINY, "report.enabled=false"])
+    assert (run / "index.npz").is_file() and not (run / "report.html").exists()
+    code = main(["train", "--run-dir", str(tmp_path / "again"), *TINY])
     out = capsys.readouterr().out
     assert code == 0
     assert "before training" in out
@@ -46,6 +45,8 @@ def test_train_prints_the_before_and_after_table(run, capsys, tmp_path):
     )
     assert header.split() == ["metric", "before", "after"]
     assert "map@r" in out and "best epoch 1" in out
+    assert f"report: {tmp_path / 'again' / 'report.html'}" in out
+    assert len(list((tmp_path / "again" / "plots").glob("*.png"))) == 5
 
 
 def test_train_help_lists_config_keys(capsys):
@@ -109,10 +110,9 @@ def test_embed_index_and_search(run, capsys, tmp_path):
     assert "query query.png" in out and out.count("\n") == 4
 
 
-def test_report_rewrites_the_html(run, capsys):
-    (run / "report.html").unlink()
+def test_report_command(run, capsys):
     assert main(["report", str(run)]) == 0
-    assert (run / "report.html").is_file()
+    assert (run / "report.html").is_file() and (run / "plots" / "example_queries.png").is_file()
     assert "report.html" in capsys.readouterr().out
 
 
@@ -136,13 +136,9 @@ def test_sweep_temperature(tmp_path, capsys):
     assert (out / "sweep.md").read_text() == table
 
 
-def test_module_entry_point_runs():
-    result = subprocess.run(
-        [sys.executable, "-m", "deepmetric.cli", "--help"], capture_output=True, text=True
-    )
-    assert result.returncode == 0
-    for command in ("train", "evaluate", "embed", "index", "search", "report", "sweep-temperature"):
-        assert command in result.stdout
+def test_console_script_is_main():
+    (script,) = entry_points(group="console_scripts", name="deepmetric")
+    assert script.load() is main
 
 
 def test_docs_list_every_config_key_with_its_default():

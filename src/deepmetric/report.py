@@ -191,29 +191,45 @@ def _plot_queries(
     if pictures is None:
         return False
     pictures = pictures.reshape(len(queries), k + 1, *pictures.shape[1:])
-    figure, grid = plt.subplots(
-        len(queries), k + 1, figsize=(1.2 * (k + 1), 1.3 * len(queries)), squeeze=False
-    )
+    # One canvas of tiles, each image inside a frame: black for the query, green for a
+    # neighbour of the query's class, red otherwise. Ink is drawn dark on white.
+    channels, height, width = pictures.shape[2:]
+    frame, gap, label_space = 2, 3, max(6, height // 3)
+    tile_h, tile_w = height + 2 * frame + label_space, width + 2 * frame + gap
+    canvas = np.ones((len(queries) * tile_h, (k + 1) * tile_w, 3))
+    colours = {"query": (0.0, 0.0, 0.0), True: (0.1, 0.6, 0.1), False: (0.85, 0.1, 0.1)}
+    figure, axes = plt.subplots(figsize=(0.75 * (k + 1) + 0.5, 0.95 * len(queries) + 0.6))
     for row, query in enumerate(queries):
         for col in range(k + 1):
-            axes = grid[row, col]
+            match = "query" if col == 0 else bool(found.labels[row, col - 1] == labels[query])
+            top, left = row * tile_h + label_space, col * tile_w
+            canvas[top : top + height + 2 * frame, left : left + width + 2 * frame] = colours[match]
             image = pictures[row, col].transpose(1, 2, 0)
-            axes.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray_r", vmin=0)
-            axes.set_xticks([])
-            axes.set_yticks([])
-            if col == 0:
-                colour, text = "black", f"query {labels[query]}"
-            else:
-                match = found.labels[row, col - 1] == labels[query]
-                colour = "green" if match else "red"
-                text = f"d={math.sqrt(max(found.distances[row, col - 1], 0)):.2f}"
-            for spine in axes.spines.values():
-                spine.set_color(colour)
-                spine.set_linewidth(2.5 if col else 1.0)
-            axes.set_title(text, fontsize=7, color=colour)
-    figure.suptitle("Example queries and their nearest neighbours (green: same class)", fontsize=9)
+            image = np.repeat(1.0 - image, 3, axis=2) if channels == 1 else image
+            canvas[top + frame : top + frame + height, left + frame : left + frame + width] = image
+            text = (
+                f"{labels[query]}"
+                if col == 0
+                else f"{math.sqrt(max(float(found.distances[row, col - 1]), 0.0)):.2f}"
+            )
+            axes.text(
+                left + width / 2 + frame,
+                top - 0.5,
+                text,
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                color=colours[match],
+            )
+    axes.imshow(canvas, interpolation="nearest")
+    axes.set_axis_off()
+    axes.set_title(
+        "Queries (left, with their class) and nearest neighbours with distances\n"
+        "green: same class, red: another class",
+        fontsize=8,
+    )
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=150)
     plt.close(figure)
     return True
 
