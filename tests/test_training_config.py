@@ -82,6 +82,9 @@ def test_yaml_file_then_overrides(tmp_path):
         ("data.name=image_folder", "needs data.path"),
         ("loss.params.num_classes=3", "is set by the trainer"),
         ("miner.params.margin=0.1", "miner.name is null"),
+        ("eval.metrics=[map@r, recal@1]", "unknown metric 'recal@1'"),
+        ("eval.select_metric=nmi_score", "is not among the evaluated metrics"),
+        ("eval.select_metric=recall@16", "add it to eval.metrics"),
     ],
 )
 def test_errors_name_the_problem_and_the_fix(override, message):

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from deepmetric.metrics import METRIC_NAMES
 from deepmetric.training.components import check_components
 from deepmetric.training.errors import ConfigError
 
@@ -407,6 +409,7 @@ def _check_values(config: Config) -> None:
         raise ConfigError("train.checkpoint_every_steps must be >= 0 (0: at epoch ends only)")
     if config.data.name in ("image_folder", "feature_table") and not config.data.path:
         raise ConfigError(f"data.name={config.data.name} needs data.path=<folder or file>")
+    _check_metrics(config.eval)
     check_components(
         config.loss.name,
         config.loss.params,
@@ -416,6 +419,25 @@ def _check_values(config: Config) -> None:
         config.miner.distance,
         config.optimizer.name,
     )
+
+
+def _check_metrics(config: EvalConfig) -> None:
+    """Metric names that evaluate() knows, and a select_metric that one of them produces."""
+    produced = {"num_queries", "num_skipped"}
+    for name in config.metrics:
+        if name not in METRIC_NAMES and not re.fullmatch(r"recall@[1-9]\d*", name):
+            close = difflib.get_close_matches(name, METRIC_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"eval.metrics has an unknown metric {name!r}{hint} "
+                f"Valid names: {', '.join(METRIC_NAMES)}, recall@<K>"
+            )
+        produced |= {f"recall@{k}" for k in config.k} if name == "recall@k" else {name}
+    if config.select_metric not in produced and not {"diagnostics", "verification"} & produced:
+        raise ConfigError(
+            f"eval.select_metric={config.select_metric!r} is not among the evaluated metrics "
+            f"({', '.join(sorted(produced))}): add it to eval.metrics or choose one of them"
+        )
 
 
 def config_diff(old: Config, new: Config) -> list[str]:
