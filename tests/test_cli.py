@@ -24,6 +24,7 @@ TINY = [
     "train.samples_per_class=4",
     "train.batches_per_epoch=4",
     "eval.metrics=[recall@k, map@r]",
+    "train.threads=1",  # tiny models gain nothing from more; shared CI machines lose a lot
 ]
 
 

@@ -34,6 +34,7 @@ TINY = [
     "train.batches_per_epoch=6",
     "train.log_every_steps=2",
     "eval.metrics=[recall@k, map@r]",
+    "train.threads=1",  # tiny models gain nothing from more; shared CI machines lose a lot
     "eval.before_training=false",
     "report.enabled=false",
 ]
@@ -200,6 +201,11 @@ def test_resume_with_changed_config_names_the_keys(tmp_path):
         train(tiny("train.epochs=2"), run, resume=True, quiet=True)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(tiny(), run, quiet=True)
+
+
+def test_more_classes_per_batch_than_classes(tmp_path):
+    with pytest.raises(ConfigError, match="set train.classes_per_batch=5 or fewer"):
+        train(tiny("train.classes_per_batch=6"), tmp_path / "run", quiet=True)
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):

@@ -238,8 +238,8 @@ def _parser() -> argparse.ArgumentParser:
     train_command = commands.add_parser(
         "train",
         help="train an embedder (default: Kanji-Fonts-32)",
-        description="Train an embedder and write a run folder. Config keys and defaults:",
-        epilog=config_help(),
+        description="Train an embedder and write a run folder (see docs/cli.md).",
+        epilog="config keys (key=default, then what it means):\n" + config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_arguments(train_command)

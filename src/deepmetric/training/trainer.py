@@ -48,6 +48,7 @@ from deepmetric.training.components import (
 )
 from deepmetric.training.config import Config, EvalConfig, load_config
 from deepmetric.training.data import gather, images_of, load_split
+from deepmetric.training.errors import ConfigError
 from deepmetric.training.run_folder import MetricsLog, RunFolder
 
 __all__ = [
@@ -245,12 +246,27 @@ def train(
     With ``resume`` the run continues from ``checkpoints/last.pt``; its config must be
     the one it was started with. ``on_step(state)`` is called after each step (tests use it
     to interrupt a run). Ctrl-C saves a checkpoint and raises KeyboardInterrupt.
+    ``train.threads`` applies while training; torch's thread count is restored after.
     """
-    run = RunFolder(run_dir)
-    run.start(config, resume)
-    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
+    threads = torch.get_num_threads()
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
+    try:
+        return _train(config, RunFolder(run_dir), resume, quiet, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    config: Config,
+    run: RunFolder,
+    resume: bool,
+    quiet: bool,
+    on_step: Callable[[TrainState], None] | None,
+) -> dict[str, Any]:
+    """The body of `train`: build, loop, evaluate, save."""
+    run.start(config, resume)
+    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     seed_everything(config.train.seed)
     device = pick_device(config.train.device)
     precision = pick_precision(config.train.precision, device)
@@ -259,6 +275,12 @@ def train(
     train_set = load_split(config.data, "train", train=True)
     eval_set = load_split(config.data, config.eval.split)
     classes = np.unique(train_set.labels)  # labels become 0..C-1 for classifier losses
+    if config.train.classes_per_batch > len(classes):
+        raise ConfigError(
+            f"train.classes_per_batch={config.train.classes_per_batch} but the training split "
+            f"of {config.data.name} has {len(classes)} classes: set train.classes_per_batch="
+            f"{len(classes)} or fewer"
+        )
     sampler = PKBatchSampler(
         train_set.labels,
         config.train.classes_per_batch,
