@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +113,33 @@ def test_hard_kill_mid_epoch_then_resume_ends_identically(tmp_path, uninterrupte
     assert saved["step"] == kill_at // 3 * 3 and 0 < saved["batch"] < 8  # mid-epoch checkpoint
     train(tiny(*RESUMABLE), run, resume=True, quiet=True)
     _assert_same_run(uninterrupted, run)
+
+
+def test_sigkill_of_a_real_process_then_resume_ends_identically(tmp_path):
+    overrides = [*TINY, "train.epochs=2", "train.batches_per_epoch=150"]
+    overrides += ["train.checkpoint_every_steps=20", "data.augment_shift=1"]
+    reference = tmp_path / "reference"
+    train(load_config(overrides=overrides), reference, quiet=True)
+
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "deepmetric.cli", "train", "--quiet", "--run-dir", str(run)]
+    process = subprocess.Popen([*command, *overrides])
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # kill at some moment between checkpoints, maybe during a write
+    process.kill()  # SIGKILL: no handler runs, nothing is saved
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert load_checkpoint(last)["state"]["step"] < 300
+    train(load_config(overrides=overrides), run, resume=True, quiet=True)
+    after = json.loads((run / "summary.json").read_text())["after"]
+    assert after == json.loads((reference / "summary.json").read_text())["after"]
+    for name in ("best.pt", "last.pt"):
+        for key, tensor in load_checkpoint(reference / "checkpoints" / name)["model"].items():
+            assert torch.equal(tensor, load_checkpoint(run / "checkpoints" / name)["model"][key])
+    assert not list(run.rglob("*.tmp"))
 
 
 def test_ctrl_c_saves_at_the_step_and_resumes_identically(tmp_path, uninterrupted):

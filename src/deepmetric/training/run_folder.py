@@ -69,6 +69,8 @@ class RunFolder:
                     + f"\nResume with the run's own config (deepmetric train --resume {self.root}"
                     " without --config or overrides), or start a new run with --run-dir"
                 )
+            for temp in self.root.rglob(".*.tmp"):  # left by a kill during a write
+                temp.unlink()
             return
         if self.config.exists():
             raise ConfigError(
