@@ -23,16 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
-from deepmetric.data import IMAGE_EXTENSIONS, LabeledDataset, load_image
+from deepmetric.data import IMAGE_EXTENSIONS, ArrayDataset, LabeledDataset, load_image
 from deepmetric.index import NeighbourIndex
 from deepmetric.metrics import format_table
 from deepmetric.report import comparison_table
 from deepmetric.training.checkpoint import atomic_write
 from deepmetric.training.config import Config, config_help, load_config
-from deepmetric.training.data import data_from_spec, images_of, load_split
+from deepmetric.training.data import LabeledSubset, data_from_spec, images_of, load_split
 from deepmetric.training.errors import CheckpointError, ConfigError
 from deepmetric.training.run_folder import RunFolder
 from deepmetric.training.trainer import (
@@ -41,6 +40,7 @@ from deepmetric.training.trainer import (
     evaluate_embeddings,
     load_model,
     pick_device,
+    pick_precision,
     report_run,
     train,
 )
@@ -60,11 +60,11 @@ def _model(run: RunFolder, which: str) -> tuple[nn.Module, Config, tuple[int, ..
 
 
 def _embed(model: nn.Module, config: Config, dataset: LabeledDataset) -> np.ndarray:
+    """Embeddings as in training: the same device, batch size and autocast precision."""
+    device = next(model.parameters()).device
+    precision = pick_precision(config.train.precision, device)
     return embed(
-        model,
-        dataset,
-        batch_size=config.eval.batch_size,
-        device=next(model.parameters()).device,
+        model, dataset, batch_size=config.eval.batch_size, device=device, precision=precision
     )
 
 
@@ -133,19 +133,14 @@ def cmd_search(args: argparse.Namespace) -> None:
         if len(input_shape) != 3:
             raise ConfigError(f"the model of {run.root} embeds vectors, not images like {query}")
         mode = "L" if input_shape[0] == 1 else "RGB"
-        items = load_image(query, mode, tuple(input_shape[1:]))[None]
+        queries = ArrayDataset(load_image(query, mode, tuple(input_shape[1:]))[None], [0])
         names, query_labels = [query.name], [None]
     else:
         dataset = data_from_spec(args.query, args.split, config.data)
         rows = np.random.default_rng(0).choice(len(dataset), min(args.limit, len(dataset)), False)
-        items = images_of(dataset, rows)
-        if items is None:
-            items = np.stack([dataset[int(i)][0].numpy() for i in rows])
-        names, query_labels = [f"#{i}" for i in rows], dataset.labels[rows].tolist()
-    with torch.inference_mode():
-        device = next(model.parameters()).device
-        embeddings = model(torch.as_tensor(items, dtype=torch.float32).to(device)).float().cpu()
-    embeddings = embeddings.numpy()
+        queries = LabeledSubset(dataset, rows)
+        names, query_labels = [f"#{i}" for i in rows], queries.labels.tolist()
+    embeddings = _embed(model, config, queries)
     if config.eval.distance == "cosine":
         embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     found = index.search(embeddings, min(args.k, len(index)))
