@@ -222,3 +222,32 @@ def test_swap_with_a_reference_set_in_blocks(blocks):
         slow = triplet_terms(d, y, ref_y, False, 0.2, smooth=smooth, swap_d=swap_d)
         assert_same(fast, reduce(slow, "mean", x), x)
         assert_same(fast, reduce(slow, "mean", x), ref)
+
+
+def test_fused_euclidean_has_second_derivatives():
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(5, 3, dtype=F64, generator=g).requires_grad_()
+    r = torch.randn(4, 3, dtype=F64, generator=g).requires_grad_()
+    for fused in (dist.euclidean_matrix, dist.squared_euclidean_matrix):
+        assert torch.autograd.gradgradcheck(fused, (q, r))
+        assert torch.autograd.gradgradcheck(lambda a, f=fused: f(a, a), (q,))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda x, y: contrastive_loss(x, y, pos_margin=0.3, neg_margin=2.5),
+        lambda x, y: contrastive_loss(x, y, pos_margin=0.3, neg_margin=2.5, power=2.0),
+        lambda x, y: triplet_margin_loss(x, y, margin=0.5),
+        lambda x, y: triplet_margin_loss(x, y, margin=0.5, smooth_loss=True),
+        lambda x, y: triplet_margin_loss(x, y, margin=0.5, swap=True, smooth_loss=True),
+    ],
+    ids=["contrastive", "contrastive-squared-hinge", "hinge", "soft-plus", "swap"],
+)
+def test_losses_have_second_derivatives(loss):
+    """A gradient penalty works: the fused backward falls back to differentiable steps."""
+    x, y = batch(n=10, classes=3, seed=10)
+    x = x.detach().clone()
+    x[4] += 0.1  # no duplicate points: the distance is not differentiable at 0
+    x.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a: loss(a, y), (x,))

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 BLOCK_ELEMENTS = 1 << 22
 """Entries per row block for matrix products: 16 MiB of float32, served from malloc's heap
@@ -111,7 +110,8 @@ class _EuclideanMatrix(torch.autograd.Function):
     Backward, in row blocks of the incoming gradient G: W = G / d where d > 0 and 0 where
     d = 0 (the `safe_sqrt` rule; W = 2 G for the square; see `_distance_weights`), then
     grad_q = rowsum(W) q - W r and grad_r = colsum(W) r - W^T q, two matrix products as in
-    the backward of a plain similarity matmul, with no (N, M) temporary.
+    the backward of a plain similarity matmul, with no (N, M) temporary. When a graph of the
+    gradient is asked for (second derivatives), backward differentiates the unfused steps.
     """
 
     @staticmethod
@@ -129,10 +129,20 @@ class _EuclideanMatrix(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
         query, ref, out = ctx.saved_tensors
         need_query, need_ref = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            if ctx.same_set:
+                (grad_query,) = backward_by_autograd(
+                    lambda: _unfused_matrix(query, query, ctx.root, True), (query,), grad
+                )
+                return grad_query, None, None, None
+            inputs = (query if need_query else None, ref if need_ref else None)
+            grads = backward_by_autograd(
+                lambda: _unfused_matrix(query, ref, ctx.root, False), inputs, grad
+            )
+            return *grads, None, None
         grad_query = out.new_empty(query.shape) if need_query else None
         grad_ref = out.new_zeros(ref.shape) if need_ref else None
         col_sum = out.new_zeros(out.shape[1]) if need_ref else None
@@ -148,6 +158,30 @@ class _EuclideanMatrix(torch.autograd.Function):
         if need_ref:
             grad_ref.addcmul_(col_sum.unsqueeze(1), ref)
         return grad_query, grad_ref, None, None
+
+
+def _unfused_matrix(query: Tensor, ref: Tensor, root: bool, same_set: bool) -> Tensor:
+    """`_EuclideanMatrix` by plain differentiable steps (its backward under create_graph)."""
+    squared = torch.addmm(ref.pow(2).sum(dim=1).unsqueeze(0), query, ref.T, alpha=-2)
+    squared = squared.add(query.pow(2).sum(dim=1, keepdim=True)).clamp_min(0)
+    if same_set:
+        squared = squared.fill_diagonal_(0)
+    return safe_sqrt(squared) if root else squared
+
+
+def backward_by_autograd(function, inputs, grad_outputs) -> list[Tensor | None]:
+    """Gradients of `function()` with respect to `inputs` (None entries are skipped), with
+    their own graph: the backward of a fused autograd Function when a graph of the gradient
+    is asked for (`create_graph=True`, e.g. a gradient penalty). `function` recomputes the
+    Function's outputs from its saved inputs by plain differentiable operations."""
+    wanted = [tensor for tensor in inputs if tensor is not None]
+    with torch.enable_grad():
+        grads = iter(
+            torch.autograd.grad(
+                function(), wanted, grad_outputs, create_graph=True, allow_unused=True
+            )
+        )
+    return [None if tensor is None else next(grads) for tensor in inputs]
 
 
 def _distance_weights(grad: Tensor, block: Tensor, ctx, rows: slice, weights: Tensor) -> Tensor:

@@ -23,9 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from deepmetric.distances import RowBlocks, row_blocks
+from deepmetric.distances import RowBlocks, backward_by_autograd, row_blocks
 from deepmetric.tuples import PositiveLists
 
 __all__ = [
@@ -35,7 +34,9 @@ __all__ = [
     "count_triplets",
     "fill_same_label_",
     "negative_mask",
+    "plain_triplet_sum",
     "same_label_columns",
+    "same_label_mask",
     "triplet_runs",
 ]
 
@@ -150,6 +151,29 @@ def _row_offsets(num_rows: int, num_buckets: int, device) -> Tensor:
     return (torch.arange(num_rows, dtype=torch.int32, device=device) * num_buckets).unsqueeze(1)
 
 
+def same_label_mask(positives: PositiveLists, ref_is_query: bool, num_cols: int) -> Tensor:
+    """The dense (N, M) mask of the same-label entries (for the plain forms only)."""
+    columns, has_same = same_label_columns(positives, ref_is_query)
+    mask = columns.new_zeros((len(columns), num_cols), dtype=torch.bool)
+    return mask.scatter_(1, columns, has_same.unsqueeze(1).expand_as(columns))
+
+
+def plain_triplet_sum(dis, swap_dis, positives, ref_is_query, margin, smooth) -> Tensor:
+    """The sum of `AllTripletsHinge` or `AllTripletsDense` by plain differentiable steps, one
+    (N, M) term per positive slot: their backward when a graph of the gradient is asked for
+    (second derivatives), where speed matters less than being differentiable."""
+    excluded = same_label_mask(positives, ref_is_query, dis.shape[1])
+    total = dis.new_zeros(())
+    for slot in range(positives.index.shape[1]):
+        column = positives.index[:, slot : slot + 1]
+        negative = dis if swap_dis is None else torch.minimum(dis, swap_dis[column.squeeze(1)])
+        violation = dis.gather(1, column) + margin - negative
+        terms = F.softplus(violation) if smooth else F.relu(violation)
+        unused = excluded | ~positives.valid[:, slot : slot + 1]
+        total = total + terms.masked_fill(unused, 0).sum()
+    return total
+
+
 def _same_label_values(block: Tensor, rows: slice, d_ap: Tensor, valid: Tensor, ref_is_query):
     """The row block's same-label entries (positives, and the anchor itself when the batch is
     its own reference set) as (R, S) values and a mask of the real ones."""
@@ -216,14 +240,23 @@ class AllTripletsHinge(torch.autograd.Function):
                 num_hard += (below - _same_below(d_ap, valid, same, same_valid)).long().sum()
         num_triplets = count_triplets(positives, num_cols, ref_is_query)
         num_active = active_negatives.long().sum()
-        ctx.save_for_backward(active_positives, active_negatives, positives.index)
+        ctx.save_for_backward(active_positives, active_negatives, dis, *positives)
+        ctx.ref_is_query, ctx.margin = ref_is_query, margin
         ctx.mark_non_differentiable(num_triplets, num_active, num_hard)
         return total, num_triplets, num_active, num_hard
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_total, *_):  # noqa: D102
-        active_positives, active_negatives, index = ctx.saved_tensors
+        active_positives, active_negatives, dis, *lists = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            positives, ref_is_query, margin = PositiveLists(*lists), ctx.ref_is_query, ctx.margin
+            (grad,) = backward_by_autograd(
+                lambda: plain_triplet_sum(dis, None, positives, ref_is_query, margin, False),
+                (dis,),
+                grad_total,
+            )
+            return grad, None, None, None, None
+        index = lists[0]
         grad = active_negatives.new_empty(active_positives.shape)
         for rows in row_blocks(*grad.shape):
             grad[rows].copy_(active_positives[rows]).mul_(-grad_total)
@@ -269,10 +302,18 @@ class AllTripletsDense(torch.autograd.Function):
         return total, num_active, num_hard
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_total, *_):  # noqa: D102
         dis, swap_dis, *lists = ctx.saved_tensors
         ref_is_query, margin, smooth = ctx.constants
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            positives = PositiveLists(*lists)
+            own_swap = swap_dis is not None and not ref_is_query
+            grads = backward_by_autograd(
+                lambda: plain_triplet_sum(dis, swap_dis, positives, ref_is_query, margin, smooth),
+                (dis, swap_dis if own_swap else None),
+                grad_total,
+            )
+            return *grads, None, None, None, None, None
         grad = torch.zeros_like(dis, memory_format=torch.contiguous_format)
         grad_swap = None
         if swap_dis is not None:

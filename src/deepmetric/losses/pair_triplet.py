@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from deepmetric.distances import (
     BaseDistance,
     EuclideanDistance,
     RowBlocks,
+    backward_by_autograd,
 )
 from deepmetric.losses.base import MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import check_reduction, reduce_terms, reduce_total
@@ -29,7 +29,7 @@ from deepmetric.triplet_counting import (
     fill_same_label_,
     same_label_columns,
 )
-from deepmetric.tuples import pairs_to_triplets, positive_lists
+from deepmetric.tuples import PositiveLists, pairs_to_triplets, positive_lists
 
 
 @dataclass(frozen=True)
@@ -195,10 +195,16 @@ class _ContrastiveSums(torch.autograd.Function):
         return pos_terms.sum(), neg_sum, num_active_pos, num_active_neg
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_pos, grad_neg, *_):  # noqa: D102
         matrix, index, valid, columns, has_same = ctx.saved_tensors
         pos_margin, neg_margin, power, sign = ctx.constants
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            (grad,) = backward_by_autograd(
+                lambda: _plain_contrastive_sums(matrix, index, valid, columns, has_same, ctx),
+                (matrix,),
+                (grad_pos, grad_neg),
+            )
+            return grad, None, None, None, None, None, None
         grad = torch.empty_like(matrix, memory_format=torch.contiguous_format)
         for rows in RowBlocks(*matrix.shape, passes=True):
             block, out = matrix[rows], grad[rows]
@@ -215,6 +221,20 @@ class _ContrastiveSums(torch.autograd.Function):
             (grad_values,) = torch.autograd.grad(terms.sum(), values, grad_pos)
         grad.scatter_add_(1, index, grad_values)
         return grad, None, None, None, None, None, None
+
+
+def _plain_contrastive_sums(matrix, index, valid, columns, has_same, ctx):
+    """The two sums of `_ContrastiveSums` by plain differentiable steps (its backward when a
+    graph of the gradient is asked for)."""
+    pos_margin, neg_margin, power, sign = ctx.constants
+    same = torch.zeros(matrix.shape, dtype=torch.bool, device=matrix.device)
+    same.scatter_(1, columns, has_same.unsqueeze(1).expand_as(columns))
+    negative_terms = F.relu(_negative_hinge(matrix, neg_margin, sign))
+    if power != 1:
+        negative_terms = negative_terms.pow(power)
+    positives = PositiveLists(index, valid, valid.sum(dim=1))
+    positive_terms = _positive_terms(matrix, positives, pos_margin, power, sign)
+    return positive_terms.sum(), negative_terms.masked_fill(same, 0).sum()
 
 
 def _negative_hinge(block: Tensor, neg_margin: float, sign: float, out=None) -> Tensor:
