@@ -98,9 +98,9 @@ class PairMarginMiner(BaseMiner):
         anchor1 = _row_numbers(positives.index).expand_as(violated)[violated]
         columns, has_same = same_label_columns(positives, batch.ref_is_query)
         anchor2, negative = [], []
+        compare = torch.gt if self.distance.is_inverted else torch.lt
         blocks = RowBlocks(*matrix.shape, passes=True)
         for rows in blocks:
-            compare = torch.gt if self.distance.is_inverted else torch.lt
             near = blocks.buffer("near", matrix, torch.bool)
             compare(matrix[rows], self.neg_margin, out=near)
             fill_same_label_(near, columns[rows], has_same[rows], False)
