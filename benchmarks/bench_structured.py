@@ -28,7 +28,7 @@ from deepmetric.losses.structured import (  # noqa: E402
     lifted_structure_loss,
     multi_similarity_loss,
 )
-from deepmetric.miners_extra import MultiSimilarityMiner  # noqa: E402
+from deepmetric.miners import MultiSimilarityMiner  # noqa: E402
 
 
 def lifted_smooth(x, y):

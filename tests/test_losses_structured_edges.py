@@ -22,7 +22,7 @@ from deepmetric.losses.clustering import (
 from deepmetric.losses.histogram import histogram_loss
 from deepmetric.losses.softmax_pairs import npairs_loss, ntxent_loss, supcon_loss
 from deepmetric.losses.structured import circle_loss, lifted_structure_loss, multi_similarity_loss
-from deepmetric.miners_extra import MultiSimilarityMiner
+from deepmetric.miners import MultiSimilarityMiner
 from deepmetric.tuples import MinedTuple, reference_key
 
 LOSSES = {
@@ -266,10 +266,7 @@ def reference_ms_mining(sim, labels, ref_labels, epsilon, same_set):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("distance", [CosineSimilarity(), EuclideanDistance()])
-def test_multi_similarity_miner_matches_the_rule(seed, distance, monkeypatch):
-    import deepmetric.miners_extra as miners_extra
-
-    monkeypatch.setattr(miners_extra, "BLOCK_ELEMENTS", 20)
+def test_multi_similarity_miner_matches_the_rule(seed, distance):
     x, y, r, ry = batch(seed, n=14, num_ref=9)
     miner = MultiSimilarityMiner(epsilon=0.1, distance=distance)
     for ref_emb, ref_labels in ((None, None), (r, ry)):
@@ -303,7 +300,7 @@ def test_miner_and_loss_must_share_the_reference_set():
         "deepmetric.losses.softmax_pairs",
         "deepmetric.losses.histogram",
         "deepmetric.losses.clustering",
-        "deepmetric.miners_extra",
+        "deepmetric.miners",
     ],
 )
 def test_docstring_examples_run(module):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric._validation import CheckedBatch, check_batch, check_choice, check_positive
-from deepmetric.distances import BaseDistance, EuclideanDistance, RowBlocks
+from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance, RowBlocks
 from deepmetric.triplet_counting import fill_same_label_, same_label_columns, triplet_runs
 from deepmetric.tuples import (
     MinedTuple,
@@ -360,6 +360,45 @@ def _farthest_positive(matrix: Tensor, positives: PositiveLists, inverted: bool)
     return positives.index.gather(1, slot).squeeze(1)
 
 
+class MultiSimilarityMiner(BaseMiner):
+    """Pair mining of the multi-similarity loss (Wang, Han, Huang, Dong & Scott 2019, eq. 7-8).
+
+    For anchor i with similarities s to its positives P_i and negatives N_i:
+
+        keep negative n  if  s_in + epsilon > min_{p in P_i} s_ip
+        keep positive p  if  s_ip - epsilon < max_{n in N_i} s_in
+
+    i.e. the negatives that come close to the hardest positive and the positives that come
+    close to the hardest negative. An anchor without positives keeps no negative and one
+    without negatives keeps no positive. With a distance d, s = -d. Returns pairs
+    (a1, p, a2, n); their number depends on the data.
+
+    Args:
+        epsilon: slack, >= 0 (similarity units, or distance units for a distance).
+        distance: default cosine similarity.
+
+    Example:
+        >>> miner = MultiSimilarityMiner(epsilon=0.1)
+        >>> a1, p, a2, n = miner(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    """
+
+    def __init__(self, epsilon: float = 0.1, distance: BaseDistance | None = None) -> None:
+        super().__init__(CosineSimilarity() if distance is None else distance)
+        self.epsilon = check_positive(epsilon, "epsilon", allow_zero=True)
+
+    def mine(self, matrix, batch):
+        sim = matrix if self.distance.is_inverted else -matrix
+        positive, negative = label_masks(batch.labels, batch.ref_labels, batch.ref_is_query)
+        hardest_pos = sim.masked_fill(~positive, math.inf).amin(dim=1, keepdim=True)
+        hardest_neg = sim.masked_fill(~negative, -math.inf).amax(dim=1, keepdim=True)
+        keep_neg = negative & (sim + self.epsilon > hardest_pos)
+        keep_pos = positive & (sim - self.epsilon < hardest_neg)
+        return (*keep_pos.nonzero(as_tuple=True), *keep_neg.nonzero(as_tuple=True))
+
+    def extra_repr(self) -> str:
+        return f"epsilon={self.epsilon}"
+
+
 __all__ = [
     "AllPairsMiner",
     "AllTripletsMiner",
@@ -367,6 +406,7 @@ __all__ = [
     "BatchHardMiner",
     "DistanceWeightedMiner",
     "HardNetMiner",
+    "MultiSimilarityMiner",
     "PairMarginMiner",
     "RankWindowMiner",
     "TripletMarginMiner",
