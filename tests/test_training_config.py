@@ -51,6 +51,18 @@ def test_params_keys_and_whole_mappings():
     assert config.loss.params == {"margin": 0.2}
 
 
+def test_default_params_belong_to_the_default_loss():
+    assert load_config().loss.params == {"temperature": 0.1}
+    assert load_config(overrides=["loss.params.temperature=0.05"]).loss.params == {
+        "temperature": 0.05
+    }
+    assert load_config(overrides=["loss.name=TripletMarginLoss"]).loss.params == {}
+    config = load_config(overrides=["loss.name=TripletMarginLoss", "loss.params.margin=0.3"])
+    assert config.loss.params == {"margin": 0.3}
+    config = load_config(overrides=["loss.name=ProxyAnchorLoss", "loss.params={margin: 0.2}"])
+    assert config.loss.params == {"margin": 0.2}
+
+
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
@@ -110,7 +122,7 @@ def test_help_lists_every_key_with_its_default():
 def test_diff_lists_changed_keys():
     old, new = load_config(), load_config(overrides=["train.epochs=9", "loss.params.temperature=1"])
     assert config_diff(old, new) == [
-        "loss.params: {} -> {'temperature': 1}",
+        "loss.params: {'temperature': 0.1} -> {'temperature': 1}",
         "train.epochs: 4 -> 9",
     ]
     assert config_diff(old, load_config()) == []

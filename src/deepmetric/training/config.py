@@ -99,8 +99,9 @@ class LossConfig:
 
     name: str = "NormalizedSoftmaxLoss"
     """A loss class of deepmetric.losses (e.g. TripletMarginLoss, ProxyAnchorLoss)."""
-    params: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the loss (e.g. temperature); num_classes, embedding_size filled in."""
+    params: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.1})
+    """Keyword arguments of the loss (num_classes, embedding_size filled in); another loss.name
+    starts from {}."""
     distance: str | None = None
     """A class of deepmetric.distances passed as distance=; null: the loss's default."""
 
@@ -359,10 +360,13 @@ def load_config(
     """Build a `Config`: defaults, then ``base`` (a nested dict), the YAML file at ``path``,
     then each ``key=value`` of ``overrides``.
 
+    The default ``loss.params`` (the recipe's temperature) belong to the default loss: when
+    ``loss.name`` names another loss, only the params given for it are kept.
     Raises `ConfigError` for an unknown key (with the closest valid key) or a value of the
     wrong type.
     """
     config = Config()
+    params_replaced, params_set = False, {}
     layers: list[dict[str, Any]] = []
     if base is not None:
         layers.append(base)
@@ -377,8 +381,15 @@ def load_config(
                 raise _unknown_key(str(section), list(_fields(config)))
             for name, value in values.items():
                 _set(config, f"{section}.{name}", value)
+                params_replaced |= f"{section}.{name}" == "loss.params"
     for text in overrides or []:
-        _set(config, *parse_override(text))
+        key, value = parse_override(text)
+        _set(config, key, value)
+        params_replaced |= key == "loss.params"
+        if key.startswith("loss.params."):
+            params_set[key.removeprefix("loss.params.")] = value
+    if not params_replaced and config.loss.name != LossConfig.name:
+        config.loss.params = params_set
     _check_values(config)
     return config
 
@@ -462,7 +473,7 @@ def config_help() -> str:
             default = yaml.safe_dump(getattr(section, name), default_flow_style=True).strip()
             default = default.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"  {section_name}.{name}={default}")
-            lines.append(f"      {docs.get(name, '')}")
+            lines.append("      " + " ".join(docs.get(name, "").split()))
     return "\n".join(lines)
 
 
