@@ -38,7 +38,10 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(temp_name, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0o600
         write(temp_name)
         with open(temp_name, "rb+") as file:
             os.fsync(file.fileno())

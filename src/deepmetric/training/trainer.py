@@ -34,6 +34,7 @@ from deepmetric.models import build_model
 from deepmetric.report import ImageSource, write_report
 from deepmetric.samplers import PKBatchSampler
 from deepmetric.training.checkpoint import (
+    atomic_write,
     get_rng_states,
     load_checkpoint,
     load_state,
@@ -495,7 +496,7 @@ def _train(
     # Results of the best epoch: its embeddings, an index over them, the summary and report.
     embeddings, labels = run.load_embeddings()
     index = build_index(embeddings, labels, config.eval.distance)
-    index.save(run.index)
+    atomic_write(run.index, index.save)
     summary = {
         "before": state.before,
         "after": state.best,
