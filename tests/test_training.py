@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from deepmetric.models import ConvEmbedder, MLPEmbedder, build_model
 from deepmetric.training.checkpoint import load_checkpoint, load_state, save_checkpoint
@@ -238,6 +239,42 @@ def test_resume_with_changed_config_names_the_keys(tmp_path):
 def test_more_classes_per_batch_than_classes(tmp_path):
     with pytest.raises(ConfigError, match="set train.classes_per_batch=5 or fewer"):
         train(tiny("train.classes_per_batch=6"), tmp_path / "run", quiet=True)
+
+
+def test_image_folder_and_feature_table(tmp_path):
+    rng = np.random.default_rng(0)
+    patterns = rng.random((6, 12, 12)) > 0.5
+    for label, pattern in enumerate(patterns):
+        (tmp_path / "images" / f"class{label}").mkdir(parents=True)
+        for i in range(4):
+            noisy = pattern ^ (rng.random((12, 12)) > 0.9)
+            Image.fromarray(noisy.astype(np.uint8) * 255).save(
+                tmp_path / "images" / f"class{label}" / f"{i}.png"
+            )
+    images = tiny(
+        "data.name=image_folder",
+        f"data.path={tmp_path / 'images'}",
+        "data.image_size=12",
+        "model.name=cnn",
+        "model.channels=[4, 8]",
+        "train.classes_per_batch=3",
+        "train.samples_per_class=2",
+    )
+    summary = train(images, tmp_path / "image_run", quiet=True)
+    assert summary["after"]["num_queries"] == 12  # 3 unseen classes x 4 images
+
+    table = tmp_path / "table.npy"
+    features = np.concatenate([rng.normal(size=(40, 5)), np.repeat(np.arange(8), 5)[:, None]], 1)
+    np.save(table, features)
+    vectors = tiny(
+        "data.name=feature_table",
+        f"data.path={table}",
+        "data.label_column=-1",
+        "train.classes_per_batch=4",
+        "train.samples_per_class=2",
+    )
+    summary = train(vectors, tmp_path / "table_run", quiet=True)
+    assert summary["after"]["num_queries"] == 20
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):

@@ -70,9 +70,9 @@ class DataConfig:
     image_mode: str = "L"
     """image_folder: L (grey) or RGB."""
     label_column: str = "label"
-    """feature_table: the column that holds the class labels."""
+    """feature_table: the column that holds the class labels (a number: its index)."""
     augment_shift: int = 2
-    """Random shift of training images by up to this many pixels (0: no augmentation)."""
+    """Random shift of training images (not vectors) by up to this many pixels (0: none)."""
 
 
 @dataclass

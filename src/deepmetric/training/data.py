@@ -48,7 +48,9 @@ def _load(config: DataConfig, split: str, train: bool) -> LabeledDataset:
         return ImageFolderDataset(
             config.path, split, config.image_mode, config.image_size, transform
         )
-    return load_feature_table(config.path, config.label_column, split, transform=transform)
+    column = config.label_column  # a number is a column index (plain .npy arrays)
+    label_column = int(column) if column.lstrip("-").isdigit() else column
+    return load_feature_table(config.path, label_column, split)  # vectors: no shifts
 
 
 def load_split(config: DataConfig, split: str, *, train: bool = False) -> LabeledDataset:
