@@ -133,8 +133,12 @@ def test_sweep_temperature(tmp_path, capsys):
     )
     assert [r["temperature"] for r in json.loads((out / "sweep.json").read_text())] == [0.05, 1.0]
     assert table in capsys.readouterr().out
+    steps = (out / "temperature-1" / "metrics.jsonl").read_text()
     assert main([*args, *TINY]) == 0  # finished runs are reused, not retrained
     assert (out / "sweep.md").read_text() == table
+    assert (out / "temperature-1" / "metrics.jsonl").read_text() == steps
+    assert main([*args, *TINY, "train.epochs=2"]) == 2  # another config: not mixed in
+    assert "its config changed" in capsys.readouterr().err
 
 
 def test_console_script_is_main():

@@ -192,12 +192,10 @@ def cmd_sweep_temperature(args: argparse.Namespace) -> None:
         epochs = load_config(args.config, overrides).train.epochs
         config = load_config(args.config, [*overrides, f"eval.every_epochs={epochs}"])
         run = RunFolder(out / f"temperature-{temperature:g}")
-        if run.summary.is_file():
-            summary = json.loads(run.summary.read_text(encoding="utf-8"))
-        else:
-            if not args.quiet:
-                print(f"temperature {temperature:g}: training in {run.root}", flush=True)
-            summary = train(config, run.root, resume=run.config.is_file(), quiet=args.quiet)
+        if not args.quiet:
+            print(f"temperature {temperature:g}: {run.root}", flush=True)
+        # An existing run (same config, checked) is resumed; a finished one only re-read.
+        summary = train(config, run.root, resume=run.config.is_file(), quiet=args.quiet)
         rows.append((temperature, summary["after"]))
     table = [
         "| temperature | R@1 | MAP@R |",
