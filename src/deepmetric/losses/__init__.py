@@ -2,7 +2,10 @@
 
     loss = loss_fn(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)
 
-Families: pair and triplet (`pair_triplet`).
+Families: pair and triplet (`pair_triplet`); structured batch losses (`structured`,
+`boundary`, `softmax_pairs`, `histogram`, `clustering`); proxies, centres and margin softmax
+(`softmax`, `proxy`, `additive_margin`, `distillation`, with `param_groups` to give loss
+parameters their own learning rate).
 """
 
 from __future__ import annotations
