@@ -12,6 +12,7 @@ Losses compute in float32 when given float16 or bfloat16 inputs and return the i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -74,3 +75,14 @@ class MetricLoss(nn.Module):
         super().__init__()
         self.distance = EuclideanDistance() if distance is None else distance
         self.reduction = check_reduction(reduction)
+
+    def forward_with_stats(self, function: Callable, *args, **hyper_parameters) -> Tensor:
+        """Call a loss function with this module's distance and reduction; keep its stats."""
+        loss, self.stats = function(
+            *args,
+            distance=self.distance,
+            reduction=self.reduction,
+            return_stats=True,
+            **hyper_parameters,
+        )
+        return loss

@@ -138,7 +138,8 @@ class RankedListLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = ranked_list_loss(
+        return self.forward_with_stats(
+            ranked_list_loss,
             embeddings,
             labels,
             indices_tuple,
@@ -149,11 +150,7 @@ class RankedListLoss(MetricLoss):
             imbalance=self.imbalance,
             alpha=self.alpha,
             Tp=self.Tp,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +297,8 @@ class MarginLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = margin_loss(
+        return self.forward_with_stats(
+            margin_loss,
             embeddings,
             labels,
             indices_tuple,
@@ -309,8 +307,4 @@ class MarginLoss(MetricLoss):
             margin=self.margin,
             beta=self.beta,
             nu=self.nu,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss

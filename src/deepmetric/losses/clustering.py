@@ -125,18 +125,15 @@ class CoupledClustersLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = coupled_clusters_loss(
+        return self.forward_with_stats(
+            coupled_clusters_loss,
             embeddings,
             labels,
             indices_tuple,
             ref_emb,
             ref_labels,
             margin=self.margin,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -419,7 +419,8 @@ class ContrastiveLoss(MetricLoss):
         self.stats: PairStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = contrastive_loss(
+        return self.forward_with_stats(
+            contrastive_loss,
             embeddings,
             labels,
             indices_tuple,
@@ -428,11 +429,7 @@ class ContrastiveLoss(MetricLoss):
             pos_margin=self.pos_margin,
             neg_margin=self.neg_margin,
             power=self.power,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss
 
 
 class TripletMarginLoss(MetricLoss):
@@ -462,7 +459,8 @@ class TripletMarginLoss(MetricLoss):
         self.stats: TripletStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = triplet_margin_loss(
+        return self.forward_with_stats(
+            triplet_margin_loss,
             embeddings,
             labels,
             indices_tuple,
@@ -471,8 +469,4 @@ class TripletMarginLoss(MetricLoss):
             margin=self.margin,
             swap=self.swap,
             smooth_loss=self.smooth_loss,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss

@@ -216,18 +216,15 @@ class NTXentLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = ntxent_loss(
+        return self.forward_with_stats(
+            ntxent_loss,
             embeddings,
             labels,
             indices_tuple,
             ref_emb,
             ref_labels,
             temperature=self.temperature,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss
 
 
 class NPairsLoss(MetricLoss):
@@ -249,18 +246,15 @@ class NPairsLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = npairs_loss(
+        return self.forward_with_stats(
+            npairs_loss,
             embeddings,
             labels,
             indices_tuple,
             ref_emb,
             ref_labels,
             l2_reg_weight=self.l2_reg_weight,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss
 
 
 class SupConLoss(MetricLoss):
@@ -282,15 +276,12 @@ class SupConLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = supcon_loss(
+        return self.forward_with_stats(
+            supcon_loss,
             embeddings,
             labels,
             indices_tuple,
             ref_emb,
             ref_labels,
             temperature=self.temperature,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss

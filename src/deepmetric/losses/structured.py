@@ -200,7 +200,8 @@ class LiftedStructureLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = lifted_structure_loss(
+        return self.forward_with_stats(
+            lifted_structure_loss,
             embeddings,
             labels,
             indices_tuple,
@@ -209,11 +210,7 @@ class LiftedStructureLoss(MetricLoss):
             neg_margin=self.neg_margin,
             pos_margin=self.pos_margin,
             smooth=self.smooth,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +303,8 @@ class MultiSimilarityLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = multi_similarity_loss(
+        return self.forward_with_stats(
+            multi_similarity_loss,
             embeddings,
             labels,
             indices_tuple,
@@ -315,11 +313,7 @@ class MultiSimilarityLoss(MetricLoss):
             alpha=self.alpha,
             beta=self.beta,
             base=self.base,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +409,8 @@ class CircleLoss(MetricLoss):
         self.stats: StructuredStats | None = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        loss, self.stats = circle_loss(
+        return self.forward_with_stats(
+            circle_loss,
             embeddings,
             labels,
             indices_tuple,
@@ -423,8 +418,4 @@ class CircleLoss(MetricLoss):
             ref_labels,
             m=self.m,
             gamma=self.gamma,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
         )
-        return loss
