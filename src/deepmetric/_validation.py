@@ -6,7 +6,9 @@ do. The numeric code behind these checks trusts its inputs.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -67,13 +69,79 @@ def check_same_device(**tensors: Tensor | None) -> None:
         raise ValueError(f"inputs are on different devices ({listing}); move them to one device")
 
 
+def check_finite(value: object, name: str) -> float:
+    """Return `value` as a float if it is a finite real number; raise naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}; pass a finite value")
+    return float(value)
+
+
 def check_positive(value: float, name: str, allow_zero: bool = False) -> float:
-    """Return `value` if it is > 0 (or >= 0 with `allow_zero`); raise a ValueError otherwise."""
+    """Return `value` if it is finite and > 0 (or >= 0 with `allow_zero`); raise otherwise."""
+    value = check_finite(value, name)
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
+
+
+def check_interval(value: float, name: str, low: float, high: float, unit: str = "") -> float:
+    """Return `value` if it is finite and low <= value <= high; raise naming `name` otherwise."""
+    value = check_finite(value, name)
+    if not low <= value <= high:
+        unit = f" ({unit})" if unit else ""
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}]{unit}, got {value}")
+    return value
+
+
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """Return `value` if it is an integer >= `minimum` (not a bool); raise naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class HyperParameter:
+    """A module attribute checked every time it is set, at construction and later alike.
+
+    `check(value, name)` returns the value to store or raises an error naming `name`, so
+    `loss.margin = float("nan")` fails as `Loss(margin=float("nan"))` does. Declare it on
+    the class; assign it in `__init__` as a plain attribute:
+
+        >>> from torch import nn
+        >>> class Scaled(nn.Module):
+        ...     scale = HyperParameter(check_positive)
+        ...     def __init__(self, scale: float = 1.0) -> None:
+        ...         super().__init__()
+        ...         self.scale = scale
+        >>> Scaled(2).scale
+        2.0
+        >>> Scaled(float("inf"))
+        Traceback (most recent call last):
+        ...
+        ValueError: scale must be a finite number, got inf; pass a finite value
+    """
+
+    def __init__(self, check: Callable[[Any, str], Any]) -> None:
+        self.check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.slot = f"_hyper_{name}"
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return instance.__dict__[self.slot]
+
+    def __set__(self, instance: object, value: Any) -> None:
+        instance.__dict__[self.slot] = self.check(value, self.name)
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
