@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from deepmetric.index import NeighbourIndex
-from deepmetric.metrics import evaluate, format_table
+from deepmetric.inference import build_index, embed, evaluate_embeddings, load_model
+from deepmetric.metrics import format_table
 from deepmetric.models import build_model
 from deepmetric.report import ImageSource, write_report
 from deepmetric.samplers import PKBatchSampler
@@ -47,7 +47,7 @@ from deepmetric.training.components import (
     build_optimizer,
     build_scheduler,
 )
-from deepmetric.training.config import Config, EvalConfig, load_config
+from deepmetric.training.config import Config
 from deepmetric.training.data import gather, images_of, load_split
 from deepmetric.training.errors import ConfigError
 from deepmetric.training.run_folder import MetricsLog, RunFolder
@@ -122,71 +122,6 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def embed(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-    precision: torch.dtype = torch.float32,
-) -> np.ndarray:
-    """The model's embeddings of every item of ``dataset``, as a float32 array (N, D)."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(dataset), batch_size):
-            x = gather(dataset, np.arange(start, min(start + batch_size, len(dataset))))
-            with torch.autocast(device.type, precision, enabled=precision != torch.float32):
-                chunks.append(model(x.to(device)).float().cpu())
-    model.train(was_training)
-    return torch.cat(chunks).numpy()
-
-
-def evaluate_embeddings(
-    embeddings: np.ndarray, labels: np.ndarray, config: EvalConfig
-) -> dict[str, float]:
-    """The metrics of ``config`` for embeddings of one split (each item queries the rest)."""
-    return evaluate(
-        embeddings, labels, metrics=config.metrics, k=config.k, distance=config.distance
-    )
-
-
-def build_index(embeddings: np.ndarray, labels: np.ndarray, distance: str) -> NeighbourIndex:
-    """An exact index over ``embeddings``: squared L2, or inner product of unit vectors."""
-    if distance == "cosine":
-        embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    index = NeighbourIndex(metric="ip" if distance == "cosine" else "l2")
-    index.add(embeddings, labels=labels)
-    return index
-
-
-def load_model(
-    path: str | Path, config: Config | None = None
-) -> tuple[nn.Module, Config, tuple[int, ...]]:
-    """The model of a checkpoint file (in eval mode), its config and the shape of one input.
-
-    ``config`` defaults to the one stored in the checkpoint; a config whose model has
-    another shape raises `CheckpointError` naming each tensor that does not fit.
-    """
-    checkpoint = load_checkpoint(path)
-    if config is None:
-        config = load_config(base=checkpoint["config"])
-    input_shape = tuple(checkpoint["input_shape"])
-    model = build_model(
-        config.model.name,
-        input_shape,
-        config.model.embedding_dim,
-        hidden_dims=config.model.hidden_dims,
-        channels=config.model.channels,
-        normalize=config.model.normalize,
-        dropout=config.model.dropout,
-    )
-    load_state(model, checkpoint["model"], "model", str(path))
-    return model.eval(), config, input_shape
 
 
 def report_run(run: RunFolder, config: Config, images: ImageSource | None = None) -> Path:
