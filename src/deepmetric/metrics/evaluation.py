@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
-from deepmetric.index import NeighbourIndex, _block_distances
+from deepmetric.index import NeighbourIndex
+from deepmetric.index_backends import block_distances
 from deepmetric.metrics._inputs import (
     as_embeddings,
     as_labels,
@@ -99,7 +100,7 @@ def _first_relevant_ranks(
     step = max(1, _BLOCK_ENTRIES // len(reference))
     for start in range(0, len(rows), step):
         block_rows = rows[start : start + step]
-        dist = _block_distances(torch.from_numpy(query[block_rows]), ref, ref_sq, metric)
+        dist = block_distances(torch.from_numpy(query[block_rows]), ref, ref_sq, metric)
         if exclude_self:
             dist[torch.arange(len(block_rows)), torch.from_numpy(block_rows)] = float("inf")
         relevant = codes[None, :] == torch.from_numpy(q_codes[block_rows])[:, None]
