@@ -193,7 +193,7 @@ def test_proxy_nca_matches_reference(seed, exclude, k, assignment):
     fast = proxy_nca_loss(
         x,
         y,
-        p,
+        proxies=p,
         softmax_scale=1.7,
         proxies_per_class=k,
         assignment=assignment,
@@ -205,14 +205,15 @@ def test_proxy_nca_matches_reference(seed, exclude, k, assignment):
 @pytest.mark.parametrize("reduction", ["sum", "nonzero_mean"])
 def test_proxy_nca_reductions(reduction):
     x, y, p = batch(4, n=8, rows=4)
-    fast = proxy_nca_loss(x, y, p, softmax_scale=0.5, reduction=reduction)
+    fast = proxy_nca_loss(x, y, proxies=p, softmax_scale=0.5, reduction=reduction)
     assert_same(fast, proxy_nca_ref(x, y, p, 0.5, 1, "static", True, reduction), (x, p))
 
 
 def test_dynamic_one_proxy_per_class_is_static():
     x, y, p = batch(1, n=8, rows=4)
     torch.testing.assert_close(
-        proxy_nca_loss(x, y, p, assignment="dynamic"), proxy_nca_loss(x, y, p, assignment="static")
+        proxy_nca_loss(x, y, proxies=p, assignment="dynamic"),
+        proxy_nca_loss(x, y, proxies=p, assignment="static"),
     )
 
 
@@ -223,18 +224,22 @@ def test_proxy_nca_with_positive_is_normalized_softmax(seed, scale):
     up to a constant: Proxy-NCA with the positive included is the normalised softmax with
     temperature 1 / (2 s), values and gradients."""
     x, y, p = batch(seed, n=9, rows=5)
-    nca = proxy_nca_loss(x, y, p, softmax_scale=scale, exclude_positive=False)
-    softmax = normalized_softmax_loss(x, y, p, temperature=1 / (2 * scale))
+    nca = proxy_nca_loss(x, y, proxies=p, softmax_scale=scale, exclude_positive=False)
+    softmax = normalized_softmax_loss(x, y, weight=p, temperature=1 / (2 * scale))
     assert_same(nca, softmax, (x, p))
 
 
 def test_proxy_nca_takes_any_distance():
     x, y, p = batch(2, n=6, rows=3)
     with_cosine = proxy_nca_loss(
-        x, y, p, softmax_scale=4.0, exclude_positive=False, distance=CosineSimilarity()
+        x, y, proxies=p, softmax_scale=4.0, exclude_positive=False, distance=CosineSimilarity()
     )
-    torch.testing.assert_close(with_cosine, normalized_softmax_loss(x, y, p, temperature=0.25))
-    raw = proxy_nca_loss(x, y, p, distance=SquaredEuclideanDistance(), exclude_positive=False)
+    torch.testing.assert_close(
+        with_cosine, normalized_softmax_loss(x, y, weight=p, temperature=0.25)
+    )
+    raw = proxy_nca_loss(
+        x, y, proxies=p, distance=SquaredEuclideanDistance(), exclude_positive=False
+    )
     d2 = torch.cdist(x, p) ** 2
     torch.testing.assert_close(raw, F.cross_entropy(-d2, y))
 
@@ -243,7 +248,7 @@ def test_proxy_nca_one_class_is_zero_with_graph():
     x, _, p = batch(0, n=5, rows=2)
     y = torch.zeros(5, dtype=torch.long)
     for exclude in (True, False):
-        loss = proxy_nca_loss(x, y, p, proxies_per_class=2, exclude_positive=exclude)
+        loss = proxy_nca_loss(x, y, proxies=p, proxies_per_class=2, exclude_positive=exclude)
         assert float(loss.detach()) == 0.0
         (grad,) = torch.autograd.grad(loss, x)
         assert bool((grad == 0).all())
@@ -256,20 +261,20 @@ def test_proxy_nca_one_class_is_zero_with_graph():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "nonzero_mean"])
 def test_proxy_anchor_matches_reference(seed, reduction):
     x, y, p = batch(seed, n=8, rows=5)  # some proxies have no positive in the batch
-    fast = proxy_anchor_loss(x, y, p, margin=0.1, alpha=8.0, reduction=reduction)
+    fast = proxy_anchor_loss(x, y, proxies=p, margin=0.1, alpha=8.0, reduction=reduction)
     assert_same(fast, proxy_anchor_ref(x, y, p, 0.1, 8.0, reduction), (x, p))
 
 
 def test_proxy_anchor_large_alpha_matches_reference():
     x, y, p = batch(7, n=6, rows=3)
-    fast = proxy_anchor_loss(x, y, p, margin=0.2, alpha=64.0)
+    fast = proxy_anchor_loss(x, y, proxies=p, margin=0.2, alpha=64.0)
     assert_same(fast, proxy_anchor_ref(x, y, p, 0.2, 64.0), (x, p))
 
 
 def test_proxy_anchor_one_class_has_no_negative_term():
     x, _, p = batch(3, n=5, rows=1)
     y = torch.zeros(5, dtype=torch.long)
-    fast = proxy_anchor_loss(x, y, p, alpha=16.0)
+    fast = proxy_anchor_loss(x, y, proxies=p, alpha=16.0)
     assert_same(fast, proxy_anchor_ref(x, y, p, 0.1, 16.0), (x, p))
 
 
@@ -284,7 +289,7 @@ def test_center_loss_matches_reference(seed, reduction, with_bias):
     g = torch.Generator().manual_seed(seed + 100)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
     c = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    fast = center_loss(x, y, w, b, c, center_weight=0.3, reduction=reduction)
+    fast = center_loss(x, y, weight=w, bias=b, centers=c, center_weight=0.3, reduction=reduction)
     slow = center_ref(x, y, w, b, c, 0.3, reduction)
     inputs = (x, w, c) + ((b,) if with_bias else ())
     assert_same(fast, slow, inputs)
@@ -314,7 +319,9 @@ def test_center_loss_module_moves_centres_by_its_rule():
     assert "centers" in loss_fn.state_dict()
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     before = loss_fn.centers.clone()
-    expected_loss = center_loss(x, y, loss_fn.weight, loss_fn.bias, before, center_weight=0.1)
+    expected_loss = center_loss(
+        x, y, weight=loss_fn.weight, bias=loss_fn.bias, centers=before, center_weight=0.1
+    )
     loss = loss_fn(x, y)
     torch.testing.assert_close(loss, expected_loss)  # the loss uses the centres before the move
     torch.testing.assert_close(loss_fn.centers, update_centers(before.clone(), x, y, 0.5))
@@ -360,7 +367,7 @@ def test_center_loss_bf16_updates_float32_centres():
 def test_additive_margin_matches_seed_formula(seed, distance, d, reduction):
     x, y, c = batch(seed, n=7, rows=4)
     fast = additive_margin_loss(
-        x, y, c, margin=0.3, scale=2.5, distance=distance, reduction=reduction
+        x, y, centers=c, margin=0.3, scale=2.5, distance=distance, reduction=reduction
     )
     slow = additive_margin_ref(x, y, c, 0.3, 2.5, d, reduction)
     assert_same(fast, slow, (x, c))
@@ -369,19 +376,19 @@ def test_additive_margin_matches_seed_formula(seed, distance, d, reduction):
 def test_additive_margin_with_cosine_is_cosface():
     x, y, c = batch(9, n=8, rows=5)
     assert_same(
-        additive_margin_loss(x, y, c, margin=0.35, scale=30.0, distance=CosineSimilarity()),
-        cosface_loss(x, y, c, margin=0.35, scale=30.0),
+        additive_margin_loss(x, y, centers=c, margin=0.35, scale=30.0, distance=CosineSimilarity()),
+        cosface_loss(x, y, weight=c, margin=0.35, scale=30.0),
         (x, c),
     )
 
 
 def test_additive_margin_stats_are_distances_to_own_centre():
     x, y, c = batch(1, n=6, rows=3)
-    _, stats = additive_margin_loss(x, y, c, margin=0.2, return_stats=True)
+    _, stats = additive_margin_loss(x, y, centers=c, margin=0.2, return_stats=True)
     expected = torch.stack([torch.dist(x[i], c[y[i]]) for i in range(6)]).detach()
     torch.testing.assert_close(stats.center_distance, expected)
     assert stats.margin == 0.2 and not stats.center_distance.requires_grad
-    _, stats = additive_margin_loss(x, y, c, distance=CosineSimilarity(), return_stats=True)
+    _, stats = additive_margin_loss(x, y, centers=c, distance=CosineSimilarity(), return_stats=True)
     expected = torch.stack([negative_cosine(x[i], c[y[i]]) for i in range(6)]).detach()
     torch.testing.assert_close(stats.center_distance, -expected)
 
@@ -431,7 +438,7 @@ def test_additive_margin_loss_drives_the_adaptive_margin():
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     first = loss_fn(x, y)
     torch.testing.assert_close(
-        first, additive_margin_loss(x, y, loss_fn.centers, margin=0.0, scale=2.0)
+        first, additive_margin_loss(x, y, centers=loss_fn.centers, margin=0.0, scale=2.0)
     )
     loss_fn(x, y)
     expected = 2 * torch.cdist(x, loss_fn.centers.detach()).gather(1, y[:, None]).mean()
@@ -439,7 +446,7 @@ def test_additive_margin_loss_drives_the_adaptive_margin():
     assert loss_fn.current_margin == schedule.margin
     torch.testing.assert_close(
         loss_fn(x, y),
-        additive_margin_loss(x, y, loss_fn.centers, margin=schedule.margin, scale=2.0),
+        additive_margin_loss(x, y, centers=loss_fn.centers, margin=schedule.margin, scale=2.0),
     )
     restored = AdditiveMarginLoss(3, 4, margin=AdaptiveMargin(update_every=2), scale=2.0)
     restored.load_state_dict(loss_fn.state_dict())
@@ -601,11 +608,11 @@ def test_bad_hyper_parameters_name_the_argument(build, argument):
 def test_functional_shape_checks():
     x, y, p = batch(0, n=6, rows=6)
     with pytest.raises(ValueError, match="proxies_per_class=4"):
-        proxy_nca_loss(x, y, p, proxies_per_class=4)
+        proxy_nca_loss(x, y, proxies=p, proxies_per_class=4)
     with pytest.raises(ValueError, match="centers has shape"):
-        center_loss(x, y, p, None, p[:2])
+        center_loss(x, y, weight=p, centers=p[:2])
     with pytest.raises(ValueError, match="bias"):
-        center_loss(x, y, p, torch.zeros(2, dtype=torch.float64), p)
+        center_loss(x, y, weight=p, bias=torch.zeros(2, dtype=torch.float64), centers=p)
     with pytest.raises(ValueError, match="alpha"):
         update_centers(p.detach().clone(), x, y, alpha=2.0)
 

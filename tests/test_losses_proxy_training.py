@@ -122,7 +122,7 @@ def test_adaptive_margin_training_sets_margin_to_class_diameter():
         embeddings = model(x_train)
         distance = MetricCosineDistance()
         return additive_margin_loss(
-            embeddings, y_train, loss_fn.centers, scale=8.0, distance=distance
+            embeddings, y_train, centers=loss_fn.centers, scale=8.0, distance=distance
         ).item()
 
     with torch.no_grad():

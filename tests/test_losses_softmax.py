@@ -152,7 +152,7 @@ def assert_same(fast, slow, inputs):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "nonzero_mean"])
 def test_normalized_softmax_matches_reference(seed, reduction):
     x, y, w = batch(seed)
-    fast = normalized_softmax_loss(x, y, w, temperature=0.2, reduction=reduction)
+    fast = normalized_softmax_loss(x, y, weight=w, temperature=0.2, reduction=reduction)
     assert_same(fast, normalized_softmax_ref(x, y, w, 0.2, reduction), (x, w))
 
 
@@ -163,7 +163,7 @@ def test_normalized_softmax_matches_reference(seed, reduction):
 def test_large_margin_matches_reference(seed, margin, normalize_weights, lam):
     x, y, w = batch(seed, n=6)
     fast = large_margin_softmax_loss(
-        x, y, w, margin=margin, scale=1.3, normalize_weights=normalize_weights, lambda_=lam
+        x, y, weight=w, margin=margin, scale=1.3, normalize_weights=normalize_weights, lambda_=lam
     )
     slow = large_margin_ref(x, y, w, margin, 1.3, normalize_weights, lam)
     assert_same(fast, slow, (x, w))
@@ -185,7 +185,7 @@ def test_psi_is_continuous_and_decreasing():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_cosface_matches_seed_formula(seed, reduction):
     x, y, w = batch(seed)
-    fast = cosface_loss(x, y, w, margin=0.35, scale=8.0, reduction=reduction)
+    fast = cosface_loss(x, y, weight=w, margin=0.35, scale=8.0, reduction=reduction)
     assert_same(fast, cosface_ref(x, y, w, 0.35, 8.0, reduction), (x, w))
 
 
@@ -194,7 +194,7 @@ def test_cosface_matches_seed_formula(seed, reduction):
 @pytest.mark.parametrize("margin", [0.3, 0.5, 1.2])
 def test_arcface_matches_reference(seed, easy_margin, margin):
     x, y, w = batch(seed, n=9)
-    fast = arcface_loss(x, y, w, margin=margin, scale=6.0, easy_margin=easy_margin)
+    fast = arcface_loss(x, y, weight=w, margin=margin, scale=6.0, easy_margin=easy_margin)
     assert_same(fast, arcface_ref(x, y, w, margin, 6.0, easy_margin), (x, w))
 
 
@@ -207,7 +207,10 @@ def test_arcface_fix_keeps_target_logit_decreasing():
     x = torch.stack([torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)], dim=1)
     y = torch.zeros(len(x), dtype=torch.long)
     per_sample = torch.stack(
-        [arcface_loss(x[i : i + 1], y[i : i + 1], w, margin=margin, scale=1.0) for i in range(400)]
+        [
+            arcface_loss(x[i : i + 1], y[i : i + 1], weight=w, margin=margin, scale=1.0)
+            for i in range(400)
+        ]
     )
 
     # the loss of a sample must grow as it turns away from its class (theta up)
@@ -231,17 +234,17 @@ def test_margin_family_without_margin_is_normalized_softmax(seed):
     softmax (temperature 1) on unit features and weights."""
     x, y, w = unit_batch(seed)
     for loss in (
-        cosface_loss(x, y, w, margin=0.0, scale=1.0),
-        arcface_loss(x, y, w, margin=0.0, scale=1.0),
-        arcface_loss(x, y, w, margin=0.0, scale=1.0, easy_margin=True),
+        cosface_loss(x, y, weight=w, margin=0.0, scale=1.0),
+        arcface_loss(x, y, weight=w, margin=0.0, scale=1.0),
+        arcface_loss(x, y, weight=w, margin=0.0, scale=1.0, easy_margin=True),
     ):
-        assert_same(loss, normalized_softmax_loss(x, y, w, temperature=1.0), (x, w))
+        assert_same(loss, normalized_softmax_loss(x, y, weight=w, temperature=1.0), (x, w))
     # the multiplicative family keeps the norms in the logits, so only the values agree
     # on unit vectors (the gradients keep a radial part)
-    plain = normalized_softmax_loss(x, y, w, temperature=1.0)
+    plain = normalized_softmax_loss(x, y, weight=w, temperature=1.0)
     for loss in (
-        large_margin_softmax_loss(x, y, w, margin=1, scale=1.0, normalize_weights=True),
-        large_margin_softmax_loss(x, y, w, margin=1, scale=1.0, lambda_=3.0),
+        large_margin_softmax_loss(x, y, weight=w, margin=1, scale=1.0, normalize_weights=True),
+        large_margin_softmax_loss(x, y, weight=w, margin=1, scale=1.0, lambda_=3.0),
     ):
         torch.testing.assert_close(loss, plain)
 
@@ -251,12 +254,12 @@ def test_multiplicative_margin_one_is_plain_softmax(seed):
     """m = 1: L-Softmax is the bias-free softmax of x.w, SphereFace that of x.w^."""
     x, y, w = batch(seed)
     assert_same(
-        large_margin_softmax_loss(x, y, w, margin=1, lambda_=2.0),
+        large_margin_softmax_loss(x, y, weight=w, margin=1, lambda_=2.0),
         F.cross_entropy(x @ w.T, y),
         (x, w),
     )
     assert_same(
-        large_margin_softmax_loss(x, y, w, margin=1, normalize_weights=True),
+        large_margin_softmax_loss(x, y, weight=w, margin=1, normalize_weights=True),
         F.cross_entropy(x @ F.normalize(w, dim=1).T, y),
         (x, w),
     )
@@ -284,8 +287,8 @@ def test_modules_without_margin_equal_normalized_softmax_module():
 def test_temperature_and_scale_are_reciprocal():
     x, y, w = batch(5)
     torch.testing.assert_close(
-        normalized_softmax_loss(x, y, w, temperature=0.25),
-        cosface_loss(x, y, w, margin=0.0, scale=4.0),
+        normalized_softmax_loss(x, y, weight=w, temperature=0.25),
+        cosface_loss(x, y, weight=w, margin=0.0, scale=4.0),
     )
 
 
@@ -312,12 +315,12 @@ def test_heated_up_uses_current_scale_and_saves_step():
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     before = loss_fn(x, y)
     torch.testing.assert_close(
-        before, normalized_softmax_loss(x, y, loss_fn.weight, temperature=1 / 16)
+        before, normalized_softmax_loss(x, y, weight=loss_fn.weight, temperature=1 / 16)
     )
     loss_fn.step()
     after = loss_fn(x, y)
     torch.testing.assert_close(
-        after, normalized_softmax_loss(x, y, loss_fn.weight, temperature=1 / 4)
+        after, normalized_softmax_loss(x, y, weight=loss_fn.weight, temperature=1 / 4)
     )
     restored = HeatedUpSoftmaxLoss(3, 4, heat_up_at=1, initial_scale=16.0, final_scale=4.0)
     restored.load_state_dict(loss_fn.state_dict())
@@ -350,7 +353,7 @@ def test_module_uses_current_lambda():
     loss_fn = SphereFaceLoss(3, 4, lambda_schedule=LambdaSchedule(base=7.0, minimum=0.0))
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     expected = large_margin_softmax_loss(
-        x, y, loss_fn.weight, margin=4, normalize_weights=True, lambda_=7.0
+        x, y, weight=loss_fn.weight, margin=4, normalize_weights=True, lambda_=7.0
     )
     torch.testing.assert_close(loss_fn(x, y), expected)
 
@@ -454,7 +457,8 @@ def test_non_contiguous_embeddings():
     x, y, w = batch(3, n=6, dim=5)
     wide = torch.randn(5, 6, dtype=torch.float64).T  # (6, 5), not contiguous
     torch.testing.assert_close(
-        cosface_loss(wide, y, w, scale=4.0), cosface_loss(wide.contiguous(), y, w, scale=4.0)
+        cosface_loss(wide, y, weight=w, scale=4.0),
+        cosface_loss(wide.contiguous(), y, weight=w, scale=4.0),
     )
 
 
@@ -523,11 +527,11 @@ def test_bad_hyper_parameters_name_the_argument(build, argument):
 def test_functional_checks_arguments():
     x, y, w = batch(0)
     with pytest.raises(ValueError, match="temperature"):
-        normalized_softmax_loss(x, y, w, temperature=0)
+        normalized_softmax_loss(x, y, weight=w, temperature=0)
     with pytest.raises(ValueError, match="lambda_"):
-        large_margin_softmax_loss(x, y, w, lambda_=-1.0)
+        large_margin_softmax_loss(x, y, weight=w, lambda_=-1.0)
     with pytest.raises(ValueError, match="num_classes=2"):
-        arcface_loss(x, torch.full_like(y, 3), w[:2])
+        arcface_loss(x, torch.full_like(y, 3), weight=w[:2])
 
 
 @pytest.mark.parametrize("name", ["deepmetric.losses.softmax", "deepmetric.losses.param_groups"])

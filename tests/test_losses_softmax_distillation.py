@@ -72,13 +72,17 @@ def logits(seed, n=6, c=5):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_logit_distillation_matches_reference(seed, temperature, reduction):
     student, teacher, _ = logits(seed)
-    fast = distillation_loss(student, teacher, temperature=temperature, reduction=reduction)
+    fast = distillation_loss(
+        student, teacher_logits=teacher, temperature=temperature, reduction=reduction
+    )
     rows = [[student[i, j] for j in range(5)] for i in range(6)]
     teacher_rows = [[teacher[i, j] for j in range(5)] for i in range(6)]
     slow = kl_rows_ref(rows, teacher_rows, temperature, reduction)
     assert_same(fast, slow, (student,))
     (teacher_grad,) = torch.autograd.grad(
-        distillation_loss(student, teacher, temperature=temperature), teacher, allow_unused=True
+        distillation_loss(student, teacher_logits=teacher, temperature=temperature),
+        teacher,
+        allow_unused=True,
     )
     assert teacher_grad is None  # the teacher is detached
 
@@ -91,7 +95,7 @@ def test_soft_term_is_cross_entropy_minus_teacher_entropy():
     p = F.softmax(teacher.detach() / T, dim=1)
     cross_entropy = -(p * F.log_softmax(student / T, dim=1)).sum(1).mean() * T**2
     entropy = -(p * p.log()).sum(1).mean() * T**2
-    kd = distillation_loss(student, teacher, temperature=T)
+    kd = distillation_loss(student, teacher_logits=teacher, temperature=T)
     torch.testing.assert_close(kd, cross_entropy - entropy)
     g1 = torch.autograd.grad(kd, student)[0]
     g2 = torch.autograd.grad(cross_entropy, student)[0]
@@ -100,16 +104,18 @@ def test_soft_term_is_cross_entropy_minus_teacher_entropy():
 
 def test_hard_label_weight_mixes_plain_cross_entropy():
     student, teacher, labels = logits(2)
-    mixed = distillation_loss(student, teacher, labels, temperature=2.0, hard_label_weight=0.3)
-    expected = 0.7 * distillation_loss(student, teacher, temperature=2.0) + 0.3 * F.cross_entropy(
-        student, labels
+    mixed = distillation_loss(
+        student, labels, teacher_logits=teacher, temperature=2.0, hard_label_weight=0.3
     )
+    expected = 0.7 * distillation_loss(
+        student, teacher_logits=teacher, temperature=2.0
+    ) + 0.3 * F.cross_entropy(student, labels)
     assert_same(mixed, expected, (student,))
 
 
 def test_matching_teacher_gives_zero():
     student, _, _ = logits(1)
-    loss = distillation_loss(student, student.detach().clone(), temperature=5.0)
+    loss = distillation_loss(student, teacher_logits=student.detach().clone(), temperature=5.0)
     assert abs(float(loss.detach())) < 1e-12
 
 
@@ -118,7 +124,7 @@ def test_similarity_distillation_matches_reference(seed):
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(5, 7, generator=g, dtype=torch.float64)
-    fast = similarity_distillation_loss(student, teacher, temperature=0.3)
+    fast = similarity_distillation_loss(student, teacher_emb=teacher, temperature=0.3)
     rows, teacher_rows = [], []
     for i in range(5):
         rows.append([cosine(student[i], student[j]) for j in range(5) if j != i])
@@ -133,7 +139,12 @@ def test_similarity_distillation_with_reference_sets_and_distance():
     teacher, teacher_ref = torch.randn(4, 5, generator=g), torch.randn(6, 5, generator=g)
     teacher, teacher_ref = teacher.double(), teacher_ref.double()
     fast = similarity_distillation_loss(
-        student, teacher, ref, teacher_ref, temperature=0.5, distance=EuclideanDistance()
+        student,
+        ref_emb=ref,
+        teacher_emb=teacher,
+        teacher_ref_emb=teacher_ref,
+        temperature=0.5,
+        distance=EuclideanDistance(),
     )
     rows = [[-torch.dist(student[i], ref[j]) for j in range(6)] for i in range(4)]
     teacher_rows = [[-torch.dist(teacher[i], teacher_ref[j]) for j in range(6)] for i in range(4)]
@@ -145,12 +156,14 @@ def test_module_modes_and_checks():
     loss_fn = DistillationLoss(temperature=4.0, hard_label_weight=0.5)
     torch.testing.assert_close(
         loss_fn(student, labels, teacher_emb=teacher),
-        distillation_loss(student, teacher, labels, temperature=4.0, hard_label_weight=0.5),
+        distillation_loss(
+            student, labels, teacher_logits=teacher, temperature=4.0, hard_label_weight=0.5
+        ),
     )
     sim = DistillationLoss(temperature=0.1, distance=CosineSimilarity())
     torch.testing.assert_close(
         sim(student, teacher_emb=teacher),
-        similarity_distillation_loss(student, teacher, temperature=0.1),
+        similarity_distillation_loss(student, teacher_emb=teacher, temperature=0.1),
     )
     single = sim(student[:1], teacher_emb=teacher[:1])
     assert float(single.detach()) == 0.0
@@ -177,7 +190,7 @@ def test_bf16_and_large_logits_are_finite():
     loss.float().backward()
     assert bool(torch.isfinite(loss)) and bool(torch.isfinite(model.weight.grad).all())
     sim_loss = similarity_distillation_loss(
-        torch.randn(6, 4, requires_grad=True), torch.randn(6, 9), temperature=0.001
+        torch.randn(6, 4, requires_grad=True), teacher_emb=torch.randn(6, 9), temperature=0.001
     )
     assert bool(torch.isfinite(sim_loss))
 

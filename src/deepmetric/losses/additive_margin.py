@@ -12,31 +12,34 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from deepmetric._validation import HyperParameter, check_count, check_positive
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses.classifier import (
     ClassifierLoss,
-    check_class_call,
-    check_count,
-    check_scale,
+    ClassifierStats,
+    any_distance,
+    check_class_batch,
+    check_non_negative,
     cosine_coefficient,
+    cosine_logits,
     cross_entropy_terms,
     full_precision,
     init_class_vectors,
     reduce_rows,
-    reject_mining_inputs,
 )
 from deepmetric.losses.reduction import check_reduction
 
 logger = logging.getLogger(__name__)
 
+ADDITIVE_DISTANCES = any_distance(EuclideanDistance)
+
 
 @dataclass(frozen=True)
-class AdditiveMarginStats:
-    """From the last additive-margin call: d(z, c_y) per sample (detached, in the distance's
-    units; for a similarity, the similarity) and the margin used."""
+class AdditiveMarginStats(ClassifierStats):
+    """`ClassifierStats` plus d(z, c_y) per sample (detached, in the distance's units; for a
+    similarity, the similarity) and the margin used."""
 
     center_distance: Tensor
     margin: float
@@ -44,9 +47,12 @@ class AdditiveMarginStats:
 
 def additive_margin_loss(
     embeddings: Tensor,
-    labels: Tensor,
-    centers: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    centers: Tensor,
     margin: float = 0.0,
     scale: float = 1.0,
     distance: BaseDistance | None = None,
@@ -66,7 +72,7 @@ def additive_margin_loss(
 
     Args:
         embeddings: (N, D); labels: (N,) class indices in [0, C).
-        centers: (C, D) class centres c_i.
+        centers: (C, D) class centres c_i, keyword-only.
         margin: m >= 0, in the distance's units.
         scale: s > 0, in 1 / distance units.
         distance: any `BaseDistance` (default Euclidean); seed 000 asks for a metric, e.g.
@@ -76,36 +82,34 @@ def additive_margin_loss(
 
     Example:
         >>> x, y, c = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(3, 4)
-        >>> additive_margin_loss(x, y, c, margin=0.5, scale=4.0) > 0
+        >>> additive_margin_loss(x, y, centers=c, margin=0.5, scale=4.0) > 0
         tensor(True)
     """
-    distance = EuclideanDistance() if distance is None else distance
+    distance = ADDITIVE_DISTANCES.resolve(distance, "additive_margin_loss")
     check_reduction(reduction)
-    if not margin >= 0:
-        raise ValueError(f"margin must be >= 0 (distance units), got {margin}")
-    scale = check_scale(scale, "scale")
-    inputs = check_class_call(embeddings, labels, *centers.shape, centers)
+    margin = check_non_negative(margin, "margin")
+    scale = check_positive(scale, "scale")
+    batch = check_class_batch(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, len(centers), centers=centers
+    )
     with full_precision(embeddings.device):
-        x = inputs.embeddings
-        centers = centers.to(x.dtype)
+        x, labels, centers = batch.embeddings, batch.labels, batch.cast(centers)
         column = labels.unsqueeze(1)
         coefficient = cosine_coefficient(distance, scale)
         if coefficient is not None:  # logits -s d(z, c_i) up to a per-row constant
-            unit_x, unit_c = F.normalize(x, dim=1), F.normalize(centers, dim=1)
-            logits = (unit_x * coefficient) @ unit_c.T
-            own = coefficient * (unit_x * unit_c[labels]).sum(dim=1, keepdim=True)
-            target = own - scale * margin
+            logits, own = cosine_logits(x, centers, coefficient, labels)
+            target = coefficient * own.unsqueeze(1) - scale * margin
         else:
             dissimilarity = distance.as_dissimilarity(distance(x, centers))
             logits = dissimilarity * -scale
             target = (dissimilarity.gather(1, column) + margin) * -scale
         terms = cross_entropy_terms(logits.scatter_(1, column, target), labels)
-        loss = reduce_rows(terms, reduction, inputs)
+        loss, stats = reduce_rows(terms, batch, reduction, True)
     if not return_stats:
         return loss
     with torch.no_grad():
         own_distance = distance.pairwise_distance(x, centers[labels])
-    return loss, AdditiveMarginStats(own_distance, float(margin))
+    return loss, AdditiveMarginStats(**vars(stats), center_distance=own_distance, margin=margin)
 
 
 @dataclass(frozen=True)
@@ -155,13 +159,12 @@ class AdaptiveMargin:
         max_margin: float | None = None,
     ) -> None:
         self.update_every = check_count(update_every, "update_every")
-        self.diameter_factor = check_scale(diameter_factor, "diameter_factor")
-        if not initial_margin >= 0:
-            raise ValueError(f"initial_margin must be >= 0, got {initial_margin}")
-        if max_margin is not None and not max_margin >= 0:
-            raise ValueError(f"max_margin must be >= 0 or None, got {max_margin}")
+        self.diameter_factor = check_positive(diameter_factor, "diameter_factor")
+        initial_margin = check_non_negative(initial_margin, "initial_margin")
+        if max_margin is not None:
+            max_margin = check_non_negative(max_margin, "max_margin")
         self.max_margin = max_margin
-        self.margin = float(initial_margin)
+        self.margin = initial_margin
         self.num_steps = 0
         self.history: list[MarginEstimate] = []
         self._sum: Tensor | float = 0.0
@@ -220,6 +223,10 @@ class AdaptiveMargin:
         )
 
 
+def _check_margin(value: object, name: str) -> float | AdaptiveMargin:
+    return value if isinstance(value, AdaptiveMargin) else check_non_negative(value, name)
+
+
 class AdditiveMarginLoss(ClassifierLoss):
     """Additive-margin cross-entropy over any distance with learnable class centres (seed
     000); see `additive_margin_loss` for the formula.
@@ -243,6 +250,12 @@ class AdditiveMarginLoss(ClassifierLoss):
         0.0
     """
 
+    function = staticmethod(additive_margin_loss)
+    class_vectors = ("centers",)
+    distances = ADDITIVE_DISTANCES
+    margin = HyperParameter(_check_margin)
+    scale = HyperParameter(check_positive)
+
     def __init__(
         self,
         num_classes: int,
@@ -253,42 +266,29 @@ class AdditiveMarginLoss(ClassifierLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(num_classes, embedding_size, distance, reduction)
-        if isinstance(margin, AdaptiveMargin):
-            if self.distance.is_inverted:
-                raise ValueError(
-                    "an AdaptiveMargin measures class diameters, which needs a distance, not a "
-                    f"similarity ({type(self.distance).__name__}); use e.g. EuclideanDistance "
-                    "or MetricCosineDistance"
-                )
-        elif not margin >= 0:
-            raise ValueError(f"margin must be >= 0 (distance units), got {margin}")
-        self.margin = margin
-        self.scale = check_scale(scale, "scale")
+        if isinstance(margin, AdaptiveMargin) and self.distance.is_inverted:
+            raise ValueError(
+                "an AdaptiveMargin measures class diameters, which needs a distance, not a "
+                f"similarity ({type(self.distance).__name__}); use e.g. EuclideanDistance "
+                "or MetricCosineDistance"
+            )
+        self.margin, self.scale = margin, scale
         self.centers = init_class_vectors(num_classes, embedding_size)
-        self.stats: AdditiveMarginStats | None = None
 
     @property
     def current_margin(self) -> float:
         """The margin the next call uses."""
         adaptive = isinstance(self.margin, AdaptiveMargin)
-        return self.margin.margin if adaptive else float(self.margin)
+        return self.margin.margin if adaptive else self.margin
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        loss, self.stats = additive_margin_loss(
-            embeddings,
-            labels,
-            self.centers,
-            margin=self.current_margin,
-            scale=self.scale,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
-        )
-        if self.training and isinstance(self.margin, AdaptiveMargin):
+    def function_arguments(self) -> dict:
+        return {**super().function_arguments(), "margin": self.current_margin}
+
+    def update(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Feed an `AdaptiveMargin` this batch's distances to the class centres; step it."""
+        if isinstance(self.margin, AdaptiveMargin):
             self.margin.observe(self.stats.center_distance)
             self.margin.step()
-        return loss
 
     def get_extra_state(self) -> dict:
         adaptive = isinstance(self.margin, AdaptiveMargin)
@@ -297,6 +297,3 @@ class AdditiveMarginLoss(ClassifierLoss):
     def set_extra_state(self, state: dict) -> None:
         if state.get("adaptive_margin") is not None and isinstance(self.margin, AdaptiveMargin):
             self.margin.load_state_dict(state["adaptive_margin"])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, margin={self.margin}, scale={self.scale}"

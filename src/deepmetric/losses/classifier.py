@@ -3,33 +3,75 @@
 These losses compare each embedding with learnable vectors kept per class (class weights,
 proxies, centres) instead of with other embeddings. They share these conventions:
 
+- One functional signature, the one of every loss family:
+
+      loss = fn(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                <class vectors>, <hyper-parameters>, distance=None, reduction="mean",
+                return_stats=False)
+
+  The class vectors (`weight`, `proxies`, `centers`) are keyword-only. `indices_tuple` and
+  `ref_emb` / `ref_labels` have no meaning here (the "pairs" are sample-class pairs, all of
+  which are used) and are rejected with an error that says so.
 - Class vectors are `nn.Parameter`s of shape (num_classes, embedding_size): one row per
   class, as in `nn.Linear.weight` (pytorch-metric-learning stores the transpose, (D, C)).
   They are float32 master weights; give them their own learning rate with
-  `deepmetric.losses.param_groups`.
-- Labels are class indices 0 .. num_classes - 1 (a negative label or one >= num_classes is
-  an error, not a silent out-of-range read).
-- They are called like every loss, `loss_fn(embeddings, labels)`; `indices_tuple` and
-  `ref_emb` have no meaning here (the "pairs" are sample-class pairs, all of which are used)
-  and are rejected with an error that says so.
+  `deepmetric.losses.param_groups`. The width is called `embedding_size` as in
+  pytorch-metric-learning, so its proxy and softmax losses build the same way here.
+- Labels are class indices 0 .. num_classes - 1 of any integer dtype or bool (a negative
+  label or one >= num_classes is an error, not a silent out-of-range read).
 - They compute in float32 for float16 / bfloat16 inputs and under autocast (autocast is
   switched off inside the loss and the class vectors are cast to the compute dtype, never
-  the embeddings down to half), in float64 for float64 inputs, and return the input dtype.
+  the embeddings down to half), in float64 for float64 inputs, and return the input dtype;
+  a loss too large for that dtype raises an error instead of returning inf.
+- With `return_stats=True` they also return a `ClassifierStats` (`loss_sum`, `normaliser`:
+  loss == loss_sum / normaliser, so a distributed wrapper can sum both over ranks); the
+  modules keep it in `stats`.
+
+A module is thin by construction: a `ClassifierLoss` subclass names its functional form
+(`function`), declares each hyper-parameter once as a `HyperParameter` (checked whenever it
+is set) and assigns them in `__init__`; the call, the stats and the repr come from here.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric._validation import check_positive
+from deepmetric._validation import (
+    HyperParameter,
+    check_batch,
+    check_count,
+    check_interval,
+    check_positive,
+)
 from deepmetric.distances import BaseDistance, CosineSimilarity, SquaredEuclideanDistance
-from deepmetric.losses.base import LossInputs, MetricLoss, prepare_inputs
-from deepmetric.losses.reduction import reduce_terms
+from deepmetric.losses.base import MetricLoss
+from deepmetric.losses.reduction import check_reduction
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+check_non_negative = functools.partial(check_positive, allow_zero=True)
+
+
+def check_flag(value: object, name: str) -> bool:
+    """Return `value` if it is a bool; raise a TypeError naming `name` otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_range(low: float, high: float, unit: str) -> Callable[[Any, str], float]:
+    """A check for a finite value in [low, high] (`unit` names its unit in the message)."""
+    return functools.partial(check_interval, low=low, high=high, unit=unit)
 
 
 def very_negative(dtype: torch.dtype) -> float:
@@ -45,123 +87,48 @@ def full_precision(device: torch.device) -> Iterator[None]:
         yield
 
 
-def check_count(value: int, name: str) -> int:
-    """Return `value` if it is an integer >= 1; raise a ValueError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+# ---------------------------------------------------------------- which distance a loss takes
 
 
-def check_range(value: float, name: str, low: float, high: float, unit: str) -> float:
-    """Return `value` if low <= value <= high; raise a ValueError naming the argument."""
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}] ({unit}), got {value}")
-    return float(value)
+class DistanceRule(NamedTuple):
+    """Which distances a loss accepts (`accepts`), and the one it uses by default."""
 
+    default: Callable[[], BaseDistance]
+    accepts: Callable[[BaseDistance], bool]
+    requirement: str
 
-def reject_mining_inputs(
-    indices_tuple: tuple | None, ref_emb: Tensor | None, ref_labels: Tensor | None
-) -> None:
-    """Raise if a class-vector loss is given mined tuples or a reference set."""
-    if indices_tuple is not None:
-        raise ValueError(
-            "indices_tuple is not used by proxy and classifier losses: every sample is compared "
-            "with every class vector, so there is nothing to mine; call the loss without a miner"
-        )
-    if ref_emb is not None or ref_labels is not None:
-        raise ValueError(
-            "ref_emb / ref_labels are not used by proxy and classifier losses: the reference "
-            "set is the learned class vectors; call the loss with embeddings and labels only"
-        )
-
-
-def check_class_call(
-    embeddings: Tensor,
-    labels: Tensor | None,
-    num_classes: int,
-    embedding_size: int,
-    *class_tensors: Tensor,
-) -> LossInputs:
-    """Check a call of a class-vector loss; return the inputs cast to the compute dtype.
-
-    `class_tensors` (weights, proxies, centres) must be on the embeddings' device.
-    """
-    if labels is None:
-        raise ValueError("labels are required: they say which class vector each row belongs to")
-    inputs = prepare_inputs(embeddings, labels)
-    if embeddings.shape[1] != embedding_size:
-        raise ValueError(
-            f"embeddings have {embeddings.shape[1]} features per row but the loss's class "
-            f"vectors have embedding_size={embedding_size}; build the loss with "
-            f"embedding_size={embeddings.shape[1]}"
-        )
-    for tensor in class_tensors:
-        if tensor.device != embeddings.device:
-            raise ValueError(
-                f"embeddings are on {embeddings.device} but the loss's class vectors are on "
-                f"{tensor.device}; move the loss with loss_fn.to(embeddings.device)"
+    def resolve(self, distance: object, loss: str) -> BaseDistance:
+        """`distance`, or the default for None; raise naming `distance` if it is not accepted."""
+        if distance is None:
+            return self.default()
+        if not isinstance(distance, BaseDistance):
+            raise TypeError(
+                f"distance must be a deepmetric.distances.BaseDistance instance, got "
+                f"{type(distance).__name__}; pass e.g. distance=CosineSimilarity()"
             )
-    check_class_labels(labels, num_classes)
-    return inputs
+        if not self.accepts(distance):
+            raise ValueError(
+                f"distance={type(distance).__name__}(...) cannot be used by {loss}: it needs "
+                f"{self.requirement}; pass distance={self.default()!r} or leave it out"
+            )
+        return distance
 
 
-def check_class_labels(labels: Tensor, num_classes: int) -> None:
-    """Raise unless every label is a class index in [0, num_classes)."""
-    low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
-    if low < 0:
-        raise ValueError(
-            f"labels must be class indices in [0, num_classes), got the label {low}; map them "
-            "to 0..C-1 first, e.g. labels = torch.unique(labels, return_inverse=True)[1]"
-        )
-    if high >= num_classes:
-        raise ValueError(
-            f"num_classes={num_classes} is too small: labels go up to {high}; build the loss "
-            f"with num_classes >= {high + 1}"
-        )
+def any_distance(default: Callable[[], BaseDistance]) -> DistanceRule:
+    """A rule that accepts every distance and similarity, with this default."""
+    return DistanceRule(default, lambda d: True, "a deepmetric distance or similarity")
 
 
-def init_class_vectors(rows: int, embedding_size: int) -> nn.Parameter:
-    """float32 (rows, embedding_size) parameter, entries N(0, 1 / embedding_size): rows of
-    about unit norm, so unnormalised losses start with logits of order one."""
-    return nn.Parameter(torch.randn(rows, embedding_size) / math.sqrt(embedding_size))
-
-
-def cross_entropy_terms(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-row softmax cross-entropy -log softmax(logits)[label] (stable log-sum-exp)."""
-    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-
-
-def reduce_rows(terms: Tensor, reduction: str, inputs: LossInputs) -> Tensor:
-    """Reduce per-sample terms and return the loss in the input dtype."""
-    return inputs.finish(reduce_terms(terms, reduction))
-
-
-class ClassifierLoss(MetricLoss):
-    """Base of the losses with learnable class vectors (proxies, class weights, centres).
-
-    `distance` is the distance the trained embeddings should be compared with (cosine for
-    the normalised softmax family), so evaluation code can read it from the loss.
-
-    Args:
-        num_classes: C, the number of classes; labels must lie in [0, C).
-        embedding_size: D, the width of the embeddings.
-        distance: the distance the loss uses between embeddings and class vectors.
-        reduction: "mean", "nonzero_mean" or "sum" over the per-sample terms.
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, reduction)
-        self.num_classes = check_count(num_classes, "num_classes")
-        self.embedding_size = check_count(embedding_size, "embedding_size")
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
+COSINE = DistanceRule(
+    CosineSimilarity,
+    lambda d: isinstance(d, CosineSimilarity),
+    "the cosine similarity (its margins and scales are in cosine units)",
+)
+NOT_SIMILARITY = DistanceRule(
+    SquaredEuclideanDistance,
+    lambda d: not d.is_inverted,
+    "a distance (smaller is closer), not a similarity",
+)
 
 
 def cosine_coefficient(distance: BaseDistance, scale: float) -> float | None:
@@ -177,6 +144,274 @@ def cosine_coefficient(distance: BaseDistance, scale: float) -> float | None:
     return None
 
 
-def check_scale(value: float, name: str) -> float:
-    """Return `value` as a float if it is > 0 (scales and temperatures)."""
-    return float(check_positive(value, name))
+# ---------------------------------------------------------------- checked calls
+
+
+class ClassBatch(NamedTuple):
+    """A checked call of a class-vector loss: embeddings cast to the compute dtype, labels
+    as int64 class indices, and the input dtype the loss is returned in."""
+
+    embeddings: Tensor
+    labels: Tensor
+    dtype: torch.dtype
+
+    def cast(self, vectors: Tensor) -> Tensor:
+        """Class vectors in the compute dtype."""
+        return vectors.to(self.embeddings.dtype)
+
+
+def check_class_batch(
+    embeddings: Tensor,
+    labels: Tensor | None,
+    indices_tuple: object,
+    ref_emb: object,
+    ref_labels: object,
+    num_classes: int,
+    **vectors: Tensor,
+) -> ClassBatch:
+    """Check a call of a class-vector loss once; `vectors` are its class vectors by name
+    (each (rows, D), or (rows,) for a bias), on the embeddings' device."""
+    _reject_mining_inputs(indices_tuple, ref_emb, ref_labels, vectors)
+    if labels is None:
+        raise ValueError("labels are required: they say which class vector each row belongs to")
+    batch = check_batch(embeddings, labels)
+    for name, tensor in vectors.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() == 2 and tensor.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"embeddings have {embeddings.shape[1]} features per row but the loss's class "
+                f"vectors ({name}) have embedding_size={tensor.shape[1]}; build the loss with "
+                f"embedding_size={embeddings.shape[1]}"
+            )
+        if tensor.device != embeddings.device:
+            raise ValueError(
+                f"embeddings are on {embeddings.device} but the loss's {name} is on "
+                f"{tensor.device}; move the loss with loss_fn.to(embeddings.device)"
+            )
+    labels = labels.long()
+    _check_class_labels(labels, num_classes)
+    return ClassBatch(batch.embeddings, labels, batch.dtype)
+
+
+def _reject_mining_inputs(
+    indices_tuple: object, ref_emb: object, ref_labels: object, vectors: dict[str, Tensor]
+) -> None:
+    if isinstance(indices_tuple, Tensor):
+        keywords = ", ".join(f"{name}=..." for name in vectors)
+        raise TypeError(
+            "a Tensor was passed third, where indices_tuple goes: the class vectors are "
+            f"keyword-only, call the loss as fn(embeddings, labels, {keywords})"
+        )
+    if indices_tuple is not None:
+        raise ValueError(
+            "indices_tuple is not used by proxy and classifier losses: every sample is compared "
+            "with every class vector, so there is nothing to mine; call the loss without a miner"
+        )
+    if ref_emb is not None or ref_labels is not None:
+        raise ValueError(
+            "ref_emb / ref_labels are not used by proxy and classifier losses: the reference "
+            "set is the learned class vectors; call the loss with embeddings and labels only"
+        )
+
+
+def _check_class_labels(labels: Tensor, num_classes: int) -> None:
+    """Raise unless every label is a class index in [0, num_classes)."""
+    low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
+    if low < 0:
+        raise ValueError(
+            f"labels must be class indices in [0, num_classes), got the label {low}; map them "
+            "to 0..C-1 first, e.g. labels = torch.unique(labels, return_inverse=True)[1]"
+        )
+    if high >= num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} is too small: labels go up to {high}; build the loss "
+            f"with num_classes >= {high + 1}"
+        )
+
+
+# ---------------------------------------------------------------- shared arithmetic
+
+
+def init_class_vectors(rows: int, embedding_size: int) -> nn.Parameter:
+    """float32 (rows, embedding_size) parameter, entries N(0, 1 / embedding_size): rows of
+    about unit norm, so unnormalised losses start with logits of order one."""
+    return nn.Parameter(torch.randn(rows, embedding_size) / math.sqrt(embedding_size))
+
+
+def cosine_logits(
+    x: Tensor, vectors: Tensor, coefficient: float, rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(coefficient cos(x_i, v_j)) for all i, j (N, R), and cos(x_i, v_{rows_i}) with the
+    same rows (`rows` (N,) or (k, N)), computed per row. Zero rows get F.normalize's
+    gradient."""
+    unit_x, unit_v = F.normalize(x, dim=1), F.normalize(vectors, dim=1)
+    logits = (unit_x * coefficient) @ unit_v.T
+    return logits, (unit_x * unit_v[rows]).sum(dim=-1)
+
+
+def cross_entropy_terms(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-row softmax cross-entropy -log softmax(logits)[label] (stable log-sum-exp)."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def with_target(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
+    """`logits` with the true-class column replaced by `target` (in place: callers pass a
+    matmul output that backward does not need)."""
+    return logits.scatter_(1, labels.unsqueeze(1), target.reshape(-1, 1))
+
+
+# ---------------------------------------------------------------- reduction and stats
+
+
+@dataclass(frozen=True)
+class ClassifierStats:
+    """What a class-vector loss call reports: `loss == loss_sum / normaliser`.
+
+    loss_sum: the sum of the per-row terms (with grad, in the compute dtype).
+    normaliser: the divisor the reduction used (N for "mean", the number of non-zero terms
+        for "nonzero_mean", 1 for "sum").
+    num_terms: the number of terms (rows, or proxies for Proxy-Anchor's parts).
+    num_active: the number of terms > 0 (a 0-dim tensor).
+    """
+
+    loss_sum: Tensor
+    normaliser: Tensor
+    num_terms: int
+    num_active: Tensor
+
+
+def sum_terms(terms: Tensor, reduction: str, mask: Tensor | None = None) -> ClassifierStats:
+    """The sum of `terms` (only where `mask`) and the divisor of `reduction`."""
+    if mask is not None:
+        terms = terms * mask
+    total = terms.sum()
+    with torch.no_grad():
+        num_active = (terms > 0).sum()
+        num_terms = len(terms) if mask is None else int(mask.sum())
+    if reduction == "sum":
+        normaliser = total.new_ones(())
+    elif reduction == "nonzero_mean":
+        normaliser = num_active.clamp_min(1).to(total.dtype)
+    else:
+        normaliser = total.new_tensor(float(max(num_terms, 1)))
+    return ClassifierStats(total, normaliser, num_terms, num_active)
+
+
+def finish(loss: Tensor, dtype: torch.dtype) -> Tensor:
+    """The loss in the input dtype; raise instead of returning inf from a half-precision cast."""
+    out = loss.to(dtype)
+    if dtype in _HALF_DTYPES and not bool(torch.isfinite(out)) and bool(torch.isfinite(loss)):
+        raise ValueError(
+            f"the loss is {float(loss):.6g}, which {dtype} (the dtype of embeddings) cannot "
+            f"represent (largest {torch.finfo(dtype).max:.6g}); pass embeddings.float(), or "
+            "lower the loss scale (center_weight, scale, input magnitude)"
+        )
+    return out
+
+
+def reduce_rows(
+    terms: Tensor, batch: ClassBatch, reduction: str, return_stats: bool
+) -> Tensor | tuple[Tensor, ClassifierStats]:
+    """Reduce per-row terms; the loss in the input dtype, and its stats if asked."""
+    stats = sum_terms(terms, reduction)
+    loss = finish(stats.loss_sum / stats.normaliser, batch.dtype)
+    return (loss, stats) if return_stats else loss
+
+
+# ---------------------------------------------------------------- modules
+
+
+_NOT_HYPER = ("distance", "reduction", "return_stats")
+
+
+class ClassifierLoss(MetricLoss):
+    """Base of the losses with learnable class vectors (proxies, class weights, centres).
+
+    A subclass sets `function` (its functional form), `class_vectors` (the names of its
+    tensors that the function takes by keyword), `distances` (a `DistanceRule`) and declares
+    its hyper-parameters as `HyperParameter`s. Every keyword-only argument of `function`
+    that the class has as an attribute is passed from it on each call; `update` runs after
+    each training-mode call (schedules, centre updates). `stats` holds the stats of the
+    last call.
+
+    Args:
+        num_classes: C, the number of classes; labels must lie in [0, C).
+        embedding_size: D, the width of the embeddings.
+        distance: the distance between embeddings and class vectors (None: the loss's own).
+        reduction: "mean", "nonzero_mean" or "sum" over the per-sample terms.
+    """
+
+    function: ClassVar[Callable[..., Any]]
+    class_vectors: ClassVar[tuple[str, ...]] = ("weight",)
+    distances: ClassVar[DistanceRule] = COSINE
+    local_anchor_supported: ClassVar[bool] = True
+    passed: ClassVar[tuple[str, ...]] = ()
+    hyper_parameters: ClassVar[tuple[str, ...]] = ()
+
+    num_classes = HyperParameter(check_count)
+    embedding_size = HyperParameter(check_count)
+    reduction = HyperParameter(lambda value, name: check_reduction(value))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = (
+            name
+            for klass in reversed(cls.__mro__)
+            for name, value in vars(klass).items()
+            if isinstance(value, HyperParameter)
+        )
+        cls.hyper_parameters = tuple(dict.fromkeys(declared))
+        if "function" in vars(cls):
+            parameters = inspect.signature(cls.function).parameters.values()
+            cls.passed = tuple(
+                p.name
+                for p in parameters
+                if p.kind is p.KEYWORD_ONLY
+                and p.name not in (*cls.class_vectors, *_NOT_HYPER)
+                and hasattr(cls, p.name)
+            )
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        distance: BaseDistance | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(self.distances.resolve(distance, type(self).__name__), reduction)
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.stats: ClassifierStats | None = None
+
+    def function_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `function` for the next call."""
+        vectors = {name: getattr(self, name) for name in self.class_vectors}
+        hyper = {name: getattr(self, name) for name in self.passed}
+        return {**vectors, **hyper, "distance": self.distance, "reduction": self.reduction}
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: tuple | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        loss, self.stats = type(self).function(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            return_stats=True,
+            **self.function_arguments(),
+        )
+        if self.training:
+            self.update(embeddings.detach(), labels)
+        return loss
+
+    def update(self, embeddings: Tensor, labels: Tensor) -> None:
+        """What a training-mode call changes after the loss (nothing by default)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.hyper_parameters)

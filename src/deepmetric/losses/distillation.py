@@ -14,14 +14,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric._validation import (
+    HyperParameter,
     check_embeddings,
     check_labels,
+    check_positive,
     check_same_device,
     compute_dtype,
 )
 from deepmetric.distances import BaseDistance, CosineSimilarity
-from deepmetric.losses.classifier import check_range, check_scale, full_precision, very_negative
-from deepmetric.losses.reduction import check_reduction, reduce_terms
+from deepmetric.losses.classifier import (
+    ClassifierStats,
+    check_range,
+    finish,
+    full_precision,
+    sum_terms,
+    very_negative,
+)
+from deepmetric.losses.reduction import check_reduction
+
+check_weight = check_range(0, 1, "a weight")
 
 
 def _soft_kl(
@@ -39,15 +50,35 @@ def _soft_kl(
     return temperature**2 * kl
 
 
+def _reduce(
+    terms: Tensor, reduction: str, dtype: torch.dtype, return_stats: bool
+) -> Tensor | tuple[Tensor, ClassifierStats]:
+    stats = sum_terms(terms, reduction)
+    loss = finish(stats.loss_sum / stats.normaliser, dtype)
+    return (loss, stats) if return_stats else loss
+
+
+def _reject_tuples(indices_tuple: object, ref_labels: object) -> None:
+    if indices_tuple is not None or ref_labels is not None:
+        raise ValueError(
+            "distillation uses no indices_tuple or ref_labels: every row is matched to the "
+            "teacher's row; call it without a miner"
+        )
+
+
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
     labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    teacher_logits: Tensor,
     temperature: float = 4.0,
     hard_label_weight: float = 0.0,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ClassifierStats]:
     """Distillation with temperature (Hinton et al. 2015; survey eq. 18).
 
         L = (1 - w) T^2 sum_i p_i log(p_i / q_i) + w CE(z_s, y),
@@ -59,20 +90,25 @@ def distillation_loss(
     detached.
 
     Args:
-        student_logits, teacher_logits: (N, C) logits of the same classes.
-        labels: (N,) class indices, needed when hard_label_weight > 0.
+        student_logits: (N, C) logits; labels: (N,) class indices, needed when
+            hard_label_weight > 0.
+        teacher_logits: (N, C) logits of the same classes, keyword-only.
         temperature: T > 0 (dimensionless; T = 1 is the plain softmax, T > 1 softens).
         hard_label_weight: w in [0, 1], the weight of the ordinary cross-entropy at T = 1.
         reduction: "mean", "nonzero_mean" or "sum" over rows.
+        return_stats: also return a `ClassifierStats`.
 
     Example:
         >>> z_s, z_t = torch.randn(8, 5), torch.randn(8, 5)
-        >>> distillation_loss(z_s, z_t, temperature=4.0) >= 0
+        >>> distillation_loss(z_s, teacher_logits=z_t, temperature=4.0) >= 0
         tensor(True)
     """
+    _reject_tuples(indices_tuple, ref_labels)
+    if ref_emb is not None:
+        raise ValueError("ref_emb applies to similarity distillation only, not to logits")
     check_reduction(reduction)
-    temperature = check_scale(temperature, "temperature")
-    hard_label_weight = check_range(hard_label_weight, "hard_label_weight", 0, 1, "a weight")
+    temperature = check_positive(temperature, "temperature")
+    hard_label_weight = check_weight(hard_label_weight, "hard_label_weight")
     check_embeddings(student_logits, "student_logits")
     check_embeddings(teacher_logits, "teacher_logits")
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
@@ -85,7 +121,7 @@ def distillation_loss(
     if hard_label_weight > 0:
         if labels is None:
             raise ValueError("hard_label_weight > 0 needs labels")
-        check_labels(labels, len(student_logits), rows_name="student_logits")
+        labels = check_labels(labels, len(student_logits), rows_name="student_logits").long()
     dtype = student_logits.dtype
     with full_precision(student_logits.device):
         student = student_logits.to(compute_dtype(dtype))
@@ -93,21 +129,24 @@ def distillation_loss(
         if hard_label_weight > 0:
             hard = F.cross_entropy(student, labels, reduction="none")
             terms = (1 - hard_label_weight) * terms + hard_label_weight * hard
-        loss = reduce_terms(terms, reduction)
-    return loss.to(dtype)
+        return _reduce(terms, reduction, dtype, return_stats)
 
 
 def similarity_distillation_loss(
     embeddings: Tensor,
-    teacher_emb: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
     ref_emb: Tensor | None = None,
-    teacher_ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    teacher_emb: Tensor,
+    teacher_ref_emb: Tensor | None = None,
     temperature: float = 0.1,
     distance: BaseDistance | None = None,
     teacher_distance: BaseDistance | None = None,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ClassifierStats]:
     """Distillation of similarities: each row's softened distribution over a reference set
     (Hinton et al. 2015's soft targets, applied to the (N, M) similarity matrix).
 
@@ -119,22 +158,45 @@ def similarity_distillation_loss(
     rows. Student and teacher may have different widths.
 
     Args:
-        embeddings: (N, D) student; teacher_emb: (N, D') teacher, same items.
-        ref_emb, teacher_ref_emb: (M, D) and (M, D') reference sets, both or neither.
+        embeddings: (N, D) student; labels: not used (the teacher gives the targets).
+        ref_emb: (M, D) the student's reference set, with teacher_ref_emb or neither.
+        teacher_emb: (N, D') teacher, same items; teacher_ref_emb: (M, D') (keyword-only).
         temperature: T > 0, in the similarity's units (0.1 suits cosine similarities).
         distance: the student's `BaseDistance` (default cosine similarity);
             teacher_distance: the teacher's (default: the student's).
         reduction: "mean", "nonzero_mean" or "sum" over rows.
+        return_stats: also return a `ClassifierStats`.
 
     Example:
         >>> student, teacher = torch.randn(8, 4), torch.randn(8, 16)
-        >>> similarity_distillation_loss(student, teacher, temperature=0.1) >= 0
+        >>> similarity_distillation_loss(student, teacher_emb=teacher, temperature=0.1) >= 0
         tensor(True)
     """
+    _reject_tuples(indices_tuple, ref_labels)
     distance = CosineSimilarity() if distance is None else distance
     teacher_distance = distance if teacher_distance is None else teacher_distance
     check_reduction(reduction)
-    temperature = check_scale(temperature, "temperature")
+    temperature = check_positive(temperature, "temperature")
+    _check_similarity_inputs(embeddings, ref_emb, teacher_emb, teacher_ref_emb)
+    dtype = embeddings.dtype
+    with full_precision(embeddings.device):
+        x = embeddings.to(compute_dtype(dtype))
+        ref = x if ref_emb is None else ref_emb.to(x.dtype)
+        teacher = teacher_emb.detach().to(x.dtype)
+        teacher_ref = teacher if teacher_ref_emb is None else teacher_ref_emb.detach().to(x.dtype)
+        student_sim = -distance.as_dissimilarity(distance(x, ref))
+        teacher_sim = -teacher_distance.as_dissimilarity(teacher_distance(teacher, teacher_ref))
+        leave_out = None
+        if ref_emb is None:
+            leave_out = torch.eye(len(x), dtype=torch.bool, device=x.device)
+        if ref_emb is None and len(x) == 1:  # no other row to compare with
+            terms = student_sim.sum(dim=1) * 0
+        else:
+            terms = _soft_kl(student_sim, teacher_sim, temperature, leave_out)
+        return _reduce(terms, reduction, dtype, return_stats)
+
+
+def _check_similarity_inputs(embeddings, ref_emb, teacher_emb, teacher_ref_emb) -> None:
     if (ref_emb is None) != (teacher_ref_emb is None):
         raise ValueError("pass both ref_emb and teacher_ref_emb, or neither")
     check_embeddings(embeddings)
@@ -163,22 +225,12 @@ def similarity_distillation_loss(
                 f"teacher_ref_emb has {len(teacher_ref_emb)} rows but ref_emb has "
                 f"{len(ref_emb)}; row j of both must be the same item"
             )
-    dtype = embeddings.dtype
-    with full_precision(embeddings.device):
-        x = embeddings.to(compute_dtype(dtype))
-        ref = x if ref_emb is None else ref_emb.to(x.dtype)
-        teacher = teacher_emb.detach().to(x.dtype)
-        teacher_ref = teacher if teacher_ref_emb is None else teacher_ref_emb.detach().to(x.dtype)
-        student_sim = -distance.as_dissimilarity(distance(x, ref))
-        teacher_sim = -teacher_distance.as_dissimilarity(teacher_distance(teacher, teacher_ref))
-        leave_out = None
-        if ref_emb is None:
-            if len(x) == 1:
-                return (student_sim.sum() * 0).to(dtype)
-            leave_out = torch.eye(len(x), dtype=torch.bool, device=x.device)
-        terms = _soft_kl(student_sim, teacher_sim, temperature, leave_out)
-        loss = reduce_terms(terms, reduction)
-    return loss.to(dtype)
+
+
+def _check_optional_distance(value: object, name: str) -> BaseDistance | None:
+    if value is not None and not isinstance(value, BaseDistance):
+        raise TypeError(f"{name} must be a deepmetric distance or None, got {value!r}")
+    return value
 
 
 class DistillationLoss(nn.Module):
@@ -190,6 +242,8 @@ class DistillationLoss(nn.Module):
         loss = loss_fn(student_out, labels, teacher_emb=teacher_out)                  # logits
         loss = loss_fn(student_emb, teacher_emb=teacher_emb, ref_emb=r, teacher_ref_emb=tr)
 
+    `stats` holds the `ClassifierStats` of the last call (loss == loss_sum / normaliser).
+
     Args:
         temperature: T > 0 (default 4.0, for logits).
         distance: None for logits; a `BaseDistance` to distil similarities of embeddings.
@@ -200,7 +254,14 @@ class DistillationLoss(nn.Module):
     Example:
         >>> loss_fn = DistillationLoss(temperature=4.0)
         >>> loss = loss_fn(torch.randn(8, 5), teacher_emb=torch.randn(8, 5))
+        >>> loss_fn.stats.num_terms
+        8
     """
+
+    local_anchor_supported = True
+    temperature = HyperParameter(check_positive)
+    hard_label_weight = HyperParameter(check_weight)
+    reduction = HyperParameter(lambda value, name: check_reduction(value))
 
     def __init__(
         self,
@@ -211,14 +272,13 @@ class DistillationLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        self.temperature = check_scale(temperature, "temperature")
-        self.distance, self.teacher_distance = distance, teacher_distance
-        self.hard_label_weight = check_range(
-            hard_label_weight, "hard_label_weight", 0, 1, "a weight"
-        )
+        self.temperature, self.hard_label_weight = temperature, hard_label_weight
+        self.distance = _check_optional_distance(distance, "distance")
+        self.teacher_distance = _check_optional_distance(teacher_distance, "teacher_distance")
         if distance is not None and self.hard_label_weight > 0:
             raise ValueError("hard_label_weight applies to logits only (distance=None)")
-        self.reduction = check_reduction(reduction)
+        self.reduction = reduction
+        self.stats: ClassifierStats | None = None
 
     def forward(
         self,
@@ -231,32 +291,36 @@ class DistillationLoss(nn.Module):
         teacher_emb: Tensor,
         teacher_ref_emb: Tensor | None = None,
     ) -> Tensor:
-        if indices_tuple is not None or ref_labels is not None:
-            raise ValueError(
-                "DistillationLoss uses no indices_tuple or ref_labels: every row is matched to "
-                "the teacher's row; call it without a miner"
-            )
+        common = {"temperature": self.temperature, "reduction": self.reduction}
         if self.distance is None:
-            if ref_emb is not None or teacher_ref_emb is not None:
+            if teacher_ref_emb is not None:
                 raise ValueError("ref_emb / teacher_ref_emb apply to similarity mode only")
-            return distillation_loss(
+            loss, self.stats = distillation_loss(
                 embeddings,
-                teacher_emb,
                 labels,
-                temperature=self.temperature,
+                indices_tuple,
+                ref_emb,
+                ref_labels,
+                teacher_logits=teacher_emb,
                 hard_label_weight=self.hard_label_weight,
-                reduction=self.reduction,
+                return_stats=True,
+                **common,
             )
-        return similarity_distillation_loss(
+            return loss
+        loss, self.stats = similarity_distillation_loss(
             embeddings,
-            teacher_emb,
+            labels,
+            indices_tuple,
             ref_emb,
-            teacher_ref_emb,
-            temperature=self.temperature,
+            ref_labels,
+            teacher_emb=teacher_emb,
+            teacher_ref_emb=teacher_ref_emb,
             distance=self.distance,
             teacher_distance=self.teacher_distance,
-            reduction=self.reduction,
+            return_stats=True,
+            **common,
         )
+        return loss
 
     def extra_repr(self) -> str:
         return (

@@ -8,38 +8,41 @@ Every loss keeps learnable class vectors (proxies or centres) of shape (C, D) an
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric._validation import check_choice
-from deepmetric.distances import (
-    BaseDistance,
-    CosineSimilarity,
-    EuclideanDistance,
-    SquaredEuclideanDistance,
-)
+from deepmetric._validation import HyperParameter, check_choice, check_count, check_positive
+from deepmetric.distances import BaseDistance, SquaredEuclideanDistance
 from deepmetric.losses.classifier import (
+    COSINE,
+    NOT_SIMILARITY,
     ClassifierLoss,
-    check_class_call,
-    check_count,
+    ClassifierStats,
+    any_distance,
+    check_class_batch,
+    check_flag,
+    check_non_negative,
     check_range,
-    check_scale,
     cosine_coefficient,
+    cosine_logits,
     cross_entropy_terms,
+    finish,
     full_precision,
     init_class_vectors,
     reduce_rows,
-    reject_mining_inputs,
+    sum_terms,
     very_negative,
 )
-from deepmetric.losses.reduction import check_reduction, reduce_terms, zero_with_graph
+from deepmetric.losses.reduction import check_reduction
 
 ASSIGNMENTS = ("static", "dynamic")
-
-
-def _default_proxy_distance() -> BaseDistance:
-    return SquaredEuclideanDistance(normalize_embeddings=True)
+check_assignment = functools.partial(check_choice, choices=ASSIGNMENTS)
+check_cosine_margin = check_range(0, 1, "cosine units")
+NCA_DISTANCES = any_distance(lambda: SquaredEuclideanDistance(normalize_embeddings=True))
 
 
 def _logsumexp_middle(values: Tensor) -> Tensor:
@@ -52,16 +55,20 @@ def _logsumexp_middle(values: Tensor) -> Tensor:
 
 def proxy_nca_loss(
     embeddings: Tensor,
-    labels: Tensor,
-    proxies: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    proxies: Tensor,
     softmax_scale: float = 1.0,
     proxies_per_class: int = 1,
     assignment: str = "static",
     exclude_positive: bool = True,
     distance: BaseDistance | None = None,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ClassifierStats]:
     """Proxy-NCA (Movshovitz-Attias et al. 2017; survey eq. 12-14).
 
         L(x) = -log( exp(-s d(x, p(x))) / sum_{z in Z(x)} exp(-s d(x, z)) )
@@ -83,7 +90,7 @@ def proxy_nca_loss(
 
     Args:
         embeddings: (N, D); labels: (N,) class indices in [0, C).
-        proxies: (k C, D) proxies.
+        proxies: (k C, D) proxies, keyword-only.
         softmax_scale: s > 0, multiplies the distances (1 / temperature).
         proxies_per_class: k >= 1.
         assignment: "static" or "dynamic".
@@ -91,61 +98,75 @@ def proxy_nca_loss(
         distance: any `BaseDistance` (default squared Euclidean of normalised vectors);
             similarities are negated.
         reduction: "mean", "nonzero_mean" or "sum" over samples.
+        return_stats: also return a `ClassifierStats`.
 
     Example:
         >>> x, y, p = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(3, 4)
-        >>> proxy_nca_loss(x, y, p, exclude_positive=False) > 0
+        >>> proxy_nca_loss(x, y, proxies=p, exclude_positive=False) > 0
         tensor(True)
     """
-    distance = _default_proxy_distance() if distance is None else distance
+    distance = NCA_DISTANCES.resolve(distance, "proxy_nca_loss")
     check_reduction(reduction)
-    scale = check_scale(softmax_scale, "softmax_scale")
+    scale = check_positive(softmax_scale, "softmax_scale")
     per_class = check_count(proxies_per_class, "proxies_per_class")
-    check_choice(assignment, "assignment", ASSIGNMENTS)
+    check_assignment(assignment, "assignment")
+    check_flag(exclude_positive, "exclude_positive")
     if proxies.shape[0] % per_class:
         raise ValueError(
             f"proxies has {proxies.shape[0]} rows, not a multiple of proxies_per_class={per_class}"
         )
     num_classes = proxies.shape[0] // per_class
-    inputs = check_class_call(embeddings, labels, num_classes, proxies.shape[1], proxies)
+    batch = check_class_batch(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, num_classes, proxies=proxies
+    )
     with full_precision(embeddings.device):
-        x = inputs.embeddings
-        proxies = proxies.to(x.dtype)
-        # own[j, i]: the row of proxy j of sample i's class
-        own = labels + num_classes * torch.arange(per_class, device=x.device).unsqueeze(1)
-        coefficient = cosine_coefficient(distance, scale)
-        if coefficient is not None:
-            unit_x, unit_p = F.normalize(x, dim=1), F.normalize(proxies, dim=1)
-            logits = (unit_x * coefficient) @ unit_p.T
-            own_logits = coefficient * (unit_x * unit_p[own]).sum(dim=2)
+        logits, own_logits = _proxy_logits(batch, batch.cast(proxies), per_class, distance, scale)
+        if num_classes == 1:  # no negatives: zero terms that keep the graph
+            terms = logits.sum(dim=1) * 0
         else:
-            logits = distance.as_dissimilarity(distance(x, proxies)) * -scale
-            pairs = distance.pairwise_distance(x.repeat(per_class, 1), proxies[own.flatten()])
-            own_logits = distance.as_dissimilarity(pairs).view_as(own) * -scale
-        if num_classes == 1:
-            return inputs.finish(zero_with_graph(logits))
-        if per_class == 1:
-            class_scores = logits
-        else:
-            class_scores = _logsumexp_middle(logits.view(len(x), per_class, num_classes))
-        if assignment == "static" and not exclude_positive:
-            terms = cross_entropy_terms(class_scores, labels)
-        else:
-            if assignment == "dynamic":
-                positive = own_logits.amax(dim=0)
-            else:
-                positive = own_logits.logsumexp(dim=0)
-            fill, column = very_negative(x.dtype), labels.unsqueeze(1)
-            if per_class == 1:  # the matmul output: nothing saved it, so overwrite in place
-                class_scores.scatter_(1, column, fill)
-            else:
-                class_scores = class_scores.scatter(1, column, fill)
-            others = class_scores.logsumexp(dim=1)
-            if exclude_positive:
-                terms = others - positive
-            else:
-                terms = torch.logaddexp(positive, others) - positive
-    return reduce_rows(terms, reduction, inputs)
+            terms = _nca_terms(
+                logits, own_logits, batch.labels, per_class, assignment, exclude_positive
+            )
+    return reduce_rows(terms, batch, reduction, return_stats)
+
+
+def _proxy_logits(batch, proxies: Tensor, per_class: int, distance: BaseDistance, scale: float):
+    """-s d(x, p) for every proxy (N, k C), and for the k proxies of each sample's class
+    (k, N); a cosine-type distance takes one matmul of unit vectors (up to a row constant)."""
+    x, labels = batch.embeddings, batch.labels
+    num_classes = len(proxies) // per_class
+    own = labels + num_classes * torch.arange(per_class, device=x.device).unsqueeze(1)
+    coefficient = cosine_coefficient(distance, scale)
+    if coefficient is not None:
+        logits, own_cos = cosine_logits(x, proxies, coefficient, own)
+        return logits, coefficient * own_cos
+    logits = distance.as_dissimilarity(distance(x, proxies)) * -scale
+    pairs = distance.pairwise_distance(x.repeat(per_class, 1), proxies[own.flatten()])
+    return logits, distance.as_dissimilarity(pairs).view_as(own) * -scale
+
+
+def _nca_terms(logits, own_logits, labels, per_class: int, assignment: str, exclude: bool):
+    """Eq. 13 (`exclude`) or eq. 14 per sample, from the logits of all proxies and of the
+    sample's own (positive: log-sum-exp of the class's k logits for "static", their max for
+    "dynamic")."""
+    num_classes = logits.shape[1] // per_class
+    if per_class == 1:
+        class_scores = logits
+    else:
+        class_scores = _logsumexp_middle(logits.view(len(labels), per_class, num_classes))
+    if assignment == "static" and not exclude:
+        return cross_entropy_terms(class_scores, labels)
+    if assignment == "dynamic":
+        positive = own_logits.amax(dim=0)
+    else:
+        positive = own_logits.logsumexp(dim=0)
+    column, fill = labels.unsqueeze(1), very_negative(logits.dtype)
+    if per_class == 1:  # the matmul output: nothing saved it, so overwrite in place
+        class_scores.scatter_(1, column, fill)
+    else:
+        class_scores = class_scores.scatter(1, column, fill)
+    others = class_scores.logsumexp(dim=1)
+    return others - positive if exclude else torch.logaddexp(positive, others) - positive
 
 
 def _grouped_log1p_sum_exp(values: Tensor, groups: Tensor, num_groups: int) -> Tensor:
@@ -156,15 +177,30 @@ def _grouped_log1p_sum_exp(values: Tensor, groups: Tensor, num_groups: int) -> T
     return top + torch.exp(-top).index_add(0, groups, shifted).log()
 
 
+@dataclass(frozen=True)
+class ProxyAnchorStats:
+    """Proxy-Anchor's two parts, each a sum over proxies with its own normaliser:
+    loss = positive.loss_sum / positive.normaliser + negative.loss_sum / negative.normaliser.
+    `positive` counts the proxies with a positive in the batch, `negative` all proxies."""
+
+    positive: ClassifierStats
+    negative: ClassifierStats
+
+
 def proxy_anchor_loss(
     embeddings: Tensor,
-    labels: Tensor,
-    proxies: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    proxies: Tensor,
     margin: float = 0.1,
     alpha: float = 32.0,
+    distance: BaseDistance | None = None,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ProxyAnchorStats]:
     """Proxy-Anchor loss (Kim et al. 2020).
 
         L = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x, p) - delta)))
@@ -176,73 +212,90 @@ def proxy_anchor_loss(
 
     Args:
         embeddings: (N, D); labels: (N,) class indices in [0, C).
-        proxies: (C, D) proxies (normalised inside).
+        proxies: (C, D) proxies (normalised inside), keyword-only.
         margin: delta in [0, 1], cosine units (default 0.1, as in the paper).
-        alpha: > 0, the scale (default 32).
+        alpha: > 0, the scale of the similarities (default 32; the paper's and
+            pytorch-metric-learning's name).
+        distance: `CosineSimilarity()` (the default; the only one the margin is defined for).
         reduction: "mean" (the paper's 1/|P+| and 1/|P|), "nonzero_mean" (over proxies with a
             non-zero term) or "sum", applied to each of the two sums.
+        return_stats: also return a `ProxyAnchorStats`.
 
     Example:
         >>> x, y, p = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(3, 4)
-        >>> proxy_anchor_loss(x, y, p) > 0
+        >>> proxy_anchor_loss(x, y, proxies=p) > 0
         tensor(True)
     """
+    COSINE.resolve(distance, "proxy_anchor_loss")
     check_reduction(reduction)
-    margin = check_range(margin, "margin", 0, 1, "cosine units")
-    alpha = check_scale(alpha, "alpha")
+    margin = check_cosine_margin(margin, "margin")
+    alpha = check_positive(alpha, "alpha")
     num_classes = proxies.shape[0]
-    inputs = check_class_call(embeddings, labels, num_classes, proxies.shape[1], proxies)
+    batch = check_class_batch(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, num_classes, proxies=proxies
+    )
+    labels = batch.labels
     with full_precision(embeddings.device):
-        x = F.normalize(inputs.embeddings, dim=1)
-        unit_proxies = F.normalize(proxies.to(x.dtype), dim=1)
-        cos_target = (x * unit_proxies[labels]).sum(dim=1)
+        negative, cos_target = cosine_logits(batch.embeddings, batch.cast(proxies), alpha, labels)
         pos_terms = _grouped_log1p_sum_exp(-alpha * (cos_target - margin), labels, num_classes)
         has_positive = torch.bincount(labels, minlength=num_classes) > 0
-        negative = (x * alpha) @ unit_proxies.T  # the + alpha delta comes after the sum
-        negative.scatter_(1, labels.unsqueeze(1), very_negative(x.dtype))
-        with torch.no_grad():
+        negative.scatter_(1, labels.unsqueeze(1), very_negative(negative.dtype))
+        with torch.no_grad():  # the + alpha delta comes after the sum
             top = negative.amax(dim=0)
         column_lse = (negative - top).exp().sum(dim=0).log() + top
         neg_terms = F.softplus(column_lse + alpha * margin)
-        loss = reduce_terms(pos_terms, reduction, has_positive) + reduce_terms(neg_terms, reduction)
-    return inputs.finish(loss)
+        stats = ProxyAnchorStats(
+            sum_terms(pos_terms, reduction, has_positive), sum_terms(neg_terms, reduction)
+        )
+        loss = sum(part.loss_sum / part.normaliser for part in (stats.positive, stats.negative))
+    loss = finish(loss, batch.dtype)
+    return (loss, stats) if return_stats else loss
 
 
 def center_loss(
     embeddings: Tensor,
-    labels: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    centers: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    centers: Tensor,
     center_weight: float = 0.003,
+    distance: BaseDistance | None = None,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ClassifierStats]:
     """Softmax cross-entropy plus centre loss (Wen et al. 2016; survey eq. 7).
 
-        L_i = -log softmax(W x_i + b)_{y_i} + (lambda / 2) ||x_i - c_{y_i}||^2
+        L_i = -log softmax(W x_i + b)_{y_i} + (lambda / 2) d(x_i, c_{y_i})
 
-    The paper sums over the batch ("sum"); "mean" divides both parts by N. Gradients flow
-    to `centers` only if it requires grad; the paper instead moves the centres with their
-    own rule, `update_centers` (done by `CenterLoss` in training mode).
+    d the squared Euclidean distance ||x_i - c_{y_i}||^2 (the paper's, the default). The
+    paper sums over the batch ("sum"); "mean" divides both parts by N. Gradients flow to
+    `centers` only if it requires grad; the paper instead moves the centres with their own
+    rule, `update_centers` (done by `CenterLoss` in training mode).
 
     Args:
         embeddings: (N, D); labels: (N,) class indices in [0, C).
-        weight: (C, D) softmax weights; bias: (C,) or None.
-        centers: (C, D) class centres.
+        weight: (C, D) softmax weights; bias: (C,) or None; centers: (C, D) class centres
+            (all keyword-only).
         center_weight: lambda >= 0, the weight of the centre term (default 0.003, the
-            paper's face-recognition setting). Units: 1 / (embedding units)^2.
+            paper's face-recognition setting). Units: 1 / (distance units).
+        distance: a distance for the centre term, not a similarity (default squared
+            Euclidean).
         reduction: "mean", "nonzero_mean" or "sum" over samples.
+        return_stats: also return a `ClassifierStats`.
 
     Example:
         >>> x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
         >>> w, b, c = torch.randn(3, 4), torch.zeros(3), torch.zeros(3, 4)
-        >>> center_loss(x, y, w, b, c, center_weight=0.01) > 0
+        >>> center_loss(x, y, weight=w, bias=b, centers=c, center_weight=0.01) > 0
         tensor(True)
     """
+    distance = NOT_SIMILARITY.resolve(distance, "center_loss")
     check_reduction(reduction)
-    if not center_weight >= 0:
-        raise ValueError(f"center_weight must be >= 0, got {center_weight}")
+    center_weight = check_non_negative(center_weight, "center_weight")
     if centers.shape != weight.shape:
         raise ValueError(
             f"centers has shape {tuple(centers.shape)} but weight has {tuple(weight.shape)}; "
@@ -250,14 +303,18 @@ def center_loss(
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    extra = (centers,) if bias is None else (centers, bias)
-    inputs = check_class_call(embeddings, labels, *weight.shape, weight, *extra)
+    vectors = {"weight": weight, "centers": centers}
+    if bias is not None:
+        vectors["bias"] = bias
+    batch = check_class_batch(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), **vectors
+    )
     with full_precision(embeddings.device):
-        x = inputs.embeddings
-        logits = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        pulled = (x - centers.to(x.dtype)[labels]).pow(2).sum(dim=1)
+        x, labels = batch.embeddings, batch.labels
+        logits = F.linear(x, batch.cast(weight), None if bias is None else batch.cast(bias))
+        pulled = distance.pairwise_distance(x, batch.cast(centers)[labels])
         terms = cross_entropy_terms(logits, labels) + (center_weight / 2) * pulled
-    return reduce_rows(terms, reduction, inputs)
+    return reduce_rows(terms, batch, reduction, return_stats)
 
 
 @torch.no_grad()
@@ -271,15 +328,28 @@ def update_centers(centers: Tensor, embeddings: Tensor, labels: Tensor, alpha: f
 
     Args:
         centers: (C, D), updated in place.
-        embeddings: (N, D); labels: (N,) class indices in [0, C).
-        alpha: the centres' rate in (0, 1] (0.5 in the paper).
+        embeddings: (N, D); labels: (N,) class indices in [0, C) (any integer dtype).
+        alpha: the centres' rate in (0, 1] (0.5 in the paper; the paper's name).
     """
-    alpha = check_range(alpha, "alpha", 0, 1, "a rate")
+    alpha = check_center_rate(alpha, "alpha")
+    labels = labels.long()
     x = embeddings.detach().to(centers.dtype)
     counts = centers.new_zeros(len(centers)).index_add_(0, labels, centers.new_ones(len(x)))
     sums = torch.zeros_like(centers).index_add_(0, labels, x)
     delta = (counts.unsqueeze(1) * centers - sums) / (1 + counts.unsqueeze(1))
     return centers.sub_(alpha * delta)
+
+
+def check_center_rate(value: object, name: str) -> float:
+    """A centre update rate in (0, 1]."""
+    value = check_range(0, 1, "a rate")(value, name)
+    if value == 0:
+        raise ValueError(f"{name} must be > 0 (or None to learn the centres by gradient)")
+    return value
+
+
+def _check_optional_rate(value: object, name: str) -> float | None:
+    return None if value is None else check_center_rate(value, name)
 
 
 class ProxyNCALoss(ClassifierLoss):
@@ -300,7 +370,17 @@ class ProxyNCALoss(ClassifierLoss):
     Example:
         >>> loss_fn = ProxyNCALoss(num_classes=3, embedding_size=4)
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+        >>> int(loss_fn.stats.num_terms)
+        8
     """
+
+    function = staticmethod(proxy_nca_loss)
+    class_vectors = ("proxies",)
+    distances = NCA_DISTANCES
+    softmax_scale = HyperParameter(check_positive)
+    proxies_per_class = HyperParameter(check_count)
+    assignment = HyperParameter(check_assignment)
+    exclude_positive = HyperParameter(check_flag)
 
     def __init__(
         self,
@@ -313,46 +393,23 @@ class ProxyNCALoss(ClassifierLoss):
         distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        distance = _default_proxy_distance() if distance is None else distance
         super().__init__(num_classes, embedding_size, distance, reduction)
-        self.softmax_scale = check_scale(softmax_scale, "softmax_scale")
-        self.proxies_per_class = check_count(proxies_per_class, "proxies_per_class")
-        self.assignment = check_choice(assignment, "assignment", ASSIGNMENTS)
-        self.exclude_positive = exclude_positive
+        self.softmax_scale, self.proxies_per_class = softmax_scale, proxies_per_class
+        self.assignment, self.exclude_positive = assignment, exclude_positive
         self.proxies = init_class_vectors(num_classes * proxies_per_class, embedding_size)
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        return proxy_nca_loss(
-            embeddings,
-            labels,
-            self.proxies,
-            softmax_scale=self.softmax_scale,
-            proxies_per_class=self.proxies_per_class,
-            assignment=self.assignment,
-            exclude_positive=self.exclude_positive,
-            distance=self.distance,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, softmax_scale={self.softmax_scale}, "
-            f"proxies_per_class={self.proxies_per_class}, assignment={self.assignment!r}, "
-            f"exclude_positive={self.exclude_positive}"
-        )
 
 
 class ProxyAnchorLoss(ClassifierLoss):
     """Proxy-Anchor (Kim et al. 2020); see `proxy_anchor_loss` for the formula.
 
     Holds `proxies` (C, D), a float32 parameter. The paper trains the proxies with a learning
-    rate 100 times the network's; see `param_groups`.
+    rate 100 times the network's; see `param_groups`. `stats` is a `ProxyAnchorStats`.
 
     Args:
         num_classes: C; embedding_size: D.
         margin: delta in [0, 1], cosine units (default 0.1).
-        alpha: > 0 (default 32).
+        alpha: > 0, the scale (default 32).
+        distance: `CosineSimilarity()` (default; no other).
         reduction: "mean", "nonzero_mean" or "sum".
 
     Example:
@@ -360,55 +417,59 @@ class ProxyAnchorLoss(ClassifierLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     """
 
+    function = staticmethod(proxy_anchor_loss)
+    class_vectors = ("proxies",)
+    local_anchor_supported = False
+    local_anchor_reason = (
+        "each proxy's two terms are log-sum-exps over all samples of the batch, so one "
+        "rank's rows do not give a share of the loss that sums over ranks"
+    )
+    margin = HyperParameter(check_cosine_margin)
+    alpha = HyperParameter(check_positive)
+
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
         margin: float = 0.1,
         alpha: float = 32.0,
+        distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(num_classes, embedding_size, CosineSimilarity(), reduction)
-        self.margin = check_range(margin, "margin", 0, 1, "cosine units")
-        self.alpha = check_scale(alpha, "alpha")
+        super().__init__(num_classes, embedding_size, distance, reduction)
+        self.margin, self.alpha = margin, alpha
         self.proxies = init_class_vectors(num_classes, embedding_size)
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        return proxy_anchor_loss(
-            embeddings,
-            labels,
-            self.proxies,
-            margin=self.margin,
-            alpha=self.alpha,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, margin={self.margin}, alpha={self.alpha}"
 
 
 class CenterLoss(ClassifierLoss):
     """Softmax plus centre loss (Wen et al. 2016); see `center_loss` for the formula.
 
     Holds the softmax classifier `weight` (C, D) and `bias` (C,) as parameters, and the
-    class centres `centers` (C, D). With `alpha` (default 0.5) the centres follow the
-    paper's own rule (`update_centers`): they are a buffer, not a parameter, moved on every
-    training-mode call after the loss is computed (like BatchNorm's running statistics;
-    call `.eval()` to compute the loss without moving them). With `alpha=None` they are a
-    parameter learned by the optimizer through the centre term.
+    class centres `centers` (C, D). With `alpha` (default 0.5; the paper's name for the
+    centres' rate) the centres follow the paper's own rule (`update_centers`): they are a
+    buffer, not a parameter, moved on every training-mode call after the loss is computed
+    (like BatchNorm's running statistics; call `.eval()` to compute the loss without moving
+    them). With `alpha=None` they are a parameter learned by the optimizer through the centre
+    term.
 
     Args:
         num_classes: C; embedding_size: D.
         center_weight: lambda >= 0 (default 0.003).
         alpha: the centres' rate in (0, 1], or None.
         bias: give the softmax classifier a bias (as in the paper).
+        distance: the centre term's distance (default squared Euclidean, the paper's).
         reduction: "mean", "nonzero_mean" or "sum".
 
     Example:
         >>> loss_fn = CenterLoss(num_classes=3, embedding_size=4, center_weight=0.01)
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     """
+
+    function = staticmethod(center_loss)
+    class_vectors = ("weight", "bias", "centers")
+    distances = NOT_SIMILARITY
+    center_weight = HyperParameter(check_non_negative)
+    alpha = HyperParameter(_check_optional_rate)
 
     def __init__(
         self,
@@ -417,15 +478,11 @@ class CenterLoss(ClassifierLoss):
         center_weight: float = 0.003,
         alpha: float | None = 0.5,
         bias: bool = True,
+        distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(num_classes, embedding_size, EuclideanDistance(), reduction)
-        if not center_weight >= 0:
-            raise ValueError(f"center_weight must be >= 0, got {center_weight}")
-        self.center_weight = float(center_weight)
-        self.alpha = None if alpha is None else check_range(alpha, "alpha", 0, 1, "a rate")
-        if self.alpha is not None and self.alpha == 0:
-            raise ValueError("alpha must be > 0 (or None to learn the centres by gradient)")
+        super().__init__(num_classes, embedding_size, distance, reduction)
+        self.center_weight, self.alpha = center_weight, alpha
         self.weight = init_class_vectors(num_classes, embedding_size)
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
         centers = init_class_vectors(num_classes, embedding_size)
@@ -434,23 +491,7 @@ class CenterLoss(ClassifierLoss):
         else:
             self.register_buffer("centers", centers.detach().clone())
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        loss = center_loss(
-            embeddings,
-            labels,
-            self.weight,
-            self.bias,
-            self.centers,
-            center_weight=self.center_weight,
-            reduction=self.reduction,
-        )
-        if self.training and self.alpha is not None:
+    def update(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Move the centres by the paper's rule (when `alpha` is set)."""
+        if self.alpha is not None:
             update_centers(self.centers, embeddings, labels, self.alpha)
-        return loss
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, center_weight={self.center_weight}, alpha={self.alpha}, "
-            f"bias={self.bias is not None}"
-        )

@@ -31,48 +31,51 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric.distances import CosineSimilarity
+from deepmetric._validation import HyperParameter, check_count, check_positive
+from deepmetric.distances import BaseDistance, DotProductSimilarity
 from deepmetric.losses.classifier import (
+    COSINE,
     ClassifierLoss,
-    check_class_call,
-    check_count,
+    ClassifierStats,
+    DistanceRule,
+    check_class_batch,
+    check_flag,
+    check_non_negative,
     check_range,
-    check_scale,
+    cosine_logits,
     cross_entropy_terms,
     full_precision,
     init_class_vectors,
     reduce_rows,
-    reject_mining_inputs,
+    with_target,
 )
 from deepmetric.losses.reduction import check_reduction
 
 COS_EPS = 1e-7
 """cos(theta) is clamped to [-1 + COS_EPS, 1 - COS_EPS] where sin(theta) is needed."""
 
-
-def _unit_logits(x: Tensor, weight: Tensor, labels: Tensor, scale: float):
-    """(scale * cos(x, w_j)) for all classes (N, C), and cos(x, w_y) (N,) computed per row."""
-    unit_x = F.normalize(x, dim=1)
-    unit_w = F.normalize(weight.to(x.dtype), dim=1)
-    logits = (unit_x * scale) @ unit_w.T
-    cos_target = (unit_x * unit_w[labels]).sum(dim=1)
-    return logits, cos_target
-
-
-def _with_target(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
-    """`logits` with the true-class column replaced by `target` (in place: the matmul output
-    is not needed by backward)."""
-    return logits.scatter_(1, labels.unsqueeze(1), target.unsqueeze(1))
+DOT_PRODUCT = DistanceRule(
+    DotProductSimilarity,
+    lambda d: type(d) is DotProductSimilarity and not d.normalize_embeddings,
+    "the plain dot product (its logits are ||w|| ||x|| psi(theta))",
+)
+check_cosine_margin = check_range(0, 1, "cosine units")
+check_angle_margin = check_range(0, math.pi / 2, "radians")
 
 
 def normalized_softmax_loss(
     embeddings: Tensor,
-    labels: Tensor,
-    weight: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    weight: Tensor,
     temperature: float = 0.05,
+    distance: BaseDistance | None = None,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ClassifierStats]:
     """Normalised softmax with temperature (Zhai & Wu 2018; survey eq. 19).
 
         L = -log( exp(x^ . w^_y / sigma) / sum_j exp(x^ . w^_j / sigma) )
@@ -83,25 +86,29 @@ def normalized_softmax_loss(
 
     Args:
         embeddings: (N, D) features; labels: (N,) class indices in [0, C).
-        weight: (C, D) class weights (proxies).
+        weight: (C, D) class weights (proxies), keyword-only.
         temperature: sigma > 0 (dimensionless; logits are cosines / sigma). Zhai & Wu use
             0.05; too small or too large both hurt (survey table 1).
+        distance: `CosineSimilarity()` (the default; no other).
         reduction: "mean", "nonzero_mean" or "sum" over samples.
+        return_stats: also return a `ClassifierStats`.
 
     Example:
         >>> x, y, w = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(3, 4)
-        >>> normalized_softmax_loss(x, y, w, temperature=0.1).shape
+        >>> normalized_softmax_loss(x, y, weight=w, temperature=0.1).shape
         torch.Size([])
     """
+    COSINE.resolve(distance, "normalized_softmax_loss")
     check_reduction(reduction)
-    temperature = check_scale(temperature, "temperature")
-    inputs = check_class_call(embeddings, labels, *weight.shape, weight)
+    temperature = check_positive(temperature, "temperature")
+    batch = check_class_batch(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
+    )
     with full_precision(embeddings.device):
-        x = inputs.embeddings
-        unit_w = F.normalize(weight.to(x.dtype), dim=1)
-        logits = (F.normalize(x, dim=1) / temperature) @ unit_w.T
-        terms = cross_entropy_terms(logits, labels)
-    return reduce_rows(terms, reduction, inputs)
+        unit_w = F.normalize(batch.cast(weight), dim=1)
+        logits = (F.normalize(batch.embeddings, dim=1) / temperature) @ unit_w.T
+        terms = cross_entropy_terms(logits, batch.labels)
+    return reduce_rows(terms, batch, reduction, return_stats)
 
 
 def _chebyshev_psi(cos: Tensor, margin: int) -> Tensor:
@@ -119,15 +126,20 @@ def _chebyshev_psi(cos: Tensor, margin: int) -> Tensor:
 
 def large_margin_softmax_loss(
     embeddings: Tensor,
-    labels: Tensor,
-    weight: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    weight: Tensor,
     margin: int = 4,
     scale: float = 1.0,
     normalize_weights: bool = False,
     lambda_: float = 0.0,
+    distance: BaseDistance | None = None,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ClassifierStats]:
     """Large-margin softmax, L-Softmax (Liu et al. 2016), and A-Softmax / SphereFace (Liu et
     al. 2017) with `normalize_weights=True`.
 
@@ -141,28 +153,33 @@ def large_margin_softmax_loss(
     of the logit, as in both papers.
 
     Args:
-        weight: (C, D) class weights, bias-free.
+        weight: (C, D) class weights, bias-free, keyword-only.
         margin: m, an integer >= 1 multiplying the angle to the true class (dimensionless;
             m = 1 is plain softmax).
         scale: s > 0, multiplies all logits (1 in the papers).
         normalize_weights: use w / ||w|| (SphereFace) instead of w (L-Softmax).
         lambda_: lambda >= 0.
+        distance: `DotProductSimilarity()` (the default; no other).
         reduction: "mean", "nonzero_mean" or "sum" over samples.
+        return_stats: also return a `ClassifierStats`.
 
     Example:
         >>> x, y, w = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(3, 4)
-        >>> large_margin_softmax_loss(x, y, w, margin=2) > 0
+        >>> large_margin_softmax_loss(x, y, weight=w, margin=2) > 0
         tensor(True)
     """
+    DOT_PRODUCT.resolve(distance, "large_margin_softmax_loss")
     check_reduction(reduction)
     margin = check_count(margin, "margin")
-    scale = check_scale(scale, "scale")
-    if not lambda_ >= 0:
-        raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
-    inputs = check_class_call(embeddings, labels, *weight.shape, weight)
+    scale = check_positive(scale, "scale")
+    check_flag(normalize_weights, "normalize_weights")
+    lambda_ = check_non_negative(lambda_, "lambda_")
+    batch = check_class_batch(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
+    )
     with full_precision(embeddings.device):
-        x = inputs.embeddings
-        w = weight.to(x.dtype)
+        x, labels = batch.embeddings, batch.labels
+        w = batch.cast(weight)
         if normalize_weights:
             w = F.normalize(w, dim=1)
         logits = (x * scale) @ w.T
@@ -171,19 +188,24 @@ def large_margin_softmax_loss(
         norms = x.norm(dim=1) * w_target.norm(dim=1)
         cos = plain / norms.clamp_min(torch.finfo(x.dtype).tiny)
         target = (lambda_ * plain + norms * _chebyshev_psi(cos, margin)) / (1 + lambda_)
-        terms = cross_entropy_terms(_with_target(logits, labels, scale * target), labels)
-    return reduce_rows(terms, reduction, inputs)
+        terms = cross_entropy_terms(with_target(logits, labels, scale * target), labels)
+    return reduce_rows(terms, batch, reduction, return_stats)
 
 
 def cosface_loss(
     embeddings: Tensor,
-    labels: Tensor,
-    weight: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    weight: Tensor,
     margin: float = 0.35,
     scale: float = 64.0,
+    distance: BaseDistance | None = None,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ClassifierStats]:
     """Large-margin cosine loss, CosFace / AM-Softmax (Wang et al. 2018; seed 000).
 
         L = -log( e^{s (cos(theta_y) - m)}
@@ -194,37 +216,47 @@ def cosface_loss(
     same loss.
 
     Args:
-        weight: (C, D) class weights, normalised inside.
+        weight: (C, D) class weights, normalised inside, keyword-only.
         margin: m in [0, 1], in cosine units (subtracted from cos(theta_y)).
         scale: s > 0 (64 in the paper).
+        distance: `CosineSimilarity()` (the default; no other).
         reduction: "mean", "nonzero_mean" or "sum" over samples.
+        return_stats: also return a `ClassifierStats`.
 
     Example:
         >>> x, y, w = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(3, 4)
-        >>> cosface_loss(x, y, w, margin=0.35, scale=30.0) > 0
+        >>> cosface_loss(x, y, weight=w, margin=0.35, scale=30.0) > 0
         tensor(True)
     """
+    COSINE.resolve(distance, "cosface_loss")
     check_reduction(reduction)
-    margin = check_range(margin, "margin", 0, 1, "cosine units")
-    scale = check_scale(scale, "scale")
-    inputs = check_class_call(embeddings, labels, *weight.shape, weight)
+    margin = check_cosine_margin(margin, "margin")
+    scale = check_positive(scale, "scale")
+    batch = check_class_batch(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
+    )
     with full_precision(embeddings.device):
-        logits, cos = _unit_logits(inputs.embeddings, weight, labels, scale)
-        logits = _with_target(logits, labels, scale * (cos - margin))
-        terms = cross_entropy_terms(logits, labels)
-    return reduce_rows(terms, reduction, inputs)
+        logits, cos = cosine_logits(batch.embeddings, batch.cast(weight), scale, batch.labels)
+        logits = with_target(logits, batch.labels, scale * (cos - margin))
+        terms = cross_entropy_terms(logits, batch.labels)
+    return reduce_rows(terms, batch, reduction, return_stats)
 
 
 def arcface_loss(
     embeddings: Tensor,
-    labels: Tensor,
-    weight: Tensor,
+    labels: Tensor | None = None,
+    indices_tuple: tuple | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     *,
+    weight: Tensor,
     margin: float = 0.5,
     scale: float = 64.0,
     easy_margin: bool = False,
+    distance: BaseDistance | None = None,
     reduction: str = "mean",
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, ClassifierStats]:
     """Additive angular margin loss, ArcFace (Deng et al. 2019).
 
         f_y = s cos(theta_y + m),  f_j = s cos(theta_j) (j != y),  L = cross_entropy(f, y)
@@ -236,24 +268,30 @@ def arcface_loss(
     and f_y = s cos(theta_y) elsewhere.
 
     Args:
-        weight: (C, D) class weights, normalised inside.
+        weight: (C, D) class weights, normalised inside, keyword-only.
         margin: m in [0, pi / 2], in radians (pytorch-metric-learning takes degrees;
             its default 28.6 degrees is our 0.5).
         scale: s > 0 (64 in the paper).
         easy_margin: apply the margin only for theta_y < pi / 2.
+        distance: `CosineSimilarity()` (the default; no other: the margin is an angle).
         reduction: "mean", "nonzero_mean" or "sum" over samples.
+        return_stats: also return a `ClassifierStats`.
 
     Example:
         >>> x, y, w = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(3, 4)
-        >>> arcface_loss(x, y, w, margin=0.5, scale=30.0) > 0
+        >>> arcface_loss(x, y, weight=w, margin=0.5, scale=30.0) > 0
         tensor(True)
     """
+    COSINE.resolve(distance, "arcface_loss")
     check_reduction(reduction)
-    margin = check_range(margin, "margin", 0, math.pi / 2, "radians")
-    scale = check_scale(scale, "scale")
-    inputs = check_class_call(embeddings, labels, *weight.shape, weight)
+    margin = check_angle_margin(margin, "margin")
+    scale = check_positive(scale, "scale")
+    check_flag(easy_margin, "easy_margin")
+    batch = check_class_batch(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
+    )
     with full_precision(embeddings.device):
-        logits, cos = _unit_logits(inputs.embeddings, weight, labels, scale)
+        logits, cos = cosine_logits(batch.embeddings, batch.cast(weight), scale, batch.labels)
         cos = cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
         sin = (1 - cos * cos).sqrt()
         shifted = cos * math.cos(margin) - sin * math.sin(margin)
@@ -263,8 +301,8 @@ def arcface_loss(
             target = torch.where(
                 cos > math.cos(math.pi - margin), shifted, cos - margin * math.sin(margin)
             )
-        terms = cross_entropy_terms(_with_target(logits, labels, scale * target), labels)
-    return reduce_rows(terms, reduction, inputs)
+        terms = cross_entropy_terms(with_target(logits, batch.labels, scale * target), batch.labels)
+    return reduce_rows(terms, batch, reduction, return_stats)
 
 
 class _CountsSteps:
@@ -287,29 +325,42 @@ class NormalizedSoftmaxLoss(ClassifierLoss):
     Args:
         num_classes: C; embedding_size: D.
         temperature: sigma > 0 (default 0.05, as in the paper and pytorch-metric-learning).
+        distance: `CosineSimilarity()` (the default; no other).
         reduction: "mean", "nonzero_mean" or "sum".
 
     Example:
         >>> loss_fn = NormalizedSoftmaxLoss(num_classes=3, embedding_size=4)
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+        >>> loss_fn.stats.num_terms
+        8
     """
+
+    function = staticmethod(normalized_softmax_loss)
+    temperature = HyperParameter(check_positive)
 
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
         temperature: float = 0.05,
+        distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(num_classes, embedding_size, CosineSimilarity(), reduction)
-        self.temperature = check_scale(temperature, "temperature")
+        super().__init__(num_classes, embedding_size, distance, reduction)
+        self.temperature = temperature
         self.weight = init_class_vectors(num_classes, embedding_size)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        return normalized_softmax_loss(
-            embeddings, labels, self.weight, temperature=self.temperature, reduction=self.reduction
-        )
+
+class _CountsSteps:
+    """Mixin: a step counter kept in the module's state_dict (as extra state)."""
+
+    num_steps: int = 0
+
+    def get_extra_state(self) -> dict:
+        return {"num_steps": self.num_steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.num_steps = int(state["num_steps"])
 
 
 class HeatedUpSoftmaxLoss(_CountsSteps, NormalizedSoftmaxLoss):
@@ -325,7 +376,8 @@ class HeatedUpSoftmaxLoss(_CountsSteps, NormalizedSoftmaxLoss):
     correctly classified boundary samples are pulled in too. `initial_scale > final_scale`
     does that; `initial_scale < final_scale` raises the scale instead (cooling down).
     Call `step()` once per step of whatever unit `heat_up_at` counts (iterations or
-    epochs); the count is saved in the state_dict.
+    epochs); the count is saved in the state_dict. `scale` and `temperature` (= 1 / scale)
+    are read from the schedule at the current step.
 
     Args:
         num_classes: C; embedding_size: D.
@@ -334,6 +386,7 @@ class HeatedUpSoftmaxLoss(_CountsSteps, NormalizedSoftmaxLoss):
             alpha cos(theta)). Default 16.
         final_scale: alpha after the change, > 0. Default 4.
         ramp_steps: steps over which alpha moves linearly; 0 switches at once.
+        distance: `CosineSimilarity()` (the default; no other).
         reduction: "mean", "nonzero_mean" or "sum".
 
     Example:
@@ -341,9 +394,14 @@ class HeatedUpSoftmaxLoss(_CountsSteps, NormalizedSoftmaxLoss):
         >>> for _ in range(3):
         ...     loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
         ...     scale = loss_fn.step()
-        >>> loss_fn.scale
-        4.0
+        >>> loss_fn.scale, loss_fn.temperature
+        (4.0, 0.25)
     """
+
+    heat_up_at = HyperParameter(lambda value, name: check_count(value, name, minimum=0))
+    initial_scale = HyperParameter(check_positive)
+    final_scale = HyperParameter(check_positive)
+    ramp_steps = HyperParameter(lambda value, name: check_count(value, name, minimum=0))
 
     def __init__(
         self,
@@ -353,17 +411,13 @@ class HeatedUpSoftmaxLoss(_CountsSteps, NormalizedSoftmaxLoss):
         initial_scale: float = 16.0,
         final_scale: float = 4.0,
         ramp_steps: int = 0,
+        distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        initial_scale = check_scale(initial_scale, "initial_scale")
-        final_scale = check_scale(final_scale, "final_scale")
-        if heat_up_at < 0 or ramp_steps < 0:
-            raise ValueError(
-                f"heat_up_at and ramp_steps must be >= 0, got {heat_up_at} and {ramp_steps}"
-            )
-        super().__init__(num_classes, embedding_size, 1 / initial_scale, reduction)
+        ClassifierLoss.__init__(self, num_classes, embedding_size, distance, reduction)
+        self.heat_up_at, self.ramp_steps = heat_up_at, ramp_steps
         self.initial_scale, self.final_scale = initial_scale, final_scale
-        self.heat_up_at, self.ramp_steps = int(heat_up_at), int(ramp_steps)
+        self.weight = init_class_vectors(num_classes, embedding_size)
         self.num_steps = 0
 
     @property
@@ -373,23 +427,15 @@ class HeatedUpSoftmaxLoss(_CountsSteps, NormalizedSoftmaxLoss):
         progress = min(max(progress, 0.0), 1.0)
         return self.initial_scale + progress * (self.final_scale - self.initial_scale)
 
+    @property
+    def temperature(self) -> float:
+        """1 / alpha at the current step (set the schedule, not this)."""
+        return 1 / self.scale
+
     def step(self) -> float:
         """Advance the schedule by one step; return the new scale."""
         self.num_steps += 1
         return self.scale
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        return normalized_softmax_loss(
-            embeddings, labels, self.weight, temperature=1 / self.scale, reduction=self.reduction
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, initial_scale={self.initial_scale}, "
-            f"final_scale={self.final_scale}, heat_up_at={self.heat_up_at}, "
-            f"ramp_steps={self.ramp_steps}"
-        )
 
 
 @dataclass(frozen=True)
@@ -410,11 +456,16 @@ class LambdaSchedule:
 
     def __post_init__(self) -> None:
         for name in ("base", "gamma", "power", "minimum"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"LambdaSchedule.{name} must be >= 0, got {getattr(self, name)}")
+            check_non_negative(getattr(self, name), name)
 
     def __call__(self, iteration: int) -> float:
         return max(self.minimum, self.base * (1 + self.gamma * iteration) ** (-self.power))
+
+
+def _check_schedule(value: object, name: str) -> LambdaSchedule | None:
+    if value is not None and not isinstance(value, LambdaSchedule):
+        raise TypeError(f"{name} must be a LambdaSchedule or None, got {type(value).__name__}")
+    return value
 
 
 class LargeMarginSoftmaxLoss(_CountsSteps, ClassifierLoss):
@@ -431,12 +482,20 @@ class LargeMarginSoftmaxLoss(_CountsSteps, ClassifierLoss):
         scale: s > 0 multiplying all logits (default 1).
         normalize_weights: normalise the class weights (SphereFace).
         lambda_schedule: a `LambdaSchedule`, or None.
+        distance: `DotProductSimilarity()` (the default; no other).
         reduction: "mean", "nonzero_mean" or "sum".
 
     Example:
         >>> loss_fn = LargeMarginSoftmaxLoss(num_classes=3, embedding_size=4, margin=2)
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     """
+
+    function = staticmethod(large_margin_softmax_loss)
+    distances = DOT_PRODUCT
+    margin = HyperParameter(check_count)
+    scale = HyperParameter(check_positive)
+    normalize_weights = HyperParameter(check_flag)
+    lambda_schedule = HyperParameter(_check_schedule)
 
     def __init__(
         self,
@@ -446,13 +505,12 @@ class LargeMarginSoftmaxLoss(_CountsSteps, ClassifierLoss):
         scale: float = 1.0,
         normalize_weights: bool = False,
         lambda_schedule: LambdaSchedule | None = LambdaSchedule(),  # noqa: B008 (frozen)
+        distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(num_classes, embedding_size, CosineSimilarity(), reduction)
-        self.margin = check_count(margin, "margin")
-        self.scale = check_scale(scale, "scale")
-        self.normalize_weights = normalize_weights
-        self.lambda_schedule = lambda_schedule
+        super().__init__(num_classes, embedding_size, distance, reduction)
+        self.margin, self.scale = margin, scale
+        self.normalize_weights, self.lambda_schedule = normalize_weights, lambda_schedule
         self.weight = init_class_vectors(num_classes, embedding_size)
         self.num_steps = 0
 
@@ -461,27 +519,12 @@ class LargeMarginSoftmaxLoss(_CountsSteps, ClassifierLoss):
         """lambda for the next call (0 without a schedule)."""
         return 0.0 if self.lambda_schedule is None else self.lambda_schedule(self.num_steps)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        loss = large_margin_softmax_loss(
-            embeddings,
-            labels,
-            self.weight,
-            margin=self.margin,
-            scale=self.scale,
-            normalize_weights=self.normalize_weights,
-            lambda_=self.current_lambda,
-            reduction=self.reduction,
-        )
-        if self.training:
-            self.num_steps += 1
-        return loss
+    def function_arguments(self) -> dict:
+        return {**super().function_arguments(), "lambda_": self.current_lambda}
 
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, margin={self.margin}, scale={self.scale}, "
-            f"normalize_weights={self.normalize_weights}, lambda_schedule={self.lambda_schedule}"
-        )
+    def update(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Advance the lambda annealing by one iteration."""
+        self.num_steps += 1
 
 
 class SphereFaceLoss(LargeMarginSoftmaxLoss):
@@ -496,6 +539,7 @@ class SphereFaceLoss(LargeMarginSoftmaxLoss):
         margin: integer angle multiplier m >= 1 (default 4, the paper's choice).
         scale: s > 0 (default 1).
         lambda_schedule: a `LambdaSchedule` (default: SphereFace's), or None.
+        distance: `DotProductSimilarity()` (the default; no other).
         reduction: "mean", "nonzero_mean" or "sum".
 
     Example:
@@ -510,10 +554,11 @@ class SphereFaceLoss(LargeMarginSoftmaxLoss):
         margin: int = 4,
         scale: float = 1.0,
         lambda_schedule: LambdaSchedule | None = LambdaSchedule(),  # noqa: B008 (frozen)
+        distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
         super().__init__(
-            num_classes, embedding_size, margin, scale, True, lambda_schedule, reduction
+            num_classes, embedding_size, margin, scale, True, lambda_schedule, distance, reduction
         )
 
 
@@ -524,6 +569,7 @@ class CosFaceLoss(ClassifierLoss):
         num_classes: C; embedding_size: D.
         margin: m in [0, 1], cosine units (default 0.35).
         scale: s > 0 (default 64).
+        distance: `CosineSimilarity()` (the default; no other).
         reduction: "mean", "nonzero_mean" or "sum".
 
     Example:
@@ -531,32 +577,22 @@ class CosFaceLoss(ClassifierLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     """
 
+    function = staticmethod(cosface_loss)
+    margin = HyperParameter(check_cosine_margin)
+    scale = HyperParameter(check_positive)
+
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
         margin: float = 0.35,
         scale: float = 64.0,
+        distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(num_classes, embedding_size, CosineSimilarity(), reduction)
-        self.margin = check_range(margin, "margin", 0, 1, "cosine units")
-        self.scale = check_scale(scale, "scale")
+        super().__init__(num_classes, embedding_size, distance, reduction)
+        self.margin, self.scale = margin, scale
         self.weight = init_class_vectors(num_classes, embedding_size)
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        return cosface_loss(
-            embeddings,
-            labels,
-            self.weight,
-            margin=self.margin,
-            scale=self.scale,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, margin={self.margin}, scale={self.scale}"
 
 
 class ArcFaceLoss(ClassifierLoss):
@@ -568,12 +604,20 @@ class ArcFaceLoss(ClassifierLoss):
             degrees).
         scale: s > 0 (default 64).
         easy_margin: apply the margin only where cos(theta_y) > 0.
+        distance: `CosineSimilarity()` (the default; no other: the margin is an angle).
         reduction: "mean", "nonzero_mean" or "sum".
 
     Example:
         >>> loss_fn = ArcFaceLoss(num_classes=3, embedding_size=4, margin=0.5)
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+        >>> loss_fn.stats.num_terms
+        8
     """
+
+    function = staticmethod(arcface_loss)
+    margin = HyperParameter(check_angle_margin)
+    scale = HyperParameter(check_positive)
+    easy_margin = HyperParameter(check_flag)
 
     def __init__(
         self,
@@ -582,28 +626,9 @@ class ArcFaceLoss(ClassifierLoss):
         margin: float = 0.5,
         scale: float = 64.0,
         easy_margin: bool = False,
+        distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(num_classes, embedding_size, CosineSimilarity(), reduction)
-        self.margin = check_range(margin, "margin", 0, math.pi / 2, "radians")
-        self.scale = check_scale(scale, "scale")
-        self.easy_margin = easy_margin
+        super().__init__(num_classes, embedding_size, distance, reduction)
+        self.margin, self.scale, self.easy_margin = margin, scale, easy_margin
         self.weight = init_class_vectors(num_classes, embedding_size)
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        reject_mining_inputs(indices_tuple, ref_emb, ref_labels)
-        return arcface_loss(
-            embeddings,
-            labels,
-            self.weight,
-            margin=self.margin,
-            scale=self.scale,
-            easy_margin=self.easy_margin,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, margin={self.margin}, scale={self.scale}, "
-            f"easy_margin={self.easy_margin}"
-        )
