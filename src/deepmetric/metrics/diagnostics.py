@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepmetric.index import Neighbours
 from deepmetric.metrics._inputs import as_embeddings, as_labels, encode_labels
+from deepmetric.neighbours import Neighbours
 
 __all__ = ["DISTANCES", "margin_diagnostics"]
 

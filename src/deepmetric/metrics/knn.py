@@ -6,13 +6,18 @@ from typing import Any
 
 import numpy as np
 
-from deepmetric.index import Neighbours
 from deepmetric.metrics._inputs import check_ks, equal_labels
+from deepmetric.metrics.labels import is_multi_hot
 from deepmetric.metrics.retrieval import average_over_queries
+from deepmetric.neighbours import Neighbours
 
 __all__ = ["knn_accuracy", "knn_predict"]
 
 _BLOCK_ENTRIES = 1 << 22
+_ONE_CLASS = (
+    "k-NN accuracy needs one class per row (a vote elects one label); with multi-hot labels "
+    "use the retrieval metrics (precision@1, map@r, ...)"
+)
 
 
 def _vote_positions(labels: np.ndarray, found: np.ndarray) -> np.ndarray:
@@ -48,6 +53,8 @@ def knn_predict(neighbours: Neighbours, k: int = 5) -> np.ndarray:
     (k,) = check_ks(k)
     if neighbours.labels is None:
         raise ValueError("neighbours carries no labels; call neighbours.with_labels(...)")
+    if neighbours.multi_label:
+        raise ValueError(_ONE_CLASS)
     if k > neighbours.k:
         raise ValueError(f"k={k} but neighbours has only k={neighbours.k}; search deeper")
     labels = neighbours.labels[:, :k]
@@ -81,6 +88,10 @@ def knn_accuracy(
         1.0
     """
     (k,) = check_ks(k)
+    if is_multi_hot(query_labels):
+        raise ValueError(_ONE_CLASS)
+    if hasattr(query_labels, "detach"):
+        query_labels = query_labels.detach().cpu().numpy()
     query_labels = np.asarray(query_labels)
     if query_labels.shape != (neighbours.num_queries,):
         raise ValueError(

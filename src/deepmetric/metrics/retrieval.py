@@ -1,10 +1,11 @@
 """Retrieval metrics over k-NN results: Recall@K, Precision@1, R-Precision, MAP@R, MRR.
 
 Every metric is computed per query from a `Neighbours` value and the number R of references
-relevant to each query (sharing its label), then averaged over queries ("micro") or over
-classes ("macro"). A query with R = 0 (its class has no other member in the reference set)
-has no defined retrieval score: it is marked invalid, skipped by the averages and reported
-by `deepmetric.metrics.evaluate`.
+relevant to each query, then averaged over queries ("micro") or over classes ("macro"). A
+reference is relevant when it has the query's class, or, with multi-hot label rows (N, L),
+when it shares at least one label with the query (`deepmetric.metrics.labels`). A query with
+R = 0 (no other reference shares its label) has no defined retrieval score: it is marked
+invalid, skipped by the averages and reported by `deepmetric.metrics.evaluate`.
 
 Neighbours are ranked by distance, ties by ascending reference index (`deepmetric.index`);
 the metrics read the ranking as given.
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
-from deepmetric.index import Neighbours
 from deepmetric.metrics._inputs import check_average, check_ks, encode_labels, equal_labels
+from deepmetric.metrics.labels import SharedLabelRelevance, as_label_rows, is_multi_hot
+from deepmetric.neighbours import Neighbours
 
 __all__ = [
     "RetrievalScores",
@@ -33,6 +36,7 @@ __all__ = [
     "recall_at_k",
     "relevance",
     "retrieval_scores",
+    "scores_from_relevance",
 ]
 
 
@@ -42,31 +46,54 @@ def _labels_array(labels: Any) -> np.ndarray:
     return np.asarray(labels)
 
 
+def _num_rows(labels: Any) -> int:
+    return labels.shape[0] if sparse.issparse(labels) else len(labels)
+
+
 def count_relevant(
     query_labels: Any, reference_labels: Any, *, exclude_self: bool = False
 ) -> np.ndarray:
     """Number R_i of references that share query i's label.
 
-    R_i = #{j : reference_labels[j] == query_labels[i]} - [exclude_self]. With
+    R_i = #{j : reference_labels[j] == query_labels[i]} - [exclude_self], or with multi-hot
+    label rows R_i = #{j : Y_i . Y_j > 0} - [exclude_self and Y_i != 0]. With
     ``exclude_self`` the queries are the reference set itself (query i is reference i) and
     each query does not count itself.
 
     Parameters:
-        query_labels: (num_queries,) labels, integers or strings.
-        reference_labels: (num_reference,) labels of the same kind.
+        query_labels: (num_queries,) labels, integers or strings, or (num_queries, L)
+            multi-hot rows (booleans or 0/1, dense or scipy sparse).
+        reference_labels: (num_reference,) labels of the same kind, or (num_reference, L).
         exclude_self: query i is reference i and is left out of its own list.
 
     Example:
         >>> count_relevant(["a", "b"], ["a", "a", "c"]).tolist()
         [2, 0]
+        >>> count_relevant([[1, 0], [0, 0]], [[1, 1], [0, 1], [1, 0]]).tolist()
+        [2, 0]
     """
-    query_labels = _labels_array(query_labels)
-    reference_labels = _labels_array(reference_labels)
-    if exclude_self and len(query_labels) != len(reference_labels):
+    multi = is_multi_hot(query_labels)
+    if multi != is_multi_hot(reference_labels):
+        raise ValueError(
+            "query_labels and reference_labels must both be 1-D class labels or both "
+            "(rows, num_labels) multi-hot matrices"
+        )
+    if multi:
+        query_labels = as_label_rows(query_labels, _num_rows(query_labels), "query_labels", "it")
+        reference_labels = as_label_rows(
+            reference_labels, _num_rows(reference_labels), "reference_labels", "it"
+        )
+    else:
+        query_labels = _labels_array(query_labels)
+        reference_labels = _labels_array(reference_labels)
+    num_queries, num_reference = query_labels.shape[0], reference_labels.shape[0]
+    if exclude_self and num_queries != num_reference:
         raise ValueError(
             f"exclude_self needs the queries to be the reference set, but query_labels has "
-            f"{len(query_labels)} entries and reference_labels {len(reference_labels)}"
+            f"{num_queries} entries and reference_labels {num_reference}"
         )
+    if multi:
+        return SharedLabelRelevance(query_labels, reference_labels, exclude_self).num_relevant()
     classes, (query_codes, reference_codes) = encode_labels(query_labels, reference_labels)
     counts = np.bincount(reference_codes, minlength=len(classes))
     return counts[query_codes] - int(exclude_self)
@@ -76,11 +103,15 @@ def relevance(neighbours: Neighbours, query_labels: Any) -> np.ndarray:
     """(num_queries, k) boolean matrix: neighbour j of query i shares the query's label.
 
     rel[i, j] = [labels[i, j] == query_labels[i]] and indices[i, j] >= 0 (labels compared by
-    equality, never cast to float).
+    equality, never cast to float); with multi-hot rows (query_labels (num_queries, L) and
+    neighbour labels (num_queries, k, L)) rel[i, j] = [labels[i, j] . query_labels[i] > 0].
 
     Example:
         >>> nb = Neighbours(np.array([[0, 1]]), np.array([[0.1, 0.2]]), np.array([["x", "y"]]))
         >>> relevance(nb, ["y"]).tolist()
+        [[False, True]]
+        >>> nb = nb.with_labels(np.array([[1, 0, 0], [0, 1, 1]]))
+        >>> relevance(nb, [[0, 0, 1]]).tolist()
         [[False, True]]
     """
     if neighbours.labels is None:
@@ -88,6 +119,23 @@ def relevance(neighbours: Neighbours, query_labels: Any) -> np.ndarray:
             "neighbours carries no labels; add labels to the index (index.add(x, labels=...)) "
             "or call neighbours.with_labels(reference_labels)"
         )
+    multi = is_multi_hot(query_labels)
+    if multi != neighbours.multi_label:
+        raise ValueError(
+            "query_labels and the neighbours' labels must both be class labels or both "
+            "multi-hot rows (query_labels (num_queries, L), neighbour labels (num_queries, k, L))"
+        )
+    if multi:
+        rows = as_label_rows(query_labels, neighbours.num_queries, "query_labels", "neighbours")
+        if rows.shape[1] != neighbours.labels.shape[2]:
+            raise ValueError(
+                f"query_labels has {rows.shape[1]} labels per row but the neighbours have "
+                f"{neighbours.labels.shape[2]}"
+            )
+        rows = rows.toarray()
+        neighbour_rows = neighbours.labels.astype(bool)
+        shared = np.einsum("qkl,ql->qk", neighbour_rows, rows, dtype=np.int64) > 0
+        return shared & (neighbours.indices >= 0)
     query_labels = _labels_array(query_labels)
     if query_labels.shape != (neighbours.num_queries,):
         raise ValueError(
@@ -149,18 +197,22 @@ def average_over_queries(
 ) -> float:
     """Average per-query values over valid queries ("micro") or over classes ("macro").
 
-    micro = mean_{i valid} v_i;  macro = mean_c ( mean_{i valid, y_i = c} v_i ) over the
-    classes c with at least one valid query. NaN when no query is valid.
+    micro = mean_{i valid} v_i;  macro = mean_c ( mean_{i valid, c in Y_i} v_i ) over the
+    classes (labels) c with at least one valid query; with one class per row Y_i = {y_i}, with
+    multi-hot rows a query counts once in each of its labels. NaN when no query is valid.
 
     Parameters:
         values: (num_queries,) numbers.
-        query_labels: (num_queries,) labels (for "macro").
+        query_labels: (num_queries,) labels or (num_queries, L) multi-hot rows (for "macro";
+            None allows "micro" only, e.g. with an explicit relevance matrix).
         valid: optional (num_queries,) boolean mask of queries to count.
         average: "micro" or "macro".
 
     Example:
         >>> average_over_queries([1.0, 0.0, 0.0], ["a", "b", "b"], average="macro")
         0.5
+        >>> average_over_queries([1.0, 0.0], [[1, 1], [0, 1]], average="macro")
+        0.75
     """
     check_average(average)
     values = np.asarray(values, dtype=np.float64)
@@ -169,9 +221,21 @@ def average_over_queries(
         return float("nan")
     if average == "micro":
         return float(values[valid].mean())
-    _, (codes,) = encode_labels(_labels_array(query_labels)[valid])
-    sums = np.bincount(codes, weights=values[valid])
-    counts = np.bincount(codes)
+    if query_labels is None:
+        raise ValueError(
+            "average='macro' needs class labels; with an explicit relevance matrix there are "
+            "no classes, use average='micro'"
+        )
+    if is_multi_hot(query_labels):
+        rows = as_label_rows(query_labels, len(values), "query_labels", "values")[valid]
+        sums = rows.T.astype(np.float64) @ values[valid]
+        counts = np.diff(rows.tocsc().indptr)
+    else:
+        _, (codes,) = encode_labels(_labels_array(query_labels)[valid])
+        sums = np.bincount(codes, weights=values[valid])
+        counts = np.bincount(codes)
+    if not (counts > 0).any():
+        return float("nan")
     return float((sums[counts > 0] / counts[counts > 0]).mean())
 
 
@@ -183,7 +247,9 @@ class RetrievalScores:
     reference is among the first ``ks[j]`` neighbours, ``r_precision`` and
     ``average_precision_at_r`` are the per-query R-Precision and AP@R, and
     ``first_relevant_rank`` the 1-based rank of the first relevant neighbour (0 when it lies
-    beyond the retrieved list). ``valid`` marks queries with R >= 1.
+    beyond the retrieved list). ``valid`` marks queries with R >= 1. ``query_labels`` (for
+    "macro" averages) is (num_queries,) labels, a (num_queries, L) sparse multi-hot matrix, or
+    None when relevance came from an explicit matrix.
 
     Example:
         >>> nb = Neighbours(np.array([[1, 2]]), np.array([[0.1, 0.2]]), np.array([[7, 5]]))
@@ -197,7 +263,7 @@ class RetrievalScores:
     average_precision_at_r: np.ndarray
     first_relevant_rank: np.ndarray
     num_relevant: np.ndarray
-    query_labels: np.ndarray
+    query_labels: np.ndarray | sparse.csr_matrix | None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -228,9 +294,16 @@ class RetrievalScores:
         arrays = {
             f.name: np.concatenate([getattr(p, f.name) for p in parts])
             for f in dataclasses.fields(cls)
-            if f.name != "ks"
+            if f.name not in ("ks", "query_labels")
         }
-        return cls(ks=parts[0].ks, **arrays)
+        labels = [p.query_labels for p in parts]
+        if any(part is None for part in labels):
+            joined = None
+        elif sparse.issparse(labels[0]):
+            joined = sparse.vstack(labels, format="csr")
+        else:
+            joined = np.concatenate(labels)
+        return cls(ks=parts[0].ks, query_labels=joined, **arrays)
 
     def summary(self, average: str = "micro", *, include_mrr: bool = True) -> dict[str, float]:
         """Averaged scores: "recall@K" per K, "precision@1", "r_precision", "map@r", "mrr"."""
@@ -291,6 +364,25 @@ def retrieval_scores(
     if ks[-1] > neighbours.k:
         raise ValueError(f"ks asks for Recall@{ks[-1]} but neighbours has only k={neighbours.k}")
     _check_depth(neighbours.k, num_relevant)
+    if is_multi_hot(query_labels):
+        groups = as_label_rows(query_labels, len(rel), "query_labels", "neighbours")
+    else:
+        groups = _labels_array(query_labels).copy()
+    return scores_from_relevance(rel, num_relevant, ks, groups)
+
+
+def scores_from_relevance(
+    rel: np.ndarray, num_relevant: np.ndarray, ks: tuple[int, ...], groups: Any
+) -> RetrievalScores:
+    """`RetrievalScores` from a checked (num_queries, k) relevance matrix of ranked lists.
+
+    ``groups`` are the query labels used by "macro" averages (see `RetrievalScores`).
+
+    Example:
+        >>> s = scores_from_relevance(np.array([[False, True]]), np.array([1]), (1, 2), None)
+        >>> s.hits_at_k.tolist(), s.first_relevant_rank.tolist()
+        ([[False, True]], [2])
+    """
     return RetrievalScores(
         ks=ks,
         hits_at_k=_hits_within(rel, ks),
@@ -298,7 +390,7 @@ def retrieval_scores(
         average_precision_at_r=_average_precision_at_r(rel, num_relevant),
         first_relevant_rank=_first_relevant_rank(rel),
         num_relevant=num_relevant,
-        query_labels=_labels_array(query_labels).copy(),
+        query_labels=groups,
     )
 
 
