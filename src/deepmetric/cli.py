@@ -3,6 +3,7 @@
     deepmetric train                          # Kanji-Fonts-32, default recipe, a few minutes
     deepmetric train --config run.yaml train.epochs=5 loss.name=TripletMarginLoss
     deepmetric train --resume runs/20250101-120000
+    deepmetric train --resume RUN --restart   # a run without a checkpoint: from step 0
     deepmetric evaluate RUN                   # metrics of the best checkpoint
     deepmetric embed RUN DATA                 # embeddings of a data set, to .npz
     deepmetric index RUN DATA                 # a nearest-neighbour index over DATA
@@ -10,7 +11,9 @@
     deepmetric report RUN                     # (re)write report.html
     deepmetric sweep-temperature              # normalised-softmax temperature sweep
 
-docs/cli.md describes every command, config key and file of the run folder.
+docs/cli.md describes every command, config key and file of the run folder. A bad input
+(config key or value, data, run folder file) ends the command with one line that names the
+file or key and the fix, and exit status 2; ``--debug`` also prints the traceback.
 """
 
 from __future__ import annotations
@@ -19,20 +22,40 @@ import argparse
 import json
 import sys
 import time
+import traceback
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
 
-from deepmetric.data import IMAGE_EXTENSIONS, ArrayDataset, LabeledDataset, load_image
+from deepmetric.data import (
+    IMAGE_EXTENSIONS,
+    ArrayDataset,
+    DataError,
+    LabeledDataset,
+    load_image,
+)
 from deepmetric.index import NeighbourIndex
 from deepmetric.metrics import format_table
-from deepmetric.report import comparison_table
+from deepmetric.report import class_name, comparison_table
 from deepmetric.training.checkpoint import atomic_write
 from deepmetric.training.config import Config, config_help, load_config
-from deepmetric.training.data import LabeledSubset, data_from_spec, images_of, load_split
-from deepmetric.training.errors import CheckpointError, ConfigError
+from deepmetric.training.data import (
+    LabeledSubset,
+    data_from_spec,
+    images_of,
+    is_run_data,
+    load_split,
+)
+from deepmetric.training.errors import (
+    CheckpointError,
+    ConfigError,
+    RunFolderError,
+    TrainingDivergedError,
+)
 from deepmetric.training.run_folder import RunFolder
 from deepmetric.training.trainer import (
     build_index,
@@ -48,6 +71,15 @@ from deepmetric.training.trainer import (
 __all__ = ["main"]
 
 SWEEP_TEMPERATURES = (0.005, 0.01, 0.03, 0.05, 0.1, 0.5, 1.0)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    RunFolderError,
+    DataError,
+    FileNotFoundError,
+    TrainingDivergedError,
+)
+"""Errors of the user's input, not of deepmetric: one line and exit status 2."""
 
 
 def _checkpoint(run: RunFolder, which: str) -> Path:
@@ -68,7 +100,46 @@ def _embed(model: nn.Module, config: Config, dataset: LabeledDataset) -> np.ndar
     )
 
 
+def _split(args: argparse.Namespace, config: Config) -> str:
+    """The --split of a command, by default the split the run evaluated (eval.split)."""
+    return args.split or config.eval.split
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise RunFolderError(
+            f"{path} exists: pass --force to overwrite it, or --out <another file>"
+        )
+
+
+def _load_index(path: Path) -> NeighbourIndex:
+    """The index file ``path``; a missing or damaged file is a `RunFolderError` naming it."""
+    if not path.is_file():
+        raise RunFolderError(
+            f"no index at {path}: build one with `deepmetric index RUN DATA --out {path}`"
+        )
+    try:
+        return NeighbourIndex.load(path)
+    except ImportError as error:
+        raise RunFolderError(f"{path}: {error}") from error
+    except (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise RunFolderError(
+            f"{path} is not a readable deepmetric index ({type(error).__name__}: {reason}): "
+            f"build it again with `deepmetric index RUN DATA --out {path} --force`"
+        ) from error
+
+
+def _names_file(index_path: Path) -> Path:
+    """The class names written beside an index file by `deepmetric index`."""
+    return index_path.with_name(index_path.stem + ".class_names.json")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.restart and not args.resume:
+        raise ConfigError(
+            "--restart goes with --resume RUN: deepmetric train --resume RUN --restart"
+        )
     if args.resume:
         run = RunFolder(args.resume)
         base = run.read_config().to_dict()
@@ -80,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         resume = False
     if not args.quiet:
         print(f"run folder: {run_dir}", flush=True)
-    summary = train(config, run_dir, resume=resume, quiet=args.quiet)
+    summary = train(config, run_dir, resume=resume, restart=args.restart, quiet=args.quiet)
     print(comparison_table(summary["before"], summary["after"]))
     print(
         f"best epoch {summary['best_epoch']}, {summary['steps']} steps, "
@@ -92,23 +163,30 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     run = RunFolder(args.run)
     model, config, _ = _model(run, args.checkpoint)
     if args.data is None:
-        dataset = load_split(config.data, args.split or config.eval.split)
+        dataset = load_split(config.data, _split(args, config))
     else:
         dataset = data_from_spec(args.data, args.split or "all", config.data)
     metrics = evaluate_embeddings(_embed(model, config, dataset), dataset.labels, config.eval)
     print(format_table(metrics, title=f"{args.checkpoint} checkpoint of {run.root}"))
+    classes = np.unique(dataset.labels)
+    names = [class_name(label, dataset.class_names) for label in classes[:10]]
+    more = f" and {len(classes) - 10} more" if len(classes) > 10 else ""
+    print(f"{len(dataset)} items of {len(classes)} classes: {', '.join(names)}{more}")
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
     run = RunFolder(args.run)
     model, config, _ = _model(run, args.checkpoint)
-    dataset = data_from_spec(args.data, args.split, config.data)
+    split = _split(args, config)
+    out = Path(args.out or run.root / f"embeddings-{Path(args.data).name}-{split}.npz")
+    _refuse_overwrite(out, args.force)
+    dataset = data_from_spec(args.data, split, config.data)
     embeddings = _embed(model, config, dataset)
-    out = Path(args.out or run.root / f"embeddings-{Path(args.data).name}-{args.split}.npz")
+    names = np.array(dataset.class_names, dtype=str)
 
     def write(temp: str) -> None:
         with open(temp, "wb") as file:
-            np.savez(file, embeddings=embeddings, labels=dataset.labels)
+            np.savez(file, embeddings=embeddings, labels=dataset.labels, class_names=names)
 
     atomic_write(out, write)
     print(f"wrote {embeddings.shape[0]} embeddings of width {embeddings.shape[1]} to {out}")
@@ -117,57 +195,100 @@ def cmd_embed(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     run = RunFolder(args.run)
     model, config, _ = _model(run, args.checkpoint)
-    dataset = data_from_spec(args.data, args.split, config.data)
+    split = _split(args, config)
+    out = Path(args.out or run.root / f"index-{Path(args.data).name}-{split}.npz")
+    _refuse_overwrite(out, args.force)
+    dataset = data_from_spec(args.data, split, config.data)
     index = build_index(_embed(model, config, dataset), dataset.labels, config.eval.distance)
-    out = Path(args.out or run.index)
     atomic_write(out, index.save)
-    print(f"indexed {len(index)} items of {args.data} ({args.split}) in {out}")
+    RunFolder(out.parent).write_json(_names_file(out), dataset.class_names)
+    print(f"indexed {len(index)} items of {args.data} ({split}) in {out}")
+    print(f"search it with: deepmetric search {run.root} QUERY --index {out}")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
     run = RunFolder(args.run)
     model, config, input_shape = _model(run, args.checkpoint)
-    index = NeighbourIndex.load(args.index or run.index)
+    index_path = Path(args.index or run.index)
+    index = _load_index(index_path)
+    names_path = _names_file(index_path)
+    index_names = (
+        json.loads(names_path.read_text(encoding="utf-8"))
+        if args.index and names_path.is_file()
+        else run.load_class_names()
+    )
     query = Path(args.query)
+    exclude = None
     if query.is_file() and query.suffix.lower() in IMAGE_EXTENSIONS:
         if len(input_shape) != 3:
             raise ConfigError(f"the model of {run.root} embeds vectors, not images like {query}")
         mode = "L" if input_shape[0] == 1 else "RGB"
         queries = ArrayDataset(load_image(query, mode, tuple(input_shape[1:]))[None], [0])
-        names, query_labels = [query.name], [None]
+        titles, query_labels, query_names = [query.name], [None], [None]
     else:
-        dataset = data_from_spec(args.query, args.split, config.data)
+        split = _split(args, config)
+        dataset = data_from_spec(args.query, split, config.data)
         rows = np.random.default_rng(0).choice(len(dataset), min(args.limit, len(dataset)), False)
         queries = LabeledSubset(dataset, rows)
-        names, query_labels = [f"#{i}" for i in rows], queries.labels.tolist()
+        titles, query_labels = [f"#{i}" for i in rows], queries.labels.tolist()
+        query_names = [class_name(label, dataset.class_names) for label in query_labels]
+        if args.index is None and is_run_data(args.query, config.data):
+            if split == config.eval.split and _same_items(run, dataset):
+                exclude = rows  # the queries are items of the index: not their own answer
+            elif not np.isin(query_labels, _labels(run)).any():
+                print(
+                    f"note: the index of {run.root} holds the {config.eval.split} split; "
+                    f"queries from --split {split} have none of its classes",
+                    file=sys.stderr,
+                )
     embeddings = _embed(model, config, queries)
     if config.eval.distance == "cosine":
         embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    found = index.search(embeddings, min(args.k, len(index)))
+    k = min(args.k, len(index) - (exclude is not None))
+    found = index.search(embeddings, k, exclude=exclude)
     results = []
-    for row, (name, label) in enumerate(zip(names, query_labels, strict=True)):
-        print(f"query {name}" + ("" if label is None else f" (label {label})"))
+    for row, (title, label, name) in enumerate(zip(titles, query_labels, query_names, strict=True)):
+        print(f"query {title}" + ("" if name is None else f" (label {name})"))
         print("  rank  index   label       distance")
         for rank in range(found.k):
             raw = float(found.distances[row, rank])
             distance = np.sqrt(max(raw, 0.0)) if index.metric == "l2" else 1.0 + raw
             neighbour_label = None if found.labels is None else found.labels[row, rank].item()
+            neighbour_name = (
+                None if neighbour_label is None else class_name(neighbour_label, index_names)
+            )
             print(
-                f"  {rank + 1:>4}  {found.indices[row, rank]:>6}  {neighbour_label!s:<10}  "
+                f"  {rank + 1:>4}  {found.indices[row, rank]:>6}  {neighbour_name!s:<10}  "
                 f"{distance:.4f}"
             )
             results.append(
                 {
-                    "query": name,
+                    "query": title,
                     "query_label": label,
+                    "query_name": name,
                     "rank": rank + 1,
                     "index": int(found.indices[row, rank]),
                     "label": neighbour_label,
+                    "name": neighbour_name,
                     "distance": distance,
                 }
             )
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        Path(args.out).write_text(
+            json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+
+def _labels(run: RunFolder) -> np.ndarray:
+    """The labels of the run's evaluation embeddings (the items of its index)."""
+    return run.load_embeddings()[1]
+
+
+def _same_items(run: RunFolder, dataset: LabeledDataset) -> bool:
+    """Whether ``dataset`` holds the items of the run's index, in its order (the run's
+    evaluation split)."""
+    labels = _labels(run)
+    return len(labels) == len(dataset) and bool(np.array_equal(labels, dataset.labels))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -194,8 +315,10 @@ def cmd_sweep_temperature(args: argparse.Namespace) -> None:
         run = RunFolder(out / f"temperature-{temperature:g}")
         if not args.quiet:
             print(f"temperature {temperature:g}: {run.root}", flush=True)
-        # An existing run (same config, checked) is resumed; a finished one only re-read.
-        summary = train(config, run.root, resume=run.config.is_file(), quiet=args.quiet)
+        # An existing run (same config, checked) is resumed, a finished one only re-read, and
+        # one that stopped before its first checkpoint starts again (its log kept).
+        existing = run.config.is_file()
+        summary = train(config, run.root, resume=existing, restart=existing, quiet=args.quiet)
         rows.append((temperature, summary["after"]))
     table = [
         "| temperature | R@1 | MAP@R |",
@@ -211,12 +334,40 @@ def cmd_sweep_temperature(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'sweep.md'} and {out / 'sweep.json'}")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+SPLITS = ("train", "test", "all")
+DEBUG_HELP = "on an error, also print the traceback"
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of one command: every command also takes --debug."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepmetric",
         description="Deep metric learning: train embedders, evaluate and search them.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     def config_arguments(command: argparse.ArgumentParser) -> None:
         command.add_argument("--config", type=Path, help="a YAML file of config sections")
@@ -238,6 +389,12 @@ def _parser() -> argparse.ArgumentParser:
     config_arguments(train_command)
     train_command.add_argument("--run-dir", type=Path, help="run folder (default runs/<time>)")
     train_command.add_argument("--resume", type=Path, metavar="RUN", help="continue a run")
+    train_command.add_argument(
+        "--restart",
+        action="store_true",
+        help="with --resume: if RUN has no checkpoint, start it again from step 0 (its old "
+        "metrics.jsonl is kept as metrics-N.jsonl) instead of refusing",
+    )
     train_command.set_defaults(handler=cmd_train)
 
     def run_arguments(command: argparse.ArgumentParser) -> None:
@@ -249,30 +406,48 @@ def _parser() -> argparse.ArgumentParser:
     data_help = "kanji_fonts, digits, an image folder (one sub-folder per class) or a table file"
     evaluate_command = commands.add_parser("evaluate", help="metrics of a checkpoint on a split")
     run_arguments(evaluate_command)
-    evaluate_command.add_argument("--split", help="train, test or all (default: eval.split)")
+    evaluate_command.add_argument(
+        "--split", choices=SPLITS, help="train, test or all (default: eval.split)"
+    )
     evaluate_command.add_argument("--data", help=f"another data set: {data_help}")
     evaluate_command.set_defaults(handler=cmd_evaluate)
 
     embed_command = commands.add_parser("embed", help="write the embeddings of a data set")
     run_arguments(embed_command)
     embed_command.add_argument("data", help=data_help)
-    embed_command.add_argument("--split", default="all", help="train, test or all")
-    embed_command.add_argument("--out", type=Path, help="the .npz file to write")
+    embed_command.add_argument(
+        "--split", choices=SPLITS, help="train, test or all (default: eval.split)"
+    )
+    embed_command.add_argument(
+        "--out", type=Path, help="the .npz file (default RUN/embeddings-DATA-SPLIT.npz)"
+    )
+    embed_command.add_argument("--force", action="store_true", help="overwrite --out")
     embed_command.set_defaults(handler=cmd_embed)
 
     index_command = commands.add_parser("index", help="build a nearest-neighbour index")
     run_arguments(index_command)
     index_command.add_argument("data", help=data_help)
-    index_command.add_argument("--split", default="all", help="train, test or all")
-    index_command.add_argument("--out", type=Path, help="the index file (default RUN/index.npz)")
+    index_command.add_argument(
+        "--split", choices=SPLITS, help="train, test or all (default: eval.split)"
+    )
+    index_command.add_argument(
+        "--out", type=Path, help="the index file (default RUN/index-DATA-SPLIT.npz)"
+    )
+    index_command.add_argument(
+        "--force", action="store_true", help="overwrite --out (even RUN/index.npz)"
+    )
     index_command.set_defaults(handler=cmd_index)
 
     search_command = commands.add_parser("search", help="nearest neighbours of queries")
     run_arguments(search_command)
     search_command.add_argument("query", help=f"an image file, or {data_help}")
-    search_command.add_argument("-k", type=int, default=5, help="neighbours per query")
-    search_command.add_argument("--split", default="test", help="split of a query data set")
-    search_command.add_argument("--limit", type=int, default=5, help="queries from a data set")
+    search_command.add_argument("-k", type=_positive, default=5, help="neighbours per query")
+    search_command.add_argument(
+        "--split", choices=SPLITS, help="split of a query data set (default: eval.split)"
+    )
+    search_command.add_argument(
+        "--limit", type=_positive, default=5, help="queries from a data set"
+    )
     search_command.add_argument("--index", type=Path, help="index file (default RUN/index.npz)")
     search_command.add_argument("--out", type=Path, help="also write the results as JSON")
     search_command.set_defaults(handler=cmd_search)
@@ -300,12 +475,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    """Run the command line; return the exit status (0 ok, 2 bad input, 130 interrupted).
+
+    A bad input prints one line naming the file or key and the fix (``--debug``: and the
+    traceback); any other exception is a bug and shows its traceback.
+    """
     args = _parser().parse_args(argv)
     try:
         args.handler(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
-        print(f"deepmetric {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"deepmetric {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -2,8 +2,9 @@
 
 Both end in a linear embedding head and optionally L2-normalise their output, so the
 embeddings lie on the unit sphere (what cosine-based losses such as the normalised softmax
-expect). Any ``nn.Module`` that maps a batch of inputs to (N, D) embeddings works with the
-trainer; these two are the defaults that `deepmetric train` builds from its config.
+expect), and both compile with ``torch.jit.script`` (for export). Any ``nn.Module`` that
+maps a batch of inputs to (N, D) embeddings works with the trainer; these two are the
+defaults that `deepmetric train` builds from its config.
 """
 
 from __future__ import annotations
@@ -110,10 +111,11 @@ class ConvEmbedder(nn.Module):
         self.normalize = normalize
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4:
+        if x.dim() != 4:  # no f-string and no tuple(): torch.jit.script compiles this
             raise ValueError(
-                f"ConvEmbedder expects images of shape (N, C, H, W), got {tuple(x.shape)}; "
-                "use model.name=mlp for feature vectors"
+                "ConvEmbedder expects images of shape (N, C, H, W), got shape "
+                + str(list(x.shape))
+                + "; use model.name=mlp for feature vectors"
             )
         embeddings = self.head(self.body(x))
         return F.normalize(embeddings, dim=1) if self.normalize else embeddings

@@ -5,10 +5,16 @@ after training, histograms of positive and negative pair distances, a 2-D map of
 embeddings (PCA or t-SNE from scikit-learn) and a grid of example queries with their
 nearest neighbours (for image data). Matplotlib draws with the Agg backend, so no display
 is needed.
+
+Classes are shown by name (``class_names[label]``: a kanji, a folder name). The page lists
+the names of the map's classes and of the grid's queries and neighbours as text; the plots
+draw a name where an installed font has its glyphs and the label id (``#12``) otherwise
+(matplotlib's own fonts have no kanji).
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -20,18 +26,63 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from deepmetric.index import NeighbourIndex  # noqa: E402
 from deepmetric.metrics import evaluate  # noqa: E402
 from deepmetric.metrics.verification import sample_pairs  # noqa: E402
 
-__all__ = ["comparison_table", "write_report"]
+__all__ = ["class_name", "comparison_table", "write_report"]
 
 ImageSource = Callable[[np.ndarray], "np.ndarray | None"]
 """Maps item indices to (n, C, H, W) images in [0, 1], or None when the items are not images."""
 
 COUNTS = ("num_queries", "num_skipped")
+
+
+def class_name(label: object, class_names: Sequence[str] | None) -> str:
+    """The name of label id ``label``, or ``str(label)`` where there is none.
+
+    >>> class_name(1, ["cat", "dog"]), class_name(7, None)
+    ('dog', '7')
+    """
+    index = int(label)  # type: ignore[call-overload]
+    if class_names is not None and 0 <= index < len(class_names):
+        return class_names[index]
+    return str(label)
+
+
+@functools.lru_cache(maxsize=1)
+def _font_charmaps() -> tuple[tuple[str, frozenset[int]], ...]:
+    """The installed fonts that matplotlib knows, with the code points each can draw."""
+    fonts = []
+    for entry in font_manager.fontManager.ttflist:
+        try:
+            fonts.append((entry.name, frozenset(FT2Font(entry.fname).get_charmap())))
+        except (OSError, RuntimeError, ValueError):
+            continue
+    return tuple(fonts)
+
+
+def _drawable(text: str) -> tuple[bool, str | None]:
+    """Whether an installed font draws every character of ``text``, and which one."""
+    wanted = {ord(c) for c in text if not c.isspace()}
+    if all(c < 0x250 for c in wanted):
+        return True, None  # Latin: matplotlib's default font
+    for name, charmap in _font_charmaps():
+        if wanted <= charmap:
+            return True, name
+    return False, None
+
+
+def _plot_label(label: object, class_names: Sequence[str] | None) -> tuple[str, str | None]:
+    """The text a plot shows for a class, and the font family to draw it with (None: the
+    default): its name where a font has the glyphs, else ``#<label id>``."""
+    name = class_name(label, class_names)
+    drawable, family = _drawable(name)
+    return (name, family) if drawable else (f"#{label}", None)
 
 
 def comparison_table(before: Mapping[str, float] | None, after: Mapping[str, float]) -> str:
@@ -137,12 +188,23 @@ def _plot_distances(positive: np.ndarray, negative: np.ndarray, distance: str, p
     plt.close(figure)
 
 
-def _plot_map(
-    embeddings: np.ndarray, labels: np.ndarray, num_classes: int, projection: str, path: Path
-) -> None:
+def _map_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The classes the 2-D map shows, drawn at random (seeded)."""
     classes = np.unique(labels)
     rng = np.random.default_rng(0)
-    shown = np.sort(rng.choice(classes, min(num_classes, len(classes)), replace=False))
+    return np.sort(rng.choice(classes, min(num_classes, len(classes)), replace=False))
+
+
+def _plot_map(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    projection: str,
+    path: Path,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """The 2-D map of the embeddings of a few classes; return the classes shown."""
+    shown = _map_classes(labels, num_classes)
     rows = np.flatnonzero(np.isin(labels, shown))
     points = embeddings[rows]
     if projection == "tsne":
@@ -156,17 +218,23 @@ def _plot_map(
         xy = PCA(2, random_state=0).fit_transform(points)
     figure, axes = plt.subplots(figsize=(6, 5.5))
     colours = plt.get_cmap("tab20")
+    families = set()
     for i, label in enumerate(shown):
         mine = labels[rows] == label
-        axes.scatter(xy[mine, 0], xy[mine, 1], s=12, color=colours(i % 20), label=str(label))
+        text, family = _plot_label(label, class_names)
+        families.add(family)
+        axes.scatter(xy[mine, 0], xy[mine, 1], s=12, color=colours(i % 20), label=text)
     axes.set(title=f"{projection.upper()} of the embeddings, {len(shown)} classes")
     axes.set_xticks([])
     axes.set_yticks([])
     if len(shown) <= 20:
-        axes.legend(fontsize=7, markerscale=1.2, ncol=2, title="class", title_fontsize=8)
+        fallback = [f for f in families if f is not None]
+        font = {"family": [*plt.rcParams["font.family"], *fallback], "size": 7}
+        axes.legend(markerscale=1.2, ncol=2, title="class", title_fontsize=8, prop=font)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return shown
 
 
 def _plot_queries(
@@ -177,8 +245,10 @@ def _plot_queries(
     num_neighbours: int,
     distance: str,
     path: Path,
-) -> bool:
-    """The grid of example queries; False (nothing drawn) when the items are not images."""
+    class_names: Sequence[str] | None = None,
+) -> list[tuple[str, list[tuple[str, float]]]] | None:
+    """The grid of example queries; return each query's class name with its neighbours'
+    names and distances, or None (nothing drawn) when the items are not images."""
     if distance == "cosine":
         embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     rng = np.random.default_rng(0)
@@ -189,7 +259,18 @@ def _plot_queries(
     found = index.search(embeddings[queries], k, exclude=queries)
     pictures = images(np.concatenate([queries[:, None], found.indices], axis=1).reshape(-1))
     if pictures is None:
-        return False
+        return None
+    distances = np.sqrt(np.maximum(found.distances.astype(np.float64), 0.0))
+    listed = [
+        (
+            class_name(labels[query], class_names),
+            [
+                (class_name(found.labels[row, col], class_names), float(distances[row, col]))
+                for col in range(k)
+            ],
+        )
+        for row, query in enumerate(queries)
+    ]
     pictures = pictures.reshape(len(queries), k + 1, *pictures.shape[1:])
     # One canvas of tiles, each image inside a frame: black for the query, green for a
     # neighbour of the query's class, red otherwise. Ink is drawn dark on white.
@@ -207,11 +288,11 @@ def _plot_queries(
             image = pictures[row, col].transpose(1, 2, 0)
             image = np.repeat(1.0 - image, 3, axis=2) if channels == 1 else image
             canvas[top + frame : top + frame + height, left + frame : left + frame + width] = image
-            text = (
-                f"{labels[query]}"
-                if col == 0
-                else f"{math.sqrt(max(float(found.distances[row, col - 1]), 0.0)):.2f}"
-            )
+            family = None
+            if col == 0:
+                text, family = _plot_label(labels[query], class_names)
+            else:
+                text = f"{distances[row, col - 1]:.2f}"
             axes.text(
                 left + width / 2 + frame,
                 top - 0.5,
@@ -220,6 +301,7 @@ def _plot_queries(
                 va="bottom",
                 fontsize=6,
                 color=colours[match],
+                **({} if family is None else {"family": [*plt.rcParams["font.family"], family]}),
             )
     axes.imshow(canvas, interpolation="nearest")
     axes.set_axis_off()
@@ -231,7 +313,32 @@ def _plot_queries(
     figure.tight_layout()
     figure.savefig(path, dpi=150)
     plt.close(figure)
-    return True
+    return listed
+
+
+def _names_html(shown: np.ndarray, class_names: Sequence[str] | None) -> str:
+    """The map's classes as text, each beside its colour in the plot."""
+    colours = plt.get_cmap("tab20")
+    items = []
+    for i, label in enumerate(shown):
+        red, green, blue = (round(255 * c) for c in colours(i % 20)[:3])
+        swatch = f'<span style="color:rgb({red},{green},{blue})">&#9679;</span>'
+        items.append(f"{swatch} {html.escape(class_name(label, class_names))}")
+    return '<p class="classes">Classes: ' + ", ".join(items) + "</p>"
+
+
+def _grid_html(listed: list[tuple[str, list[tuple[str, float]]]]) -> str:
+    """The example queries as a table: the query's class, then each neighbour's class and
+    distance (the same rows as the grid)."""
+    rows = ["<table><tr><th>query class</th><th>neighbours: class (distance)</th></tr>"]
+    for query, neighbours in listed:
+        cells = ", ".join(
+            f"{'<b>' if name == query else ''}{html.escape(name)}"
+            f"{'</b>' if name == query else ''} ({value:.2f})"
+            for name, value in neighbours
+        )
+        rows.append(f"<tr><td>{html.escape(query)}</td><td>{cells}</td></tr>")
+    return "\n".join(rows) + "</table>"
 
 
 def write_report(
@@ -242,6 +349,7 @@ def write_report(
     embeddings: np.ndarray,
     labels: np.ndarray,
     images: ImageSource | None = None,
+    class_names: Sequence[str] | None = None,
     config_text: str = "",
     distance: str = "euclidean",
     projection: str = "pca",
@@ -257,6 +365,7 @@ def write_report(
         summary: a dict with "before" (may be None) and "after" metrics and "best_epoch".
         embeddings, labels: (N, D) evaluation embeddings of the best model and their labels.
         images: maps item indices to images for the neighbour grid (None: no grid).
+        class_names: the name of each label id (``class_names[label]``); None: the ids.
         config_text: the run's config.yaml, shown in the report.
         distance: "euclidean" or "cosine", as in evaluation.
         projection: "pca" or "tsne" for the 2-D map; map_classes: classes shown in it.
@@ -266,22 +375,46 @@ def write_report(
     plots = folder / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels)
-    figures: list[tuple[str, str]] = []
+    figures: list[tuple[str, str, str]] = []
 
     _plot_training_curves(history, plots / "training_curves.png")
-    figures.append(("training_curves.png", "Training loss per step and metrics per epoch."))
+    figures.append(("training_curves.png", "Training loss per step and metrics per epoch.", ""))
     curve = _recall_curve(embeddings, labels, distance)
     _plot_recall_at_k(curve, summary.get("before"), plots / "recall_at_k.png")
-    figures.append(("recall_at_k.png", "Recall@K of the evaluation split (each item a query)."))
+    figures.append(("recall_at_k.png", "Recall@K of the evaluation split (each item a query).", ""))
     positive, negative = _pair_distances(embeddings, labels, distance)
     _plot_distances(positive, negative, distance, plots / "distances.png")
-    figures.append(("distances.png", "Distances of sampled same-class and other-class pairs."))
-    _plot_map(embeddings, labels, map_classes, projection, plots / "embedding_map.png")
-    figures.append(("embedding_map.png", "A 2-D projection of the evaluation embeddings."))
-    if images is not None and _plot_queries(
-        embeddings, labels, images, queries, neighbours, distance, plots / "example_queries.png"
-    ):
-        figures.append(("example_queries.png", "Random queries and their nearest neighbours."))
+    figures.append(("distances.png", "Distances of sampled same-class and other-class pairs.", ""))
+    shown = _plot_map(
+        embeddings, labels, map_classes, projection, plots / "embedding_map.png", class_names
+    )
+    figures.append(
+        (
+            "embedding_map.png",
+            "A 2-D projection of the evaluation embeddings.",
+            _names_html(shown, class_names),
+        )
+    )
+    listed = None
+    if images is not None:
+        listed = _plot_queries(
+            embeddings,
+            labels,
+            images,
+            queries,
+            neighbours,
+            distance,
+            plots / "example_queries.png",
+            class_names,
+        )
+    if listed is not None:
+        figures.append(
+            (
+                "example_queries.png",
+                "Random queries and their nearest neighbours.",
+                _grid_html(listed),
+            )
+        )
 
     table = comparison_table(summary.get("before"), summary["after"])
     body = [
@@ -293,14 +426,15 @@ def write_report(
         "<h2>Metrics of the evaluation split</h2>",
         f"<pre>{html.escape(table)}</pre>",
     ]
-    for name, caption in figures:
+    for name, caption, names in figures:
         body.append(f'<figure><img src="plots/{name}" alt="{name}"><figcaption>')
-        body.append(f"{html.escape(caption)}</figcaption></figure>")
+        body.append(f"{html.escape(caption)}</figcaption>{names}</figure>")
     body.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
     page = (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>deepmetric report</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-        "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f4f4f4;padding:1em}</style>"
+        "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f4f4f4;padding:1em}"
+        "td,th{text-align:left;padding:0 1em 0 0;font-size:90%}</style>"
         "</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     path = folder / "report.html"

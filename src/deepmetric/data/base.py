@@ -14,6 +14,15 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 SPLITS: tuple[str, ...] = ("train", "test", "all")
 
 
+class DataError(ValueError):
+    """Data that cannot be used as asked (no images, a missing label column, a single class):
+    the message names the file or folder and the fix."""
+
+
+class ImageReadError(DataError, OSError):
+    """An image file that cannot be read (truncated, damaged or not an image)."""
+
+
 def check_split(split: str) -> str:
     """Return ``split`` if it is "train", "test" or "all"; raise a ValueError otherwise."""
     if split not in SPLITS:
@@ -66,7 +75,7 @@ def open_set_split(labels: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarra
     """
     codes, classes = encode_labels(labels)
     if len(classes) < 2:
-        raise ValueError(
+        raise DataError(
             f"the open-set split needs at least 2 classes, got {len(classes)}: "
             "add classes or use split='all'"
         )
@@ -83,17 +92,30 @@ def split_indices(labels: Sequence | np.ndarray, split: str) -> np.ndarray:
     return train if split == "train" else test
 
 
+def default_class_names(labels: np.ndarray) -> list[str]:
+    """``str(i)`` for every label id ``i`` from 0 to the largest label: the names of data
+    that has none."""
+    return [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+
+
 class LabeledDataset(Dataset):
     """A map-style dataset of ``(tensor, label)`` pairs with every label known up front.
 
     Subclasses set ``labels``: a read-only 1-D int64 NumPy array with one class index per
-    sample, which a P x K batch sampler reads without loading any input.
+    sample, which a P x K batch sampler reads without loading any input. ``class_names``
+    names each label id: ``class_names[label]`` (the kanji, the folder name, the table's
+    label value); data without names has ``str(label)``.
     """
 
     labels: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each label id, ``class_names[label]``."""
+        return default_class_names(self.labels)
 
     @property
     def num_classes(self) -> int:
@@ -106,12 +128,13 @@ class ArrayDataset(LabeledDataset):
 
     Parameters: ``inputs`` of shape (N, ...), a tensor or array (uint8 inputs are scaled to
     float32 in [0, 1] per item); ``labels`` of shape (N,), integers; ``transform`` applied to
-    each float32 input tensor.
+    each float32 input tensor; ``class_names`` the name of each label id (default
+    ``str(label)``).
 
-    >>> ds = ArrayDataset(torch.zeros(4, 3), [0, 0, 1, 1])
+    >>> ds = ArrayDataset(torch.zeros(4, 3), [0, 0, 1, 1], class_names=["cat", "dog"])
     >>> x, y = ds[2]
-    >>> tuple(x.shape), y
-    ((3,), 1)
+    >>> tuple(x.shape), y, ds.class_names[y]
+    ((3,), 1, 'dog')
     """
 
     def __init__(
@@ -119,6 +142,7 @@ class ArrayDataset(LabeledDataset):
         inputs: torch.Tensor | np.ndarray,
         labels: Sequence[int] | np.ndarray,
         transform: Transform | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         inputs = torch.as_tensor(inputs)
         labels = np.asarray(labels)
@@ -138,6 +162,22 @@ class ArrayDataset(LabeledDataset):
         self.labels = labels.astype(np.int64)
         self.labels.flags.writeable = False
         self.transform = transform
+        if class_names is not None:
+            names = [str(name) for name in class_names]
+            if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(names)):
+                raise ValueError(
+                    f"class_names has {len(names)} names but the labels run from "
+                    f"{self.labels.min()} to {self.labels.max()}: give one name per label id "
+                    "0..max(labels)"
+                )
+        self._class_names = None if class_names is None else names
+
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each label id, ``class_names[label]``."""
+        if self._class_names is None:
+            return default_class_names(self.labels)
+        return list(self._class_names)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x = self.inputs[index]

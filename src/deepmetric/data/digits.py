@@ -11,11 +11,12 @@ def load_digits(split: str = "train", transform: Transform | None = None) -> Arr
     """The 1,797 handwritten digits of ``sklearn.datasets.load_digits`` as (1, 8, 8) images.
 
     Pixel values are scaled to [0, 1]. ``split`` "train" holds digits 0-4 and "test" digits
-    5-9 (the open-set split), "all" every digit; labels are the digits themselves.
+    5-9 (the open-set split), "all" every digit; labels are the digits themselves, and so
+    are the class names ("0" to "9").
 
     >>> ds = load_digits("test")
-    >>> len(ds), sorted(set(ds.labels.tolist()))
-    (896, [5, 6, 7, 8, 9])
+    >>> len(ds), sorted(set(ds.labels.tolist())), ds.class_names[7]
+    (896, [5, 6, 7, 8, 9], '7')
     """
     from sklearn.datasets import load_digits as sklearn_digits
 
@@ -24,4 +25,5 @@ def load_digits(split: str = "train", transform: Transform | None = None) -> Arr
     images = (bunch.images / 16.0).astype(np.float32)[:, None]
     labels = bunch.target.astype(np.int64)
     keep = split_indices(labels, split)
-    return ArrayDataset(images[keep], labels[keep], transform)
+    names = [str(digit) for digit in range(10)]
+    return ArrayDataset(images[keep], labels[keep], transform, class_names=names)

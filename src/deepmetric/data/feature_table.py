@@ -5,13 +5,21 @@ from __future__ import annotations
 import csv
 import difflib
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deepmetric.data.base import ArrayDataset, Transform, check_split, encode_labels, split_indices
+from deepmetric.data.base import (
+    ArrayDataset,
+    DataError,
+    Transform,
+    check_split,
+    encode_labels,
+    split_indices,
+)
 
 TABLE_SUFFIXES: tuple[str, ...] = (".csv", ".tsv", ".parquet", ".pq", ".npy", ".npz")
 
@@ -21,7 +29,8 @@ class FeatureTableDataset(ArrayDataset):
 
     Attributes: ``features`` (float32 tensor (N, D)), ``labels`` (int64 (N,), global class
     indices), ``classes`` (the original label values, sorted; ``classes[label]``),
-    ``feature_columns`` (the column names or indices used), ``path`` and ``split``.
+    ``class_names`` (the same values as strings), ``feature_columns`` (the column names or
+    indices used), ``path`` and ``split``.
     """
 
     def __init__(
@@ -34,7 +43,8 @@ class FeatureTableDataset(ArrayDataset):
         split: str,
         transform: Transform | None = None,
     ) -> None:
-        super().__init__(torch.from_numpy(features), labels, transform)
+        names = [str(value) for value in classes.tolist()]
+        super().__init__(torch.from_numpy(features), labels, transform, class_names=names)
         self.features = self.inputs
         self.classes = classes
         self.feature_columns = tuple(feature_columns)
@@ -48,12 +58,12 @@ class FeatureTableDataset(ArrayDataset):
         )
 
 
-def _missing_column(path: Path, argument: str, name: object, columns: Sequence) -> ValueError:
+def _missing_column(path: Path, argument: str, name: object, columns: Sequence) -> DataError:
     names = [str(c) for c in columns]
     close = difflib.get_close_matches(str(name), names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     shown = ", ".join(repr(c) for c in names[:20]) + (", ..." if len(names) > 20 else "")
-    return ValueError(
+    return DataError(
         f"{os.fspath(path)}: {argument} {name!r} is not a column of the table{hint}; "
         f"its columns are [{shown}]: pass {argument}=<one of them>"
     )
@@ -64,16 +74,16 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle, delimiter=delimiter))
     if not rows or not rows[0]:
-        raise ValueError(f"{os.fspath(path)}: the table is empty; it needs a header row")
+        raise DataError(f"{os.fspath(path)}: the table is empty; it needs a header row")
     header, body = [h.strip() for h in rows[0]], rows[1:]
     for number, row in enumerate(body, start=2):
         if len(row) != len(header):
-            raise ValueError(
+            raise DataError(
                 f"{os.fspath(path)}: line {number} has {len(row)} fields but the header has "
                 f"{len(header)}: fix the row"
             )
     if not body:
-        raise ValueError(f"{os.fspath(path)}: the table has a header but no rows")
+        raise DataError(f"{os.fspath(path)}: the table has a header but no rows")
     columns = list(zip(*body, strict=True))
     return {name: np.array(values, dtype=str) for name, values in zip(header, columns, strict=True)}
 
@@ -103,11 +113,32 @@ def _read_numpy(path: Path) -> dict[str | int, np.ndarray]:
     if array.dtype.names:
         return {name: array[name] for name in array.dtype.names}
     if array.ndim != 2:
-        raise ValueError(
+        raise DataError(
             f"{os.fspath(path)}: a .npy table must be 2-D (rows x columns) or a structured "
             f"array, got shape {array.shape}"
         )
     return {i: array[:, i] for i in range(array.shape[1])}
+
+
+def _read_table(path: Path) -> dict:
+    """The columns of the table file ``path``; a damaged file raises a `DataError` naming it."""
+    suffix = path.suffix.lower()
+    readers = {".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
+    readers.update({".pq": _read_parquet, ".npy": _read_numpy, ".npz": _read_numpy})
+    if suffix not in readers:
+        raise DataError(
+            f"{os.fspath(path)}: unknown table format {suffix!r}; use one of {TABLE_SUFFIXES}"
+        )
+    try:
+        return readers[suffix](path)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(
+            f"{os.fspath(path)}: cannot read the table ({reason}): the file is damaged or not "
+            f"a {suffix} table; write it again"
+        ) from error
 
 
 def _column(table: dict, path: Path, argument: str, name: str | int) -> str | int:
@@ -117,7 +148,7 @@ def _column(table: dict, path: Path, argument: str, name: str | int) -> str | in
         if -len(table) <= name < len(table):
             return list(table)[name]
     if isinstance(name, str) and all(isinstance(k, int) for k in table):
-        raise ValueError(
+        raise DataError(
             f"{os.fspath(path)}: a plain .npy array has no column names, so {argument}="
             f"{name!r} cannot be found: pass {argument}=<column index> (e.g. -1 for the last "
             "column), or save a .npz or structured array with named columns"
@@ -135,7 +166,7 @@ def _features(table: dict, path: Path, columns: Sequence[str | int]) -> np.ndarr
             else:
                 block = np.asarray(values, dtype=np.float32)
         except (ValueError, TypeError):
-            raise ValueError(
+            raise DataError(
                 f"{os.fspath(path)}: feature column {name!r} is not numeric: list the numeric "
                 "columns in feature_columns=, or name this one as label_column/split_column"
             ) from None
@@ -144,7 +175,7 @@ def _features(table: dict, path: Path, columns: Sequence[str | int]) -> np.ndarr
     bad = ~np.isfinite(features)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise ValueError(
+        raise DataError(
             f"{os.fspath(path)}: {int(bad.sum())} feature values are NaN or infinite (first at "
             f"row {int(row)}, feature {int(col)}): clean or drop those rows"
         )
@@ -155,7 +186,7 @@ def _split_mask(values: np.ndarray, path: Path, name: str | int) -> tuple[np.nda
     text = np.char.lower(np.char.strip(np.asarray(values).astype(str)))
     unknown = sorted(set(np.unique(text).tolist()) - {"train", "test"})
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"{os.fspath(path)}: split column {name!r} holds {unknown[:5]}; its values must be "
             "'train' or 'test'"
         )
@@ -193,35 +224,25 @@ def load_feature_table(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature table {os.fspath(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        table: dict = _read_csv(path)
-    elif suffix in (".parquet", ".pq"):
-        table = _read_parquet(path)
-    elif suffix in (".npy", ".npz"):
-        table = _read_numpy(path)
-    else:
-        raise ValueError(
-            f"{os.fspath(path)}: unknown table format {suffix!r}; use one of {TABLE_SUFFIXES}"
-        )
+    table = _read_table(path)
     label_key = _column(table, path, "label_column", label_column)
     split_key = None if split_column is None else _column(table, path, "split_column", split_column)
     if feature_columns is None:
         feature_keys = [k for k in table if k not in (label_key, split_key)]
         if not feature_keys:
-            raise ValueError(f"{os.fspath(path)}: the table has no columns besides the labels")
+            raise DataError(f"{os.fspath(path)}: the table has no columns besides the labels")
     else:
         feature_keys = [_column(table, path, "feature_columns", c) for c in feature_columns]
         if not feature_keys:
             raise ValueError("feature_columns is empty: name at least one column")
     lengths = {len(table[k]) for k in [label_key, *feature_keys]}
     if len(lengths) != 1:
-        raise ValueError(f"{os.fspath(path)}: the columns have different lengths {sorted(lengths)}")
+        raise DataError(f"{os.fspath(path)}: the columns have different lengths {sorted(lengths)}")
     features = _features(table, path, feature_keys)
     try:
         codes, classes = encode_labels(table[label_key])
     except ValueError as error:
-        raise ValueError(f"{os.fspath(path)}: label column {label_key!r}: {error}") from None
+        raise DataError(f"{os.fspath(path)}: label column {label_key!r}: {error}") from None
     if split == "all":
         keep = np.arange(len(codes))
     elif split_key is None:
@@ -230,7 +251,7 @@ def load_feature_table(
         is_train, is_test = _split_mask(table[split_key], path, split_key)
         keep = np.flatnonzero(is_train if split == "train" else is_test)
     if keep.size == 0:
-        raise ValueError(f"{os.fspath(path)}: the {split!r} split has no rows")
+        raise DataError(f"{os.fspath(path)}: the {split!r} split has no rows")
     return FeatureTableDataset(
         features[keep], codes[keep], classes, feature_keys, path, split, transform
     )

@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deepmetric.data.base import LabeledDataset, Transform, check_split, split_indices
+from deepmetric.data.base import (
+    DataError,
+    ImageReadError,
+    LabeledDataset,
+    Transform,
+    check_split,
+    split_indices,
+)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png",
@@ -34,15 +41,16 @@ def load_image(
 
     ``mode`` is "L" (grayscale, C = 1) or "RGB" (C = 3); ``size`` an int (square) or
     (height, width) to resize to, bilinearly. An unreadable or truncated file raises an
-    OSError naming the path.
+    `ImageReadError` (an OSError) naming the path.
     """
     try:
         with Image.open(path) as image:
             image.load()
             image = image.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise OSError(
-            f"cannot read image {os.fspath(path)!r} ({error}): the file is truncated, damaged "
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageReadError(
+            f"cannot read image {os.fspath(path)!r} ({reason}): the file is truncated, damaged "
             "or not an image; replace or delete it (ImageFolderDataset(..., verify=True) "
             "lists every bad file at once)"
         ) from error
@@ -71,8 +79,8 @@ class ImageFolderDataset(LabeledDataset):
         verify: open every image now and raise one error listing all unreadable files.
 
     Attributes: ``classes`` (all class names, sorted; ``classes[label]`` names a label),
-    ``paths`` and ``labels`` (one per sample of the split, labels global over all classes so
-    train and test never share one).
+    ``class_names`` (the same names as a list), ``paths`` and ``labels`` (one per sample of
+    the split, labels global over all classes so train and test never share one).
 
     >>> ds = ImageFolderDataset("photos", split="train", mode="RGB", size=64)  # doctest: +SKIP
     >>> image, label = ds[0]  # doctest: +SKIP
@@ -119,7 +127,7 @@ class ImageFolderDataset(LabeledDataset):
                 if loose
                 else ""
             )
-            raise ValueError(
+            raise DataError(
                 f"image folder {os.fspath(root)!r} has no images in class sub-folders "
                 f"(looked for {', '.join(endings)}){hint}. Expected layout: "
                 f"{os.fspath(root)}/<class name>/<image file>; pass extensions= for other "
@@ -143,7 +151,8 @@ class ImageFolderDataset(LabeledDataset):
             self.verify()
 
     def verify(self) -> None:
-        """Open every image of the split; raise one OSError listing all unreadable files."""
+        """Open every image of the split; raise one `ImageReadError` listing all unreadable
+        files."""
         bad = []
         for path in self.paths:
             try:
@@ -152,10 +161,15 @@ class ImageFolderDataset(LabeledDataset):
                 bad.append(f"{os.fspath(path)} ({error.__cause__})")
         if bad:
             listed = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
-            raise OSError(
+            raise ImageReadError(
                 f"{len(bad)} of {len(self.paths)} images under {os.fspath(self.root)!r} cannot "
                 f"be read (truncated, damaged or not images); replace or delete them:\n  {listed}"
             )
+
+    @property
+    def class_names(self) -> list[str]:
+        """The sub-folder name of each label id, ``class_names[label]``."""
+        return list(self.classes)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = load_image(self.paths[index], self.mode, self.size)

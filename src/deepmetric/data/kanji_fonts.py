@@ -48,6 +48,7 @@ class KanjiFonts(ArrayDataset):
             (train classes are 0..C/2-1, test classes follow), so splits never share a label.
         font_ids: int64 array (N,), the index in ``fonts`` of the face that drew each sample.
         characters: all C class characters; ``characters[label]`` is a sample's kanji.
+        class_names: the same characters as a list (the name every data set has).
         fonts: the face names (family and style), in face order.
         font_info: per face, a dict with its name, Debian package, file and licence.
         split: "train", "test" or "all".
@@ -65,7 +66,7 @@ class KanjiFonts(ArrayDataset):
         split: str,
         transform: Transform | None = None,
     ) -> None:
-        super().__init__(torch.from_numpy(images), labels, transform)
+        super().__init__(torch.from_numpy(images), labels, transform, meta["characters"])
         images.flags.writeable = False
         font_ids.flags.writeable = False
         self.images = images

@@ -71,12 +71,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "that holds checkpoints/"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"{path} is not a readable deepmetric checkpoint ({error}); it may come from "
-            "another program: use the checkpoints/ of a deepmetric run folder"
+            f"{path} is not a readable deepmetric checkpoint ({type(error).__name__}: "
+            f"{reason[:200]}): it is damaged or comes from another program; use a checkpoint "
+            "that deepmetric train wrote, or delete the damaged file and train again"
         ) from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path} is not a deepmetric checkpoint (it holds a {type(checkpoint).__name__}, "
+            "not a dict of states): use the checkpoints/ of a deepmetric run folder"
+        )
+    return checkpoint
 
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
@@ -97,10 +105,10 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, sou
     problems += [f"{name}: missing from the checkpoint" for name in expected if name not in state]
     problems += [f"{name}: not in the {what}" for name in state if name not in expected]
     if problems:
-        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        shown = "; ".join(problems[:10]) + ("; ..." if len(problems) > 10 else "")
         raise CheckpointError(
             f"the checkpoint {source} does not fit the {what} (it comes from another model "
-            f"shape):\n  {shown}\nBuild the {what} with the config the checkpoint was trained "
+            f"shape: {shown}): build the {what} with the config the checkpoint was trained "
             "with (config.yaml of its run folder), or start a new run"
         )
     module.load_state_dict(state)

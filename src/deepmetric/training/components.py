@@ -8,6 +8,8 @@ import importlib
 import inspect
 import math
 import pkgutil
+import re
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -26,11 +28,16 @@ __all__ = [
     "build_scheduler",
     "check_components",
     "check_params",
+    "loss_arguments",
     "resolve_class",
 ]
 
+AUTO = "auto"
+"""The value of ``loss.params.num_classes`` / ``loss.params.embedding_size`` that asks the
+trainer to fill the argument from the data (the training classes) and the model
+(``model.embedding_dim``)."""
 AUTO_ARGUMENTS = ("num_classes", "embedding_size")
-"""Loss arguments the trainer fills in from the data and the model."""
+"""Loss arguments the trainer can fill in from the data and the model."""
 
 
 def _public_classes(package: ModuleType, base: type) -> dict[str, type]:
@@ -86,26 +93,87 @@ def resolve_class(kind: str, name: str) -> type:
     )
 
 
-def check_params(kind: str, cls: type, params: dict[str, Any]) -> None:
-    """Raise a ConfigError naming any key of ``params`` that ``cls`` does not accept."""
-    accepted = [
-        p.name
+def _arguments(cls: type) -> dict[str, inspect.Parameter]:
+    return {
+        p.name: p
         for p in inspect.signature(cls.__init__).parameters.values()
         if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    for key in params:
-        if key in ("distance", *AUTO_ARGUMENTS) and key in accepted:
+    }
+
+
+def check_params(kind: str, cls: type, params: dict[str, Any]) -> None:
+    """Raise a ConfigError naming any key of ``params`` that ``cls`` does not accept.
+
+    ``num_classes`` and ``embedding_size`` take ``auto`` (filled in by the trainer) or,
+    where the class makes them optional, ``null`` (left unset); ``distance`` is set with
+    ``loss.distance`` / ``miner.distance``.
+    """
+    accepted = _arguments(cls)
+    for key, value in params.items():
+        if key == "distance" and key in accepted:
             raise ConfigError(
-                f"{kind}.params.{key} is set by the trainer; "
-                + (f"use {kind}.distance=<class name>" if key == "distance" else "remove it")
+                f"{kind}.params.distance is set by the trainer: use {kind}.distance=<class name>"
+            )
+        if key in AUTO_ARGUMENTS and key in accepted:
+            optional = accepted[key].default is None
+            if value == AUTO or (value is None and optional):
+                continue
+            shown = "null" if value is None else repr(value)
+            raise ConfigError(
+                f"{kind}.params.{key}={shown}: {key} is set by the trainer from the "
+                f"{'data' if key == 'num_classes' else 'model'}: write {kind}.params.{key}="
+                f"{AUTO}" + (" (or null to leave it unset)" if optional else "")
             )
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.5)
             hint = f"; did you mean {kind}.params.{close[0]}?" if close else ""
             raise ConfigError(
                 f"{cls.__name__} has no argument {key!r} ({kind}.params.{key}){hint}. "
                 f"Its arguments: {', '.join(accepted)}"
             )
+
+
+def loss_arguments(
+    cls: type, params: dict[str, Any], num_classes: int, embedding_dim: int
+) -> dict[str, Any]:
+    """The keyword arguments of loss ``cls``: ``params``, with each ``auto`` replaced by the
+    data's or model's value, and the required ``num_classes`` / ``embedding_size`` (no
+    default) filled in when not given. Optional ones (e.g. `MarginLoss`'s per-class beta)
+    are filled only when ``params`` asks for them with ``auto``."""
+    accepted = _arguments(cls)
+    values = {"num_classes": num_classes, "embedding_size": embedding_dim}
+    kwargs = dict(params)
+    for key, value in values.items():
+        if key not in accepted:
+            continue
+        required = accepted[key].default is inspect.Parameter.empty
+        if kwargs.get(key) == AUTO or (required and key not in kwargs):
+            kwargs[key] = value
+    return kwargs
+
+
+def _trial(
+    kind: str,
+    name: str,
+    params: dict[str, Any],
+    distance: str | None,
+    build: Callable[[], object],
+) -> None:
+    """Build a component once with placeholder sizes, so that a value it refuses (a
+    hyper-parameter out of range, a distance it cannot use) is a ConfigError naming the
+    config key now, not an error at the first step."""
+    try:
+        build()
+    except (ValueError, TypeError) as error:
+        reason = " ".join(str(error).split())
+        named = [key for key in params if re.search(rf"\b{re.escape(key)}\b", reason)]
+        if named:
+            key = f"{kind}.params.{named[0]}={params[named[0]]!r}"
+        elif distance is not None and "distance" in reason:
+            key = f"{kind}.distance={distance}"
+        else:
+            key = f"{kind}.name={name}"
+        raise ConfigError(f"{key}: {reason} (fix {key.split('=')[0]})") from error
 
 
 def check_optimizer(name: str) -> type[torch.optim.Optimizer]:
@@ -134,15 +202,37 @@ def check_components(
     optimizer: str,
 ) -> None:
     """Raise a ConfigError if a named class does not exist or does not take its params."""
-    check_params("loss", resolve_class("loss", loss), loss_params)
+    loss_cls = resolve_class("loss", loss)
+    check_params("loss", loss_cls, loss_params)
     if miner is not None:
         check_params("miner", resolve_class("miner", miner), miner_params)
     elif miner_params:
         raise ConfigError("miner.params is set but miner.name is null: name a miner or drop them")
-    for distance in (loss_distance, miner_distance):
+    for kind, name, distance in (("loss", loss, loss_distance), ("miner", miner, miner_distance)):
         if distance is not None:
             resolve_class("distance", distance)
+            cls = loss_cls if kind == "loss" else resolve_class("miner", name or "")
+            if name is not None and "distance" not in _arguments(cls):
+                raise ConfigError(
+                    f"{kind}.distance={distance} but {name} takes no distance (it fixes its "
+                    f"own): set {kind}.distance=null"
+                )
     check_optimizer(optimizer)
+    _trial(
+        "loss",
+        loss,
+        loss_params,
+        loss_distance,
+        lambda: build_loss(loss, loss_params, loss_distance, num_classes=2, embedding_dim=2),
+    )
+    if miner is not None:
+        _trial(
+            "miner",
+            miner,
+            miner_params,
+            miner_distance,
+            lambda: build_miner(miner, miner_params, miner_distance),
+        )
 
 
 def build_distance(name: str | None) -> distances.BaseDistance | None:
@@ -153,13 +243,18 @@ def build_distance(name: str | None) -> distances.BaseDistance | None:
 def build_loss(
     name: str, params: dict[str, Any], distance: str | None, num_classes: int, embedding_dim: int
 ) -> nn.Module:
-    """The loss ``name`` with ``params``; num_classes and embedding_size filled in if needed."""
+    """The loss ``name`` with ``params``; num_classes and embedding_size filled in where the
+    loss requires them or ``params`` sets them to ``auto`` (see `loss_arguments`).
+
+    >>> build_loss("MarginLoss", {}, None, num_classes=10, embedding_dim=64).beta.shape
+    torch.Size([])
+    >>> loss = build_loss("MarginLoss", {"num_classes": "auto"}, None, 10, 64)
+    >>> loss.beta.shape
+    torch.Size([10])
+    """
     cls = resolve_class("loss", name)
     check_params("loss", cls, params)
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = dict(params)
-    auto = {"num_classes": num_classes, "embedding_size": embedding_dim}
-    kwargs.update({key: value for key, value in auto.items() if key in accepted})
+    kwargs = loss_arguments(cls, params, num_classes, embedding_dim)
     if distance is not None:
         kwargs["distance"] = build_distance(distance)
     return cls(**kwargs)

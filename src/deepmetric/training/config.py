@@ -371,7 +371,13 @@ def load_config(
     if base is not None:
         layers.append(base)
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            reason = " ".join(str(error).split())
+            raise ConfigError(f"{path} is not valid YAML ({reason}): fix the file") from error
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, ...)")
         layers.append(loaded)

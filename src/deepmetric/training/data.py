@@ -20,19 +20,32 @@ from deepmetric.data import (
     load_digits,
     load_feature_table,
     load_kanji_fonts,
+    open_set_split,
 )
 from deepmetric.training.config import DataConfig
 
-__all__ = ["LabeledSubset", "data_from_spec", "gather", "images_of", "load_split"]
+__all__ = [
+    "LabeledSubset",
+    "data_from_spec",
+    "gather",
+    "images_of",
+    "is_run_data",
+    "load_split",
+]
 
 
 class LabeledSubset(LabeledDataset):
-    """The items ``indices`` of a labelled dataset, with their labels."""
+    """The items ``indices`` of a labelled dataset, with their labels and class names."""
 
     def __init__(self, dataset: LabeledDataset, indices: np.ndarray) -> None:
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = dataset.labels[self.indices]
+
+    @property
+    def class_names(self) -> list[str]:
+        """The names of the whole dataset's label ids (labels keep their ids in a subset)."""
+        return self.dataset.class_names
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.dataset[int(self.indices[index])]
@@ -53,20 +66,41 @@ def _load(config: DataConfig, split: str, train: bool) -> LabeledDataset:
     return load_feature_table(config.path, label_column, split)  # vectors: no shifts
 
 
+def _draw(classes: np.ndarray, wanted: int | None, seed: int, stream: int) -> np.ndarray:
+    """``wanted`` of ``classes`` drawn at random (all of them when None or not fewer)."""
+    if wanted is None or wanted >= len(classes):
+        return classes
+    return np.random.default_rng([seed, stream]).choice(classes, wanted, replace=False)
+
+
 def load_split(config: DataConfig, split: str, *, train: bool = False) -> LabeledDataset:
     """The ``split`` ("train", "test" or "all") of the configured data set, subsampled.
 
-    ``data.train_classes`` / ``data.test_classes`` classes are drawn at random with
-    ``data.seed`` (the train count for "train", the test count otherwise) and the first
-    ``data.samples_per_class`` samples of each are kept. ``train`` turns augmentation on.
+    ``data.train_classes`` of the training classes and ``data.test_classes`` of the test
+    classes are drawn at random with ``data.seed``; "all" holds both draws, so its items
+    are those of "train" and "test" together. The first ``data.samples_per_class`` samples
+    of each class are kept. ``train`` turns augmentation on.
     """
     dataset = _load(config, split, train)
     classes = np.unique(dataset.labels)
-    wanted = config.train_classes if split == "train" else config.test_classes
+    if split == "all":
+        if config.train_classes is None and config.test_classes is None:
+            drawn = classes
+        else:
+            train_rows, test_rows = open_set_split(classes)
+            drawn = np.concatenate(
+                [
+                    _draw(classes[train_rows], config.train_classes, config.seed, 0),
+                    _draw(classes[test_rows], config.test_classes, config.seed, 1),
+                ]
+            )
+    elif split == "train":
+        drawn = _draw(classes, config.train_classes, config.seed, 0)
+    else:
+        drawn = _draw(classes, config.test_classes, config.seed, 1)
     keep = np.ones(len(dataset.labels), dtype=bool)
-    if wanted is not None and wanted < len(classes):
-        rng = np.random.default_rng([config.seed, 0 if split == "train" else 1])
-        keep &= np.isin(dataset.labels, rng.choice(classes, wanted, replace=False))
+    if len(drawn) < len(classes):
+        keep &= np.isin(dataset.labels, drawn)
     if config.samples_per_class is not None:
         order = np.argsort(dataset.labels, kind="stable")
         sorted_labels = dataset.labels[order]
@@ -77,9 +111,22 @@ def load_split(config: DataConfig, split: str, *, train: bool = False) -> Labele
     return LabeledSubset(dataset, np.flatnonzero(keep))
 
 
+def is_run_data(spec: str, config: DataConfig) -> bool:
+    """Whether the command-line data set ``spec`` is the one the run was trained on."""
+    if spec in ("kanji_fonts", "digits"):
+        return config.name == spec
+    return config.path is not None and Path(spec).resolve() == Path(config.path).resolve()
+
+
 def data_from_spec(spec: str, split: str, config: DataConfig) -> LabeledDataset:
     """A data set named on the command line: "kanji_fonts", "digits", an image folder or a
-    feature table file; read with the run's data settings, without subsampling."""
+    feature table file, read with the run's data settings.
+
+    The run's own data set keeps the run's class subsample (`load_split`), so the items
+    are those the run evaluated and indexed; another data set is read whole.
+    """
+    if is_run_data(spec, config):
+        return load_split(config, split)
     if spec in ("kanji_fonts", "digits"):
         name, path = spec, None
     elif Path(spec).is_dir():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError"]
+__all__ = ["CheckpointError", "ConfigError", "RunFolderError", "TrainingDivergedError"]
 
 
 class ConfigError(ValueError):
@@ -11,3 +11,11 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit: another model shape, a damaged file, no checkpoint."""
+
+
+class RunFolderError(ValueError):
+    """A run folder file that is missing or damaged (embeddings.npz, index.npz, the log)."""
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or infinite during training (the message says at which step)."""

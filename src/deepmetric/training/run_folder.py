@@ -2,6 +2,7 @@
 
 RUN/
   config.yaml          the resolved config (every key)
+  class_names.json     the name of each label id: a JSON list, class_names[label]
   metrics.jsonl        one JSON object per line: evaluations and training loss
   tensorboard/         the same scalars as TensorBoard events (when tensorboard is installed)
   checkpoints/last.pt  the latest state (model, loss, optimiser, schedule, sampler, RNGs)
@@ -16,6 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ import yaml
 
 from deepmetric.training.checkpoint import atomic_write
 from deepmetric.training.config import Config, config_diff, load_config
-from deepmetric.training.errors import ConfigError
+from deepmetric.training.errors import CheckpointError, ConfigError, RunFolderError
 
 __all__ = ["MetricsLog", "RunFolder"]
 
@@ -40,6 +44,7 @@ class RunFolder:
         object.__setattr__(self, "root", Path(self.root))
 
     config = property(lambda self: self.root / "config.yaml")
+    class_names = property(lambda self: self.root / "class_names.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     tensorboard = property(lambda self: self.root / "tensorboard")
     last = property(lambda self: self.root / "checkpoints" / "last.pt")
@@ -56,29 +61,117 @@ class RunFolder:
                 f"{self.root} is not a run folder (no config.yaml): pass the folder that "
                 "deepmetric train wrote (e.g. runs/<date>-<time>)"
             )
-        return load_config(base=yaml.safe_load(self.config.read_text(encoding="utf-8")))
-
-    def start(self, config: Config, resume: bool) -> None:
-        """Write config.yaml for a new run, or check that a resumed run's config is unchanged."""
-        if resume:
-            changed = config_diff(self.read_config(), config)
-            if changed:
-                raise ConfigError(
-                    f"cannot resume {self.root}: its config changed:\n  "
-                    + "\n  ".join(changed)
-                    + f"\nResume with the run's own config (deepmetric train --resume {self.root}"
-                    " without --config or overrides), or start a new run with --run-dir"
-                )
-            for temp in self.root.rglob(".*.tmp"):  # left by a kill during a write
-                temp.unlink()
-            return
-        if self.config.exists():
-            raise ConfigError(
-                f"{self.root} already holds a run: continue it with "
-                f"`deepmetric train --resume {self.root}`, or choose another --run-dir"
+        try:
+            saved = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            saved = error
+        if not isinstance(saved, dict):
+            raise RunFolderError(
+                f"{self.config} is damaged (not a YAML mapping of config sections): restore it, "
+                "or start a new run"
             )
+        try:
+            return load_config(base=saved)
+        except ConfigError as error:
+            raise RunFolderError(
+                f"{self.config} does not hold a valid config ({error}): fix the key it names"
+            ) from error
+
+    def check_new(self) -> None:
+        """Refuse a folder that already holds a run (before anything is built or written)."""
+        if not self.config.exists():
+            return
+        if self.last.is_file():
+            hint = f"continue it with `deepmetric train --resume {self.root}`"
+        else:
+            hint = (
+                f"it has no checkpoint: start it again with `deepmetric train --resume "
+                f"{self.root} --restart`"
+            )
+        raise ConfigError(f"{self.root} already holds a run: {hint}, or choose another --run-dir")
+
+    def check_resume(self, config: Config, restart: bool = False) -> None:
+        """Refuse to resume with a changed config, or without ``checkpoints/last.pt`` unless
+        ``restart`` (start again from step 0, keeping the old log: see `archive_logs`)."""
+        changed = config_diff(self.read_config(), config)
+        if changed:
+            raise ConfigError(
+                f"cannot resume {self.root}: its config changed ({'; '.join(changed)}): resume "
+                f"with the run's own config (deepmetric train --resume {self.root} without "
+                "--config or overrides), or start a new run with --run-dir"
+            )
+        if not self.last.is_file() and not restart:
+            raise CheckpointError(
+                f"cannot resume {self.root}: {self.last} is missing (the run stopped before "
+                "its first checkpoint, or the file was removed); start it again from step 0 "
+                f"with `deepmetric train --resume {self.root} --restart` (its metrics.jsonl "
+                "is kept as metrics-1.jsonl)"
+            )
+
+    def start(self, config: Config, class_names: list[str]) -> bool:
+        """Write config.yaml and class_names.json of a new run; return whether the folder
+        was created (`discard` removes it again)."""
+        self.check_new()
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         self.write_text(self.config, config.to_yaml())
+        self.write_json(self.class_names, class_names)
+        return created
+
+    def reopen(self, class_names: list[str]) -> None:
+        """Prepare a resumed run: remove the temporary files a kill left during a write, and
+        write class_names.json if the run predates it."""
+        for temp in self.root.rglob(".*.tmp"):
+            temp.unlink()
+        if not self.class_names.is_file():
+            self.write_json(self.class_names, class_names)
+
+    def archive_logs(self) -> list[Path]:
+        """Rename metrics.jsonl and tensorboard/ to metrics-N.jsonl and tensorboard-N/ (the
+        first free N), so a run started again from step 0 keeps its old log."""
+        number = 1
+        while any(
+            (self.root / name).exists()
+            for name in (f"metrics-{number}.jsonl", f"tensorboard-{number}")
+        ):
+            number += 1
+        moved = []
+        for path, target in (
+            (self.metrics, self.root / f"metrics-{number}.jsonl"),
+            (self.tensorboard, self.root / f"tensorboard-{number}"),
+        ):
+            if path.exists():
+                path.rename(target)
+                moved.append(target)
+        return moved
+
+    def discard(self, created: bool) -> None:
+        """Remove what a new run wrote before its first step (config.yaml, class_names.json,
+        the log), and the folder itself when ``created`` and nothing else is in it, so the
+        same command can run again."""
+        for path in (self.config, self.class_names, self.metrics):
+            path.unlink(missing_ok=True)
+        for folder in (self.tensorboard, self.root / "checkpoints"):
+            shutil.rmtree(folder, ignore_errors=True)
+        if created and self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
+
+    def load_class_names(self) -> list[str] | None:
+        """The names of class_names.json, or None for a run that has none."""
+        if not self.class_names.is_file():
+            return None
+        try:
+            names = json.loads(self.class_names.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise RunFolderError(
+                f"{self.class_names} is damaged ({error}): delete it (labels are then shown "
+                "as numbers) or copy it from a backup"
+            ) from error
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RunFolderError(
+                f"{self.class_names} must hold a JSON list of strings: delete it or fix it"
+            )
+        return names
 
     def write_text(self, path: Path, text: str) -> None:
         """Write ``text`` to ``path`` atomically."""
@@ -89,11 +182,36 @@ class RunFolder:
         self.write_text(path, json.dumps(value, indent=2) + "\n")
 
     def history(self) -> list[dict[str, Any]]:
-        """The records of metrics.jsonl, in order."""
+        """The records of metrics.jsonl, in order.
+
+        A torn last line (a crash while it was written) is dropped with a warning; a damaged
+        line before it raises `RunFolderError`.
+        """
         if not self.metrics.is_file():
             return []
-        lines = self.metrics.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        text = self.metrics.read_bytes().decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "step" not in record:
+                    raise ValueError("not a record with a step")
+            except ValueError as error:
+                if number == len(lines) or all(not rest.strip() for rest in lines[number:]):
+                    warnings.warn(
+                        f"{self.metrics}: dropped a torn last line (line {number}, written "
+                        "when the run was killed)",
+                        stacklevel=2,
+                    )
+                    break
+                raise RunFolderError(
+                    f"{self.metrics}: line {number} is damaged ({error}): delete that line"
+                ) from error
+            records.append(record)
+        return records
 
     def save_embeddings(self, embeddings: np.ndarray, labels: np.ndarray) -> None:
         """Write the evaluation embeddings and their labels to embeddings.npz atomically."""
@@ -105,14 +223,35 @@ class RunFolder:
         atomic_write(self.embeddings, write)
 
     def load_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """The embeddings and labels of embeddings.npz."""
-        with np.load(self.embeddings, allow_pickle=False) as data:
-            return data["embeddings"], data["labels"]
+        """The embeddings and labels of embeddings.npz; a missing or damaged file raises
+        `RunFolderError` naming it."""
+        if not self.embeddings.is_file():
+            raise RunFolderError(
+                f"{self.embeddings} is missing: the run has not finished an evaluation; "
+                f"continue it with `deepmetric train --resume {self.root}`"
+            )
+        try:
+            with np.load(self.embeddings, allow_pickle=False) as data:
+                embeddings, labels = data["embeddings"], data["labels"]
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise RunFolderError(
+                f"{self.embeddings} is damaged ({reason}): write it again with `deepmetric "
+                f"embed {self.root} DATA --out {self.embeddings} --force`"
+            ) from error
+        if embeddings.ndim != 2 or labels.shape != (len(embeddings),):
+            raise RunFolderError(
+                f"{self.embeddings} holds embeddings {embeddings.shape} and labels "
+                f"{labels.shape}, not (N, D) and (N,): write it again with deepmetric embed"
+            )
+        return embeddings, labels
 
 
 class MetricsLog:
     """Appends records to metrics.jsonl and, when tensorboard is installed, to TensorBoard.
 
+    Each record is one ``write`` of its whole line to a file opened for appending, then
+    fsynced, so a crash leaves at most one torn last line, which `RunFolder.history` drops.
     On resume from step ``resume_step`` the records of later steps (written after the
     checkpoint, before the interruption) are dropped, so the log reads as one run.
     """
@@ -126,10 +265,15 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a dict with "event", "epoch", "step" and numbers)."""
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            written = 0
+            while written < len(line):  # os.write may write less than asked
+                written += os.write(descriptor, line[written:])
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("event", "epoch", "step") and isinstance(value, (int, float)):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from deepmetric.data import LabeledDataset
 from deepmetric.inference import build_index, embed, evaluate_embeddings, load_model
 from deepmetric.metrics import format_table
 from deepmetric.models import build_model
@@ -49,7 +50,7 @@ from deepmetric.training.components import (
 )
 from deepmetric.training.config import Config
 from deepmetric.training.data import gather, images_of, load_split
-from deepmetric.training.errors import ConfigError
+from deepmetric.training.errors import ConfigError, TrainingDivergedError
 from deepmetric.training.run_folder import MetricsLog, RunFolder
 
 __all__ = [
@@ -134,6 +135,7 @@ def report_run(run: RunFolder, config: Config, images: ImageSource | None = None
         embeddings=embeddings,
         labels=labels,
         images=images,
+        class_names=run.load_class_names(),
         config_text=run.config.read_text(encoding="utf-8"),
         distance=config.eval.distance,
         projection=config.report.projection,
@@ -172,6 +174,7 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    restart: bool = False,
     quiet: bool = False,
     on_step: Callable[[TrainState], None] | None = None,
 ) -> dict[str, Any]:
@@ -180,29 +183,127 @@ def train(
     The summary holds the metrics of the untrained model ("before", when
     eval.before_training) and of the best epoch ("after"), the best epoch and timings.
     With ``resume`` the run continues from ``checkpoints/last.pt``; its config must be
-    the one it was started with. ``on_step(state)`` is called after each step (tests use it
-    to interrupt a run). Ctrl-C saves a checkpoint and raises KeyboardInterrupt.
+    the one it was started with, and a run without last.pt is refused (`CheckpointError`)
+    unless ``restart``, which starts it again from step 0 and keeps the old log as
+    metrics-N.jsonl. A new run that fails before its first step removes what it wrote, so
+    the same call can be made again. ``on_step(state)`` is called after each step (tests
+    use it to interrupt a run). Ctrl-C saves a checkpoint and raises KeyboardInterrupt.
     ``train.threads`` applies while training; torch's thread count is restored after.
     """
     threads = torch.get_num_threads()
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     try:
-        return _train(config, RunFolder(run_dir), resume, quiet, on_step)
+        return _train(config, RunFolder(run_dir), resume, restart, quiet, on_step)
     finally:
         torch.set_num_threads(threads)
+
+
+@dataclass
+class _Parts:
+    """What a run is built from: data, sampler, model, loss, miner, optimiser, schedule."""
+
+    config: Config
+    device: torch.device
+    precision: torch.dtype
+    train_set: LabeledDataset
+    eval_set: LabeledDataset
+    classes: np.ndarray
+    """The training labels, sorted: a batch's labels become their positions (0..C-1)."""
+    sampler: PKBatchSampler
+    input_shape: tuple[int, ...]
+    model: nn.Module
+    loss_fn: nn.Module
+    miner: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def checkpoint(self, state: TrainState) -> dict[str, Any]:
+        """Everything a run needs to continue from ``state``."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "input_shape": list(self.input_shape),
+            "model": self.model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(state),
+            "rng": get_rng_states(),
+        }
+
+    def restore(self, path: Path) -> TrainState:
+        """Load the checkpoint ``path`` into the parts; return its training state."""
+        saved = load_checkpoint(path)
+        load_state(self.model, saved["model"], "model", str(path))
+        load_state(self.loss_fn, saved["loss"], "loss", str(path))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        set_rng_states(saved["rng"])
+        return TrainState(**saved["state"])
+
+    def evaluate(self) -> tuple[dict[str, float], np.ndarray]:
+        """The metrics and embeddings of the evaluation split."""
+        embeddings = embed(
+            self.model,
+            self.eval_set,
+            batch_size=self.config.eval.batch_size,
+            device=self.device,
+            precision=self.precision,
+        )
+        return evaluate_embeddings(embeddings, self.eval_set.labels, self.config.eval), embeddings
 
 
 def _train(
     config: Config,
     run: RunFolder,
     resume: bool,
+    restart: bool,
     quiet: bool,
     on_step: Callable[[TrainState], None] | None,
 ) -> dict[str, Any]:
-    """The body of `train`: build, loop, evaluate, save."""
-    run.start(config, resume)
+    """The body of `train`: check the folder, build, start or resume, loop, finish."""
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
+    if resume:
+        run.check_resume(config, restart)
+    else:
+        run.check_new()
+    parts = _build(config)  # nothing is written before the config and data proved usable
+    fresh = not resume or not run.last.is_file()
+    created = False
+    if not resume:
+        created = run.start(config, parts.eval_set.class_names)
+    else:
+        run.reopen(parts.eval_set.class_names)
+        if fresh:
+            moved = run.archive_logs()
+            say(f"restarting {run.root} from step 0" + "".join(f"; kept {p}" for p in moved))
+    state = TrainState()
+    try:
+        if fresh:
+            log = MetricsLog(run)
+            if config.eval.before_training:
+                state.before, _ = parts.evaluate()
+                log.write({"event": "eval", "epoch": 0, "step": 0, **state.before})
+                say(format_table(state.before, title="before training"))
+        else:
+            state = parts.restore(run.last)
+            log = MetricsLog(run, resume_step=state.step)
+            say(f"resumed {run.root} at epoch {state.epoch + 1}, step {state.step}")
+        _loop(parts, state, log, run, say, quiet, on_step)
+    except BaseException:
+        if not resume and state.step == 0:
+            run.discard(created)  # failed before its first step: leave nothing behind
+        raise
+    return _finish(parts, state, run, say)
+
+
+def _build(config: Config) -> _Parts:
+    """Seed, then build the data, sampler, model, loss, miner, optimiser and schedule in a
+    fixed order (the random generators' use must not change between runs)."""
     seed_everything(config.train.seed)
     device = pick_device(config.train.device)
     precision = pick_precision(config.train.precision, device)
@@ -217,33 +318,44 @@ def _train(
             f"of {config.data.name} has {len(classes)} classes: set train.classes_per_batch="
             f"{len(classes)} or fewer"
         )
-    sampler = PKBatchSampler(
-        train_set.labels,
-        config.train.classes_per_batch,
-        config.train.samples_per_class,
-        num_batches=config.train.batches_per_epoch,
-        seed=config.train.seed,
-    )
+    try:
+        sampler = PKBatchSampler(
+            train_set.labels,
+            config.train.classes_per_batch,
+            config.train.samples_per_class,
+            num_batches=config.train.batches_per_epoch,
+            seed=config.train.seed,
+        )
+    except ValueError as error:
+        raise ConfigError(f"train.classes_per_batch / train.samples_per_class: {error}") from error
     input_shape = tuple(gather(train_set, [0]).shape[1:])
 
     # Model, loss (its proxies or class weights have their own learning rate), miner,
     # optimiser, schedule and the gradient scaler of fp16.
-    model = build_model(
-        config.model.name,
-        input_shape,
-        config.model.embedding_dim,
-        hidden_dims=config.model.hidden_dims,
-        channels=config.model.channels,
-        normalize=config.model.normalize,
-        dropout=config.model.dropout,
-    ).to(device)
-    loss_fn = build_loss(
-        config.loss.name,
-        config.loss.params,
-        config.loss.distance,
-        num_classes=len(classes),
-        embedding_dim=config.model.embedding_dim,
-    ).to(device)
+    try:
+        model = build_model(
+            config.model.name,
+            input_shape,
+            config.model.embedding_dim,
+            hidden_dims=config.model.hidden_dims,
+            channels=config.model.channels,
+            normalize=config.model.normalize,
+            dropout=config.model.dropout,
+        ).to(device)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from error
+    try:
+        loss_fn = build_loss(
+            config.loss.name,
+            config.loss.params,
+            config.loss.distance,
+            num_classes=len(classes),
+            embedding_dim=config.model.embedding_dim,
+        ).to(device)
+    except (ValueError, TypeError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"loss.name={config.loss.name}: {error}") from error
     miner = build_miner(config.miner.name, config.miner.params, config.miner.distance)
     optimizer = build_optimizer(
         config.optimizer.name,
@@ -260,47 +372,40 @@ def _train(
         optimizer, config.optimizer.schedule, config.optimizer.warmup_steps, total_steps
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    return _Parts(
+        config,
+        device,
+        precision,
+        train_set,
+        eval_set,
+        classes,
+        sampler,
+        input_shape,
+        model,
+        loss_fn,
+        miner,
+        optimizer,
+        scheduler,
+        scaler,
+    )
 
-    def checkpoint(state: TrainState) -> dict[str, Any]:
-        return {
-            "version": CHECKPOINT_VERSION,
-            "config": config.to_dict(),
-            "input_shape": list(input_shape),
-            "model": model.state_dict(),
-            "loss": loss_fn.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "state": asdict(state),
-            "rng": get_rng_states(),
-        }
 
-    def evaluation() -> tuple[dict[str, float], np.ndarray]:
-        embeddings = embed(
-            model, eval_set, batch_size=config.eval.batch_size, device=device, precision=precision
-        )
-        return evaluate_embeddings(embeddings, eval_set.labels, config.eval), embeddings
+def _loop(
+    parts: _Parts,
+    state: TrainState,
+    log: MetricsLog,
+    run: RunFolder,
+    say: Callable[[str], None],
+    quiet: bool,
+    on_step: Callable[[TrainState], None] | None,
+) -> None:
+    """The epochs: one optimiser step per P x K batch, evaluation after each epoch."""
+    config = parts.config
+    started = time.perf_counter() - state.seconds
 
-    # A new run starts with the untrained model's metrics; a resumed one from last.pt.
-    state = TrainState()
-    if resume and run.last.is_file():
-        saved = load_checkpoint(run.last)
-        load_state(model, saved["model"], "model", str(run.last))
-        load_state(loss_fn, saved["loss"], "loss", str(run.last))
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = TrainState(**saved["state"])
-        set_rng_states(saved["rng"])
-        log = MetricsLog(run, resume_step=state.step)
-        say(f"resumed {run.root} at epoch {state.epoch + 1}, step {state.step}")
-    else:
-        log = MetricsLog(run, resume_step=-1 if resume else None)
-        if config.eval.before_training:
-            state.before, _ = evaluation()
-            log.write({"event": "eval", "epoch": 0, "step": 0, **state.before})
-            say(format_table(state.before, title="before training"))
+    def save_last() -> None:
+        state.seconds = time.perf_counter() - started
+        save_checkpoint(parts.checkpoint(state), run.last)
 
     def interrupted() -> None:
         log.close()
@@ -308,13 +413,11 @@ def _train(
         say(f"continue with: deepmetric train --resume {run.root}")
         raise KeyboardInterrupt
 
-    # The loop: one optimiser step per P x K batch, evaluation after each epoch.
-    started = time.perf_counter() - state.seconds
     with _StopRequest() as stop:
         while state.epoch < config.train.epochs:
-            sampler.set_epoch(state.epoch)
-            batches = list(sampler)
-            model.train()
+            parts.sampler.set_epoch(state.epoch)
+            batches = list(parts.sampler)
+            parts.model.train()
             progress = tqdm(
                 total=len(batches),
                 initial=state.batch,
@@ -324,31 +427,10 @@ def _train(
             )
             interval_start, interval_samples = time.perf_counter(), 0
             for batch in batches[state.batch :]:
-                x = gather(train_set, batch).to(device)
-                y = torch.from_numpy(np.searchsorted(classes, train_set.labels[batch])).to(device)
-                with torch.autocast(device.type, precision, enabled=precision != torch.float32):
-                    embeddings = model(x)
-                embeddings = embeddings.float()  # losses and miners see float32
-                indices_tuple = None if miner is None else miner(embeddings, y)
-                loss = loss_fn(embeddings, y, indices_tuple)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the loss is {loss.item()} at step {state.step + 1}: lower "
-                        "optimizer.lr, set optimizer.grad_clip_norm, or use train.precision=fp32"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.optimizer.grad_clip_norm is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(parameters, config.optimizer.grad_clip_norm)
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                if scaler.get_scale() >= scale:  # fp16 skips steps with inf gradients
-                    scheduler.step()
+                loss = _step(parts, batch, state)
                 state.step += 1
                 state.batch += 1
-                state.epoch_losses.append(loss.item())
+                state.epoch_losses.append(loss)
                 interval_samples += len(batch)
                 progress.update()
 
@@ -359,7 +441,7 @@ def _train(
                         "epoch": state.epoch + 1,
                         "step": state.step,
                         "loss": float(np.mean(state.epoch_losses[-config.train.log_every_steps :])),
-                        "lr": optimizer.param_groups[0]["lr"],
+                        "lr": parts.optimizer.param_groups[0]["lr"],
                         "samples_per_second": interval_samples / max(elapsed, 1e-9),
                     }
                     log.write(record)
@@ -372,63 +454,103 @@ def _train(
                 every = config.train.checkpoint_every_steps
                 if state.batch < len(batches):
                     if stop.requested or (every and state.step % every == 0):
-                        state.seconds = time.perf_counter() - started
-                        save_checkpoint(checkpoint(state), run.last)
+                        save_last()
                     if stop.requested:
                         progress.close()
                         interrupted()
                 if on_step is not None:
                     on_step(state)
             progress.close()
-
-            # End of epoch: evaluate, keep the best model, decide on early stopping, save.
-            state.epoch += 1
-            state.batch = 0
-            train_loss = float(np.mean(state.epoch_losses)) if state.epoch_losses else math.nan
-            state.epoch_losses = []
-            last_epoch = state.epoch == config.train.epochs
-            if state.epoch % config.eval.every_epochs == 0 or last_epoch:
-                metrics, embeddings = evaluation()
-                state.seconds = time.perf_counter() - started
-                log.write(
-                    {
-                        "event": "eval",
-                        "epoch": state.epoch,
-                        "step": state.step,
-                        "train_loss": train_loss,
-                        "seconds": state.seconds,
-                        **metrics,
-                    }
-                )
-                say(
-                    f"epoch {state.epoch}/{config.train.epochs}: loss {train_loss:.4f}, "
-                    + ", ".join(
-                        f"{k} {metrics[k]:.4f}" for k in ("recall@1", "map@r") if k in metrics
-                    )
-                    + f" ({state.seconds:.0f} s)"
-                )
-                select = config.eval.select_metric
-                if state.best is None or metrics[select] > state.best[select]:
-                    state.best, state.best_epoch = metrics, state.epoch
-                    state.evals_without_improvement = 0
-                    save_checkpoint(checkpoint(state), run.best)
-                    run.save_embeddings(embeddings, eval_set.labels)
-                else:
-                    state.evals_without_improvement += 1
-            patience = config.train.early_stopping_patience
-            if patience is not None and state.evals_without_improvement >= patience:
-                say(
-                    f"early stopping: {config.eval.select_metric} did not improve in {patience} "
-                    "evaluations"
-                )
-                state.epoch = config.train.epochs
-            state.seconds = time.perf_counter() - started
-            save_checkpoint(checkpoint(state), run.last)
+            _end_epoch(parts, state, log, run, say, started)
+            save_last()
             if stop.requested:
                 interrupted()
     log.close()
 
-    # Results of the best epoch: its embeddings, an index over them, the summary and report.
+
+def _step(parts: _Parts, batch: list[int], state: TrainState) -> float:
+    """One optimiser step on ``batch``; return its loss."""
+    x = gather(parts.train_set, batch).to(parts.device)
+    labels = np.searchsorted(parts.classes, parts.train_set.labels[batch])
+    y = torch.from_numpy(labels).to(parts.device)
+    enabled = parts.precision != torch.float32
+    with torch.autocast(parts.device.type, parts.precision, enabled=enabled):
+        embeddings = parts.model(x)
+    embeddings = embeddings.float()  # losses and miners see float32
+    indices_tuple = None if parts.miner is None else parts.miner(embeddings, y)
+    loss = parts.loss_fn(embeddings, y, indices_tuple)
+    if not torch.isfinite(loss):
+        raise TrainingDivergedError(
+            f"the loss is {loss.item()} at step {state.step + 1}: lower optimizer.lr, set "
+            "optimizer.grad_clip_norm, or use train.precision=fp32"
+        )
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    if parts.config.optimizer.grad_clip_norm is not None:
+        parts.scaler.unscale_(parts.optimizer)
+        parameters = [p for group in parts.optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(parameters, parts.config.optimizer.grad_clip_norm)
+    scale = parts.scaler.get_scale()
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    if parts.scaler.get_scale() >= scale:  # fp16 skips steps with inf gradients
+        parts.scheduler.step()
+    return loss.item()
+
+
+def _end_epoch(
+    parts: _Parts,
+    state: TrainState,
+    log: MetricsLog,
+    run: RunFolder,
+    say: Callable[[str], None],
+    started: float,
+) -> None:
+    """End of an epoch: evaluate, keep the best model, decide on early stopping."""
+    config = parts.config
+    state.epoch += 1
+    state.batch = 0
+    train_loss = float(np.mean(state.epoch_losses)) if state.epoch_losses else math.nan
+    state.epoch_losses = []
+    last_epoch = state.epoch == config.train.epochs
+    if state.epoch % config.eval.every_epochs == 0 or last_epoch:
+        metrics, embeddings = parts.evaluate()
+        state.seconds = time.perf_counter() - started
+        log.write(
+            {
+                "event": "eval",
+                "epoch": state.epoch,
+                "step": state.step,
+                "train_loss": train_loss,
+                "seconds": state.seconds,
+                **metrics,
+            }
+        )
+        say(
+            f"epoch {state.epoch}/{config.train.epochs}: loss {train_loss:.4f}, "
+            + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("recall@1", "map@r") if k in metrics)
+            + f" ({state.seconds:.0f} s)"
+        )
+        select = config.eval.select_metric
+        if state.best is None or metrics[select] > state.best[select]:
+            state.best, state.best_epoch = metrics, state.epoch
+            state.evals_without_improvement = 0
+            save_checkpoint(parts.checkpoint(state), run.best)
+            run.save_embeddings(embeddings, parts.eval_set.labels)
+        else:
+            state.evals_without_improvement += 1
+    patience = config.train.early_stopping_patience
+    if patience is not None and state.evals_without_improvement >= patience:
+        select = config.eval.select_metric
+        say(f"early stopping: {select} did not improve in {patience} evaluations")
+        state.epoch = config.train.epochs
+
+
+def _finish(
+    parts: _Parts, state: TrainState, run: RunFolder, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Results of the best epoch: its embeddings, an index over them, the summary, report."""
+    config = parts.config
     embeddings, labels = run.load_embeddings()
     index = build_index(embeddings, labels, config.eval.distance)
     atomic_write(run.index, index.save)
@@ -438,11 +560,12 @@ def _train(
         "best_epoch": state.best_epoch,
         "steps": state.step,
         "train_seconds": state.seconds,
-        "device": str(device),
-        "precision": str(precision).removeprefix("torch."),
+        "device": str(parts.device),
+        "precision": str(parts.precision).removeprefix("torch."),
     }
     run.write_json(run.summary, summary)
     if config.report.enabled:
+        eval_set = parts.eval_set
         report_run(run, config, images=lambda indices: images_of(eval_set, indices))
         say(f"report: {run.report}")
     return summary
