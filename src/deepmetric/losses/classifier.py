@@ -303,8 +303,8 @@ def finish(loss: Tensor, dtype: torch.dtype) -> Tensor:
     out = loss.to(dtype)
     if dtype in _HALF_DTYPES and not bool(torch.isfinite(out)) and bool(torch.isfinite(loss)):
         raise ValueError(
-            f"the loss is {float(loss):.6g}, which {dtype} (the dtype of embeddings) cannot "
-            f"represent (largest {torch.finfo(dtype).max:.6g}); pass embeddings.float(), or "
+            f"the loss is {float(loss.detach()):.6g}, which {dtype} (the dtype of embeddings) "
+            f"cannot represent (largest {torch.finfo(dtype).max:.6g}); pass embeddings.float(), or "
             "lower the loss scale (center_weight, scale, input magnitude)"
         )
     return out
@@ -361,7 +361,11 @@ class ClassifierLoss(MetricLoss):
             for name, value in vars(klass).items()
             if isinstance(value, HyperParameter)
         )
-        cls.hyper_parameters = tuple(dict.fromkeys(declared))
+        cls.hyper_parameters = tuple(
+            name
+            for name in dict.fromkeys(declared)
+            if isinstance(inspect.getattr_static(cls, name), HyperParameter)
+        )
         if "function" in vars(cls):
             parameters = inspect.signature(cls.function).parameters.values()
             cls.passed = tuple(
