@@ -67,7 +67,7 @@ def _reject_tuples(indices_tuple: object, ref_labels: object) -> None:
 
 
 def distillation_loss(
-    student_logits: Tensor,
+    embeddings: Tensor,
     labels: Tensor | None = None,
     indices_tuple: tuple | None = None,
     ref_emb: Tensor | None = None,
@@ -90,7 +90,7 @@ def distillation_loss(
     detached.
 
     Args:
-        student_logits: (N, C) logits; labels: (N,) class indices, needed when
+        embeddings: (N, C) the student's logits; labels: (N,) class indices, needed when
             hard_label_weight > 0.
         teacher_logits: (N, C) logits of the same classes, keyword-only.
         temperature: T > 0 (dimensionless; T = 1 is the plain softmax, T > 1 softens).
@@ -109,22 +109,22 @@ def distillation_loss(
     check_reduction(reduction)
     temperature = check_positive(temperature, "temperature")
     hard_label_weight = check_weight(hard_label_weight, "hard_label_weight")
-    check_embeddings(student_logits, "student_logits")
+    check_embeddings(embeddings)
     check_embeddings(teacher_logits, "teacher_logits")
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    if teacher_logits.shape != student_logits.shape:
+    check_same_device(embeddings=embeddings, teacher_logits=teacher_logits)
+    if teacher_logits.shape != embeddings.shape:
         raise ValueError(
-            f"teacher_logits has shape {tuple(teacher_logits.shape)} but student_logits has "
-            f"{tuple(student_logits.shape)}; both must score the same N rows over the same C "
-            "classes"
+            f"teacher_logits has shape {tuple(teacher_logits.shape)} but the student's logits "
+            f"(embeddings) have {tuple(embeddings.shape)}; both must score the same N rows over "
+            "the same C classes"
         )
-    if hard_label_weight > 0:
-        if labels is None:
-            raise ValueError("hard_label_weight > 0 needs labels")
-        labels = check_labels(labels, len(student_logits), rows_name="student_logits").long()
-    dtype = student_logits.dtype
-    with full_precision(student_logits.device):
-        student = student_logits.to(compute_dtype(dtype))
+    if labels is not None:
+        labels = check_labels(labels, len(embeddings)).long()
+    elif hard_label_weight > 0:
+        raise ValueError("hard_label_weight > 0 needs labels")
+    dtype = embeddings.dtype
+    with full_precision(embeddings.device):
+        student = embeddings.to(compute_dtype(dtype))
         terms = _soft_kl(student, teacher_logits.to(student.dtype), temperature)
         if hard_label_weight > 0:
             hard = F.cross_entropy(student, labels, reduction="none")
@@ -158,7 +158,8 @@ def similarity_distillation_loss(
     rows. Student and teacher may have different widths.
 
     Args:
-        embeddings: (N, D) student; labels: not used (the teacher gives the targets).
+        embeddings: (N, D) student; labels: not used (the teacher gives the targets), but
+            checked when given.
         ref_emb: (M, D) the student's reference set, with teacher_ref_emb or neither.
         teacher_emb: (N, D') teacher, same items; teacher_ref_emb: (M, D') (keyword-only).
         temperature: T > 0, in the similarity's units (0.1 suits cosine similarities).
@@ -173,6 +174,8 @@ def similarity_distillation_loss(
         tensor(True)
     """
     _reject_tuples(indices_tuple, ref_labels)
+    if labels is not None:
+        check_labels(labels, len(embeddings))
     distance = CosineSimilarity() if distance is None else distance
     teacher_distance = distance if teacher_distance is None else teacher_distance
     check_reduction(reduction)
