@@ -9,6 +9,8 @@
     deepmetric index RUN DATA                 # a nearest-neighbour index over DATA
     deepmetric search RUN QUERY               # nearest neighbours, distances and labels
     deepmetric report RUN                     # (re)write report.html
+    deepmetric export RUN --format onnx       # the embedder as TorchScript or ONNX, checked
+    deepmetric serve RUN                      # HTTP embed + search, and a page to browse
     deepmetric sweep-temperature              # normalised-softmax temperature sweep
 
 docs/cli.md describes every command, config key and file of the run folder. A bad input
@@ -38,9 +40,12 @@ from deepmetric.data import (
     LabeledDataset,
     load_image,
 )
+from deepmetric.export import FORMATS, TOLERANCE, ExportError, export_run
 from deepmetric.index import NeighbourIndex
+from deepmetric.inference import load_run
 from deepmetric.metrics import format_table
 from deepmetric.report import class_name, comparison_table
+from deepmetric.serve import ServeError, serve
 from deepmetric.training.checkpoint import atomic_write
 from deepmetric.training.config import Config, config_help, load_config
 from deepmetric.training.data import (
@@ -78,6 +83,8 @@ USER_ERRORS = (
     DataError,
     FileNotFoundError,
     TrainingDivergedError,
+    ExportError,
+    ServeError,
 )
 """Errors of the user's input, not of deepmetric: one line and exit status 2."""
 
@@ -334,6 +341,21 @@ def cmd_sweep_temperature(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'sweep.md'} and {out / 'sweep.json'}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    run = load_run(args.run, checkpoint=args.checkpoint, device="cpu")
+    result = export_run(run, args.format, args.out, tolerance=args.tolerance)
+    print(f"wrote {result.path} ({result.format})")
+    print(
+        f"checked on {result.num_checked} items of the {result.split} split: the embeddings "
+        f"differ from the PyTorch model's by at most {result.max_abs_diff:.2e} "
+        f"(max abs difference; tolerance {result.tolerance:g})"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    serve(args.run, args.host, args.port, checkpoint=args.checkpoint)
+
+
 def _positive(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:
@@ -455,6 +477,37 @@ def _parser() -> argparse.ArgumentParser:
     report_command = commands.add_parser("report", help="(re)write report.html of a run")
     report_command.add_argument("run", type=Path, help="a run folder written by deepmetric train")
     report_command.set_defaults(handler=cmd_report)
+
+    export_command = commands.add_parser(
+        "export",
+        help="export the embedder to TorchScript or ONNX (checked against PyTorch)",
+        description="Write the embedder as a file that runs without deepmetric, after checking "
+        "that its embeddings of real items of the run's index equal the PyTorch model's "
+        "(see docs/inference.md).",
+    )
+    run_arguments(export_command)
+    export_command.add_argument("--format", choices=FORMATS, default="torchscript")
+    export_command.add_argument(
+        "--out", type=Path, help="the file (default RUN/embedder.torchscript.pt or .onnx)"
+    )
+    export_command.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE,
+        help=f"largest absolute difference of embeddings allowed (default {TOLERANCE:g})",
+    )
+    export_command.set_defaults(handler=cmd_export)
+
+    serve_command = commands.add_parser(
+        "serve",
+        help="serve embed and search over HTTP, with a search page",
+        description="Serve POST /embed, POST /search, GET /health and a search page at / "
+        "(needs pip install 'deepmetric[serve]'; see docs/inference.md).",
+    )
+    run_arguments(serve_command)
+    serve_command.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve_command.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve_command.set_defaults(handler=cmd_serve)
 
     sweep_command = commands.add_parser(
         "sweep-temperature",
