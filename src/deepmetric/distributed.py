@@ -47,6 +47,7 @@ __all__ = [
     "DistributedLoss",
     "all_gather_rows",
     "all_gather_with_grad",
+    "all_reduce_with_grad",
     "average_gradients",
     "broadcast_module",
     "check_mode",
@@ -172,6 +173,35 @@ def all_gather_with_grad(
         return tensor
     sizes = gather_sizes(len(tensor), tensor.device, group) if sizes is None else sizes
     return _GatherWithGrad.apply(tensor, sizes, group, replicated)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward sums the ranks' gradients (the gradient of the sum of
+    the ranks' losses)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):  # noqa: D102
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def all_reduce_with_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The sum of `tensor` over ranks, differentiable (backward sums the ranks' gradients).
+
+    Example (one process: the tensor itself):
+        >>> all_reduce_with_grad(torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    _, world = rank_and_world_size(group)
+    return tensor if world == 1 else _AllReduceWithGrad.apply(tensor, group)
 
 
 def average_gradients(parameters: Iterable[Tensor], group: dist.ProcessGroup | None = None) -> None:
@@ -320,19 +350,23 @@ class DistributedLoss(nn.Module):
         everyone = all_gather_with_grad(embeddings, self.group, sizes, replicated=replicated)
         all_labels = all_gather_rows(labels, self.group, sizes)
         all_ids = None if ids is None else all_gather_rows(ids, self.group, sizes)
-        tuples = None
-        if self.miner is not None:
+        memory = getattr(self.loss, "memory", None)
+        if replicated:  # every rank computes the same loss: same random draws as rank 0
             with _rank0_random_stream(embeddings.device, self.group):
-                tuples = self.miner(everyone.detach(), all_labels)
-        if replicated:
-            extra = {} if all_ids is None else {"query_ids": all_ids}
-            return self.loss(everyone, all_labels, tuples, **extra)
+                tuples = self._mine(everyone, all_labels)
+                extra = {} if all_ids is None else {"query_ids": all_ids}
+                return self.loss(everyone, all_labels, tuples, **extra)
+        with _rank0_random_stream(embeddings.device, self.group):
+            tuples = self._mine(everyone, all_labels)
         start = sum(sizes[:rank])
         stop = start + sizes[rank]
         if tuples is not None:
             tuples = _local_tuples(tuples, start, stop)
-        positions = torch.arange(sum(sizes), device=embeddings.device)
-        ref_ids = positions if all_ids is None else all_ids
+        if all_ids is None:  # rows are told apart by position (new items for a memory)
+            total = sum(sizes)
+            fresh = torch.arange(total, device=embeddings.device)
+            all_ids = fresh if memory is None else memory.fresh_ids(total)
+        ref_ids = all_ids
         self.loss(
             everyone[start:stop],
             labels,
@@ -343,6 +377,17 @@ class DistributedLoss(nn.Module):
             ref_ids=ref_ids,
         )
         return self._sum_over_ranks(world)
+
+    def _mine(self, everyone: Tensor, all_labels: Tensor) -> tuple | None:
+        """The miner's tuples over the global batch (indices into it), or None."""
+        if self.miner is None:
+            return None
+        if getattr(self.loss, "memory", None) is not None:
+            raise ValueError(
+                "the loss has a cross-batch memory, which extends the references the miner "
+                "must index: pass the miner to CrossBatchMemoryLoss(miner=...), not here"
+            )
+        return self.miner(everyone.detach(), all_labels)
 
     def _local_class_vectors(self, embeddings: Tensor, labels: Tensor, world: int) -> Tensor:
         """Local-anchor mode of a class-vector loss: the local rows only, no gather."""
@@ -359,6 +404,6 @@ class DistributedLoss(nn.Module):
         if world > 1:
             dist.all_reduce(totals, group=self.group)
         total, normaliser = totals.to(loss_sum.dtype).unbind()
-        normaliser = torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
+        normaliser = normaliser.clamp_min(1)
         local = loss_sum * (world / normaliser)
         return local + (total / normaliser - local).detach()

@@ -19,17 +19,22 @@ files whatever the number of processes.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from deepmetric.distributed import DistributedLoss, all_gather_rows, rank_and_world_size
+from deepmetric.distributed import (
+    DistributedLoss,
+    all_gather_rows,
+    all_reduce_with_grad,
+    rank_and_world_size,
+)
 from deepmetric.inference import embed
 from deepmetric.training.data import LabeledSubset
 
@@ -107,11 +112,11 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
         count = input.new_tensor([input.numel() / input.shape[1]])
-        sums = dist_fn.all_reduce(torch.cat([input.sum(dims), count]))
+        sums = all_reduce_with_grad(torch.cat([input.sum(dims), count]))
         total = sums[-1].detach()
         mean = sums[:-1] / total
         centred = input - mean.view(shape)
-        var = dist_fn.all_reduce(centred.square().sum(dims)) / total
+        var = all_reduce_with_grad(centred.square().sum(dims)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -130,7 +135,8 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
 
     @classmethod
     def convert(cls, module: nn.Module) -> nn.Module:
-        """`module` with every BatchNorm1d/2d/3d replaced by a SyncBatchNormCPU (same state)."""
+        """`module` with every BatchNorm1d/2d/3d replaced by a SyncBatchNormCPU holding the
+        same parameters and buffers."""
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
             synced = cls(
                 module.num_features,
@@ -139,10 +145,10 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
                 module.affine,
                 module.track_running_stats,
             )
-            synced.load_state_dict(module.state_dict())
-            synced.train(module.training)
-            tensors = [*module.parameters(), *module.buffers()]
-            return synced.to(tensors[0].device) if tensors else synced
+            # the same Parameter and buffer objects: an optimiser built before still sees them
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                setattr(synced, name, getattr(module, name))
+            return synced.train(module.training)
         for name, child in module.named_children():
             module.add_module(name, cls.convert(child))
         return module
@@ -172,6 +178,14 @@ class TrainingModule(nn.Module):
         return self.module.load_state_dict(state_dict, strict, assign)
 
 
+def _ddp(module: nn.Module) -> DistributedDataParallel:
+    """DDP that never broadcasts buffers during forward: they are identical on every rank
+    (sync batch norm, a memory fed the global batch), and evaluation calls the plain module."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(module, forward_sync_buffers=False)
+    return DistributedDataParallel(module, broadcast_buffers=False)
+
+
 def wrap_for_training(
     model: nn.Module, loss_fn: nn.Module, miner: nn.Module | None, mode: str = "replicated"
 ) -> tuple[nn.Module, nn.Module, nn.Module | None]:
@@ -192,10 +206,10 @@ def wrap_for_training(
         synced = SyncBatchNormCPU.convert(model)
     if synced is not model:
         raise TypeError("the model itself is a batch norm layer: wrap it in a module first")
-    runner = DistributedDataParallel(model, broadcast_buffers=False)
+    runner = _ddp(model)
     global_loss: nn.Module = DistributedLoss(loss_fn, mode, miner=miner)
     if any(p.requires_grad for p in loss_fn.parameters()):
-        global_loss = DistributedDataParallel(global_loss, broadcast_buffers=False)
+        global_loss = _ddp(global_loss)
     return TrainingModule(runner, model), TrainingModule(global_loss, loss_fn), None
 
 
