@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,14 +175,25 @@ def _require_onnx() -> None:
 
 def _export_torchscript(model: nn.Module, path: str, metadata: dict[str, Any]) -> None:
     try:
-        scripted = torch.jit.script(model)
+        with _torchscript_deprecation_silenced():
+            scripted = torch.jit.script(model)
     except Exception as error:  # the compiler raises many types; name the model and cause
         reason = str(error).strip().splitlines()[0]
         raise ExportError(
             f"torch.jit.script cannot compile {type(model).__name__} ({reason}): use --format onnx"
         ) from error
     files = {"deepmetric.json": json.dumps(metadata)}
-    torch.jit.save(scripted, path, _extra_files=files)
+    with _torchscript_deprecation_silenced():
+        torch.jit.save(scripted, path, _extra_files=files)
+
+
+@contextlib.contextmanager
+def _torchscript_deprecation_silenced() -> Iterator[None]:
+    """torch 2.13 marks torch.jit deprecated (docs/inference.md says so); TorchScript files
+    are still what many deployments load, so the export does not warn on each call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
+        yield
 
 
 def _export_onnx(
@@ -224,7 +236,8 @@ def _export_onnx(
 def _run_exported(format: str, path: str, inputs: torch.Tensor) -> np.ndarray:
     """The embeddings of ``inputs`` computed by the exported file, loaded afresh."""
     if format == "torchscript":
-        loaded = torch.jit.load(path)
+        with _torchscript_deprecation_silenced():
+            loaded = torch.jit.load(path)
         with torch.inference_mode():
             return loaded(inputs).numpy()
     import onnxruntime
