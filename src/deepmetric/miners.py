@@ -18,25 +18,22 @@ import math
 import torch
 from torch import Tensor, nn
 
-from deepmetric._validation import CheckedBatch, check_batch, check_choice, check_positive
+from deepmetric._validation import CheckedBatch, check_choice, check_positive
 from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance, RowBlocks
-from deepmetric.triplet_counting import fill_same_label_, same_label_columns, triplet_runs
-from deepmetric.tuples import (
-    MinedTuple,
-    PositiveLists,
-    label_masks,
-    positive_lists,
-    reference_key,
-)
+from deepmetric.pairwise import Relation, build_relation, check_pair_batch
+from deepmetric.triplet_counting import fill_same_label_, triplet_runs
+from deepmetric.tuples import MinedTuple, PositiveLists, reference_key
 
 
 class BaseMiner(nn.Module):
     """Base of the miners: checks the inputs, computes the distance matrix without gradients,
     and tags the result with the reference set it indexes.
 
-    Subclasses implement `mine(matrix, batch)`, where `matrix` is the raw (N, M) output of
-    `self.distance` and `batch` the checked inputs (labels, ref_labels, ref_is_query, ...).
-    `mine` owns `matrix` and may overwrite it (the miners below do, to avoid (N, M) copies).
+    Subclasses implement `mine(matrix, batch, relation)`, where `matrix` is the raw (N, M)
+    output of `self.distance`, `batch` the checked inputs and `relation` the positive and
+    negative pairs (`deepmetric.pairwise.Relation`: labels, and the keyword-only `query_ids` /
+    `ref_ids` of rows that are the same item and never paired). `mine` owns `matrix` and may
+    overwrite it (the miners below do, to avoid (N, M) copies).
     """
 
     def __init__(self, distance: BaseDistance | None = None) -> None:
@@ -49,15 +46,23 @@ class BaseMiner(nn.Module):
         labels: Tensor,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        query_ids: Tensor | None = None,
+        ref_ids: Tensor | None = None,
     ) -> MinedTuple:
         """Mine index tuples from a batch and an optional reference set."""
-        batch = check_batch(embeddings, labels, ref_emb, ref_labels)
+        batch, ids = check_pair_batch(
+            embeddings, labels, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+        )
+        relation = build_relation(
+            batch.labels, batch.ref_labels, len(batch.ref_emb), ids, batch.ref_is_query
+        )
         with torch.no_grad():
             matrix = self.distance(batch.embeddings, batch.ref_emb)
-            tuples = self.mine(matrix, batch)
+            tuples = self.mine(matrix, batch, relation)
         return MinedTuple(tuples, reference_key(ref_emb))
 
-    def mine(self, matrix: Tensor, batch: CheckedBatch) -> tuple[Tensor, ...]:
+    def mine(self, matrix: Tensor, batch: CheckedBatch, relation: Relation) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
 
@@ -67,9 +72,9 @@ class AllPairsMiner(BaseMiner):
     Useful to hand explicit pairs to a loss; the loss alone already uses all pairs.
     """
 
-    def mine(self, matrix, batch):
-        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
-        positive, negative = label_masks(labels, ref_labels, ref_is_query)
+    def mine(self, matrix, batch, relation):
+        every = slice(0, len(matrix))
+        positive, negative = relation.positive_mask(every), relation.negative_mask(every)
         return (*positive.nonzero(as_tuple=True), *negative.nonzero(as_tuple=True))
 
 
@@ -91,12 +96,12 @@ class PairMarginMiner(BaseMiner):
         super().__init__(distance)
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
 
-    def mine(self, matrix, batch):
-        positives = positive_lists(batch.labels, batch.ref_labels, batch.ref_is_query)
+    def mine(self, matrix, batch, relation):
+        positives = relation.positives
         values = matrix.gather(1, positives.index)
         violated = positives.valid & (self.distance.margin(values, self.pos_margin) > 0)
         anchor1 = _row_numbers(positives.index).expand_as(violated)[violated]
-        columns, has_same = same_label_columns(positives, batch.ref_is_query)
+        columns, has_same = relation.same_columns()
         anchor2, negative = [], []
         compare = torch.gt if self.distance.is_inverted else torch.lt
         blocks = RowBlocks(*matrix.shape, passes=True)
@@ -114,11 +119,9 @@ class AllTripletsMiner(BaseMiner):
     """Every triplet (a, p, n) of the batch. The output has sum_a |P_a| |N_a| rows: use it for
     small batches or offline lists; losses compute the all-triplets case without it."""
 
-    def mine(self, matrix, batch):
-        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+    def mine(self, matrix, batch, relation):
         dis = self.distance.as_dissimilarity(matrix)
-        positives = positive_lists(labels, ref_labels, ref_is_query)
-        return triplet_runs(dis, positives, ref_is_query, None, None)
+        return triplet_runs(dis, relation, None, None)
 
 
 TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
@@ -150,8 +153,7 @@ class TripletMarginMiner(BaseMiner):
         self.margin = check_positive(margin, "margin", allow_zero=True)
         self.type_of_triplets = check_choice(type_of_triplets, "type_of_triplets", TRIPLET_TYPES)
 
-    def mine(self, matrix, batch):
-        labels, ref_labels, ref_is_query = batch.labels, batch.ref_labels, batch.ref_is_query
+    def mine(self, matrix, batch, relation):
         lower, upper = {
             "all": (None, self.margin),
             "hard": (None, 0.0),
@@ -159,8 +161,7 @@ class TripletMarginMiner(BaseMiner):
             "easy": (self.margin, None),
         }[self.type_of_triplets]
         dis = self.distance.as_dissimilarity(matrix)
-        positives = positive_lists(labels, ref_labels, ref_is_query)
-        return triplet_runs(dis, positives, ref_is_query, lower, upper)
+        return triplet_runs(dis, relation, lower, upper)
 
 
 class BatchHardMiner(BaseMiner):
@@ -169,11 +170,11 @@ class BatchHardMiner(BaseMiner):
     are skipped. Returns (a, p, n), one triplet per anchor.
     """
 
-    def mine(self, matrix, batch):
-        positives = positive_lists(batch.labels, batch.ref_labels, batch.ref_is_query)
+    def mine(self, matrix, batch, relation):
+        positives = relation.positives
         hardest_positive = _farthest_positive(matrix, positives, self.distance.is_inverted)
-        _, hardest_negative = _nearest_negative(matrix, batch, positives, self.distance)
-        has_both = (positives.count > 0) & (_num_negatives(matrix, batch, positives) > 0)
+        _, hardest_negative = _nearest_negative(matrix, relation, self.distance)
+        has_both = (positives.count > 0) & (relation.num_negatives > 0)
         anchors = has_both.nonzero(as_tuple=True)[0]
         return anchors, hardest_positive[anchors], hardest_negative[anchors]
 
@@ -187,17 +188,19 @@ class HardNetMiner(BaseMiner):
     its own reference set (the "column" of p is then the row of p).
     """
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def forward(
+        self, embeddings, labels, ref_emb=None, ref_labels=None, *, query_ids=None, ref_ids=None
+    ):
         if ref_emb is not None:
             raise ValueError(
                 "HardNetMiner mines within the batch (both members of each pair must be anchors); "
                 "put both sets in the batch with shared labels instead of passing ref_emb"
             )
-        return super().forward(embeddings, labels)
+        return super().forward(embeddings, labels, query_ids=query_ids, ref_ids=ref_ids)
 
-    def mine(self, matrix, batch):
-        positives = positive_lists(batch.labels, batch.ref_labels, batch.ref_is_query)
-        nearest_value, nearest = _nearest_negative(matrix, batch, positives, self.distance)
+    def mine(self, matrix, batch, relation):
+        positives = relation.positives
+        nearest_value, nearest = _nearest_negative(matrix, relation, self.distance)
         nearest_value = self.distance.as_dissimilarity(nearest_value)
         anchor = _row_numbers(positives.index).expand_as(positives.valid)[positives.valid]
         pos = positives.index[positives.valid]
@@ -240,10 +243,10 @@ class DistanceWeightedMiner(BaseMiner):
         self.cutoff, self.nonzero_loss_cutoff = cutoff, nonzero_loss_cutoff
         self.generator = generator
 
-    def mine(self, matrix, batch):
-        positives = positive_lists(batch.labels, batch.ref_labels, batch.ref_is_query)
-        columns, has_same = same_label_columns(positives, batch.ref_is_query)
-        has_negative = _num_negatives(matrix, batch, positives) > 0
+    def mine(self, matrix, batch, relation):
+        positives = relation.positives
+        columns, has_same = relation.same_columns()
+        has_negative = relation.num_negatives > 0
         dim = batch.embeddings.shape[1]
         blocks = RowBlocks(*matrix.shape, passes=True)
         for rows in blocks:
@@ -304,10 +307,10 @@ class RankWindowMiner(BaseMiner):
         self.negatives_per_positive = int(negatives_per_positive)
         self.generator = generator
 
-    def mine(self, matrix, batch):
+    def mine(self, matrix, batch, relation):
         labels = batch.labels
-        positives = positive_lists(labels, batch.ref_labels, batch.ref_is_query)
-        _exclude_same_label_(matrix, batch, positives, self.distance)
+        positives = relation.positives
+        _exclude_same_label_(matrix, relation, self.distance)
         first, last = self.window
         depth = min(last, matrix.shape[1])
         ranked_value, ranked = matrix.topk(depth, dim=1, largest=self.distance.is_inverted)
@@ -327,28 +330,22 @@ def _row_numbers(table: Tensor) -> Tensor:
     return torch.arange(len(table), device=table.device).unsqueeze(1)
 
 
-def _num_negatives(matrix: Tensor, batch: CheckedBatch, positives: PositiveLists) -> Tensor:
-    """(N,) number of reference entries with another label than each anchor."""
-    return matrix.shape[1] - positives.count - int(batch.ref_is_query)
-
-
-def _exclude_same_label_(
-    matrix: Tensor, batch: CheckedBatch, positives: PositiveLists, distance: BaseDistance
-) -> Tensor:
-    """Overwrite the same-label entries with the farthest value (+inf, -inf for similarities)."""
-    columns, has_same = same_label_columns(positives, batch.ref_is_query)
+def _exclude_same_label_(matrix: Tensor, relation: Relation, distance: BaseDistance) -> Tensor:
+    """Overwrite the entries that are not negatives with the farthest value (+inf, -inf for
+    similarities)."""
+    columns, has_same = relation.same_columns()
     farthest = -math.inf if distance.is_inverted else math.inf
     return fill_same_label_(matrix, columns, has_same, farthest)
 
 
 def _nearest_negative(
-    matrix: Tensor, batch: CheckedBatch, positives: PositiveLists, distance: BaseDistance
+    matrix: Tensor, relation: Relation, distance: BaseDistance
 ) -> tuple[Tensor, Tensor]:
     """Each anchor's nearest negative: (raw value, column); +-inf where there is none.
 
-    Overwrites the same-label entries of `matrix`; ties go to the lowest column.
+    Overwrites the entries of `matrix` that are not negatives; ties go to the lowest column.
     """
-    _exclude_same_label_(matrix, batch, positives, distance)
+    _exclude_same_label_(matrix, relation, distance)
     return matrix.max(dim=1) if distance.is_inverted else matrix.min(dim=1)
 
 
@@ -386,9 +383,10 @@ class MultiSimilarityMiner(BaseMiner):
         super().__init__(CosineSimilarity() if distance is None else distance)
         self.epsilon = check_positive(epsilon, "epsilon", allow_zero=True)
 
-    def mine(self, matrix, batch):
+    def mine(self, matrix, batch, relation):
         sim = matrix if self.distance.is_inverted else -matrix
-        positive, negative = label_masks(batch.labels, batch.ref_labels, batch.ref_is_query)
+        every = slice(0, len(matrix))
+        positive, negative = relation.positive_mask(every), relation.negative_mask(every)
         hardest_pos = sim.masked_fill(~positive, math.inf).amin(dim=1, keepdim=True)
         hardest_neg = sim.masked_fill(~negative, -math.inf).amax(dim=1, keepdim=True)
         keep_neg = negative & (sim + self.epsilon > hardest_pos)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepmetric.distances import RowBlocks, backward_by_autograd, row_blocks
-from deepmetric.tuples import PositiveLists
+from deepmetric.pairwise import Relation
 
 __all__ = [
     "AllTripletsHinge",
@@ -33,40 +33,18 @@ __all__ = [
     "count_above",
     "count_triplets",
     "fill_same_label_",
-    "negative_mask",
     "plain_triplet_sum",
-    "same_label_columns",
     "same_label_mask",
     "triplet_runs",
 ]
 
 
-def negative_mask(labels: Tensor, ref_labels: Tensor) -> Tensor:
-    """(n, M) mask of pairs with different labels."""
-    return labels.unsqueeze(1) != ref_labels.unsqueeze(0)
-
-
-def same_label_columns(positives: PositiveLists, ref_is_query: bool) -> tuple[Tensor, Tensor]:
-    """Every row's same-label columns as an (N, K) index, and which rows have any.
-
-    The same-label columns of row i are its positives plus, when the batch is its own
-    reference set, i itself. Every slot of the index names one of them: invalid slots repeat
-    the anchor (ref_is_query, where the anchor's own slot is the invalid one) or the first
-    positive. Rows without any same-label column (a label absent from the reference set)
-    point at column 0 and have `has_same` False; see `fill_same_label_`.
-    """
-    index, valid, count = positives
-    if ref_is_query:
-        own = torch.arange(len(index), device=index.device).unsqueeze(1)
-        return torch.where(valid, index, own), torch.ones_like(count, dtype=torch.bool)
-    return torch.where(valid, index, index[:, :1]), count > 0
-
-
 def fill_same_label_(block: Tensor, columns: Tensor, has_same: Tensor, value) -> Tensor:
     """Set the same-label entries of a row block to `value`, in place, by one small scatter.
 
-    `columns`, `has_same` are the block's rows of `same_label_columns`; rows without a
-    same-label column write their column 0 back unchanged.
+    `columns`, `has_same` are the block's rows of `Relation.same_columns` (every entry that is
+    not a negative: same label, or the same item); rows without one write their column 0
+    back unchanged.
     """
     keep = block[:, :1]
     source = torch.where(has_same.unsqueeze(1), torch.as_tensor(value, dtype=block.dtype), keep)
@@ -141,28 +119,26 @@ def _count_above_by_search(bounds, valid, block, per_entry, per_bound):
     return counts, below_bound
 
 
-def count_triplets(positives: PositiveLists, num_cols: int, ref_is_query: bool) -> Tensor:
+def count_triplets(relation: Relation) -> Tensor:
     """Number of triplets (a, p, n): sum over anchors of positives times negatives."""
-    num_negatives = num_cols - positives.count - int(ref_is_query)
-    return (positives.count * num_negatives).sum()
+    return (relation.positives.count * relation.num_negatives).sum()
 
 
 def _row_offsets(num_rows: int, num_buckets: int, device) -> Tensor:
     return (torch.arange(num_rows, dtype=torch.int32, device=device) * num_buckets).unsqueeze(1)
 
 
-def same_label_mask(positives: PositiveLists, ref_is_query: bool, num_cols: int) -> Tensor:
-    """The dense (N, M) mask of the same-label entries (for the plain forms only)."""
-    columns, has_same = same_label_columns(positives, ref_is_query)
-    mask = columns.new_zeros((len(columns), num_cols), dtype=torch.bool)
-    return mask.scatter_(1, columns, has_same.unsqueeze(1).expand_as(columns))
+def same_label_mask(relation: Relation) -> Tensor:
+    """The dense (N, M) mask of the entries that are not negatives (for the plain forms only)."""
+    return relation.non_negative_mask(slice(0, len(relation.num_negatives)))
 
 
-def plain_triplet_sum(dis, swap_dis, positives, ref_is_query, margin, smooth) -> Tensor:
+def plain_triplet_sum(dis, swap_dis, relation, margin, smooth) -> Tensor:
     """The sum of `AllTripletsHinge` or `AllTripletsDense` by plain differentiable steps, one
     (N, M) term per positive slot: their backward when a graph of the gradient is asked for
     (second derivatives), where speed matters less than being differentiable."""
-    excluded = same_label_mask(positives, ref_is_query, dis.shape[1])
+    excluded = same_label_mask(relation)
+    positives = relation.positives
     total = dis.new_zeros(())
     for slot in range(positives.index.shape[1]):
         column = positives.index[:, slot : slot + 1]
@@ -174,20 +150,19 @@ def plain_triplet_sum(dis, swap_dis, positives, ref_is_query, margin, smooth) ->
     return total
 
 
-def _same_label_values(block: Tensor, rows: slice, d_ap: Tensor, valid: Tensor, ref_is_query):
-    """The row block's same-label entries (positives, and the anchor itself when the batch is
-    its own reference set) as (R, S) values and a mask of the real ones."""
-    if not ref_is_query:
-        return d_ap, valid
-    own = torch.arange(rows.start, rows.stop, device=block.device).unsqueeze(1)
-    own_value = block.gather(1, own)
-    return torch.cat([d_ap, own_value], dim=1), F.pad(valid, (0, 1), value=True)
+def _same_label_values(block: Tensor, relation: Relation, rows: slice):
+    """The row block's entries that are not negatives (same label or same item) as (R, S)
+    values sorted ascending, +inf in the unused slots."""
+    lists = relation.non_negatives
+    values = block.gather(1, lists.index[rows]).masked_fill_(~lists.valid[rows], math.inf)
+    return values.sort(dim=1).values
 
 
-def _same_below(bounds: Tensor, valid: Tensor, same: Tensor, same_valid: Tensor) -> Tensor:
-    """(R, K) in the values' dtype: how many valid same-label values are < each valid bound."""
-    below = (same.unsqueeze(2) < bounds.unsqueeze(1)) & same_valid.unsqueeze(2)
-    return below.sum(dim=1).to(same.dtype) * valid
+def _same_below(bounds: Tensor, valid: Tensor, same_sorted: Tensor) -> Tensor:
+    """(R, K) in the values' dtype: how many non-negative values are < each valid bound, by a
+    binary search in each row's sorted values (O(R K log S), no (R, S, K) comparison)."""
+    below = torch.searchsorted(same_sorted, bounds.contiguous())
+    return below.to(same_sorted.dtype) * valid
 
 
 class AllTripletsHinge(torch.autograd.Function):
@@ -204,15 +179,16 @@ class AllTripletsHinge(torch.autograd.Function):
     is an exact integer and sum_n k_n D[a, n] is one dot product. k is kept as uint8 for
     backward. `count_hard` adds one `count_above` of the D[a, p] themselves.
 
-    forward(dis, positives, ref_is_query, margin, count_hard) returns (sum, number of
+    forward(dis, relation, margin, count_hard) returns (sum, number of
     triplets, number of active triplets, number of hard triplets with D[a, n] < D[a, p], or 0
     unless `count_hard`); only the sum is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, dis, positives, ref_is_query, margin, count_hard):  # noqa: D102
+    def forward(ctx, dis, relation, margin, count_hard):  # noqa: D102
         num_rows, num_cols = dis.shape
-        columns, has_same = same_label_columns(positives, ref_is_query)
+        positives = relation.positives
+        columns, has_same = relation.same_columns()
         width = positives.index.shape[1]
         active_positives = dis.new_empty(
             dis.shape, dtype=torch.uint8 if width < 256 else torch.int32
@@ -230,38 +206,38 @@ class AllTripletsHinge(torch.autograd.Function):
             above, below = count_above(thresholds, valid, block, per_bound=True, **work)
             fill_same_label_(above, columns[rows], has_same[rows], 0)
             active_positives[rows] = above
-            same, same_valid = _same_label_values(block, rows, d_ap, valid, ref_is_query)
-            active = below - _same_below(thresholds, valid, same, same_valid)
+            same = _same_label_values(block, relation, rows)
+            active = below - _same_below(thresholds, valid, same)
             active_negatives[rows] = active
             pushed = torch.dot(above.view(-1), block.reshape(-1))
             total = total + (active * thresholds).sum() - pushed
             if count_hard:
                 _, below = count_above(d_ap, valid, block, per_entry=False, per_bound=True, **work)
-                num_hard += (below - _same_below(d_ap, valid, same, same_valid)).long().sum()
-        num_triplets = count_triplets(positives, num_cols, ref_is_query)
+                num_hard += (below - _same_below(d_ap, valid, same)).long().sum()
+        num_triplets = count_triplets(relation)
         num_active = active_negatives.long().sum()
-        ctx.save_for_backward(active_positives, active_negatives, dis, *positives)
-        ctx.ref_is_query, ctx.margin = ref_is_query, margin
+        ctx.save_for_backward(active_positives, active_negatives, dis)
+        ctx.relation, ctx.margin = relation, margin
         ctx.mark_non_differentiable(num_triplets, num_active, num_hard)
         return total, num_triplets, num_active, num_hard
 
     @staticmethod
     def backward(ctx, grad_total, *_):  # noqa: D102
-        active_positives, active_negatives, dis, *lists = ctx.saved_tensors
+        active_positives, active_negatives, dis = ctx.saved_tensors
+        relation, margin = ctx.relation, ctx.margin
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            positives, ref_is_query, margin = PositiveLists(*lists), ctx.ref_is_query, ctx.margin
             (grad,) = backward_by_autograd(
-                lambda: plain_triplet_sum(dis, None, positives, ref_is_query, margin, False),
+                lambda: plain_triplet_sum(dis, None, relation, margin, False),
                 (dis,),
                 grad_total,
             )
-            return grad, None, None, None, None
-        index = lists[0]
+            return grad, None, None, None
+        index = relation.positives.index
         grad = active_negatives.new_empty(active_positives.shape)
         for rows in row_blocks(*grad.shape):
             grad[rows].copy_(active_positives[rows]).mul_(-grad_total)
         grad.scatter_add_(1, index, active_negatives * grad_total)
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
 class AllTripletsDense(torch.autograd.Function):
@@ -277,17 +253,17 @@ class AllTripletsDense(torch.autograd.Function):
     0). The minimum's gradient goes to the smaller side, half to each on ties, as for
     `torch.minimum`.
 
-    forward(dis, swap_dis or None, positives, ref_is_query, margin, smooth, count) returns
+    forward(dis, swap_dis or None, relation, margin, smooth, count) returns
     (sum, number of triplets with a positive hinge, number with D'[a, p, n] < D[a, p]), the
     two counts computed only with `count` (else 0); only the sum is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, dis, swap_dis, positives, ref_is_query, margin, smooth, count):  # noqa: D102
+    def forward(ctx, dis, swap_dis, relation, margin, smooth, count):  # noqa: D102
         total = dis.new_zeros(())
         num_active = torch.zeros((), dtype=torch.long, device=dis.device)
         num_hard = torch.zeros((), dtype=torch.long, device=dis.device)
-        slots = _dense_slots(dis, swap_dis, positives, ref_is_query, margin)
+        slots = _dense_slots(dis, swap_dis, relation, margin)
         for _, _, d_ap, negative, values, _ in slots:
             if count:
                 num_hard += torch.count_nonzero(negative < d_ap)
@@ -296,29 +272,28 @@ class AllTripletsDense(torch.autograd.Function):
                 total += torch.ops.aten.softplus.out(values, 1, 20, out=values).sum()
             else:
                 total += values.clamp_min_(0).sum()
-        ctx.save_for_backward(dis, swap_dis, *positives)
-        ctx.constants = (ref_is_query, margin, smooth)
+        ctx.save_for_backward(dis, swap_dis)
+        ctx.constants = (relation, margin, smooth, swap_dis is dis)
         ctx.mark_non_differentiable(num_active, num_hard)
         return total, num_active, num_hard
 
     @staticmethod
     def backward(ctx, grad_total, *_):  # noqa: D102
-        dis, swap_dis, *lists = ctx.saved_tensors
-        ref_is_query, margin, smooth = ctx.constants
+        dis, swap_dis = ctx.saved_tensors
+        relation, margin, smooth, same_set = ctx.constants
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            positives = PositiveLists(*lists)
-            own_swap = swap_dis is not None and not ref_is_query
+            own_swap = swap_dis is not None and not same_set
             grads = backward_by_autograd(
-                lambda: plain_triplet_sum(dis, swap_dis, positives, ref_is_query, margin, smooth),
+                lambda: plain_triplet_sum(dis, swap_dis, relation, margin, smooth),
                 (dis, swap_dis if own_swap else None),
                 grad_total,
             )
-            return *grads, None, None, None, None, None
+            return *grads, None, None, None, None
         grad = torch.zeros_like(dis, memory_format=torch.contiguous_format)
         grad_swap = None
         if swap_dis is not None:
-            grad_swap = grad if ref_is_query else torch.zeros_like(swap_dis)
-        slots = _dense_slots(dis, swap_dis, PositiveLists(*lists), ref_is_query, margin)
+            grad_swap = grad if same_set else torch.zeros_like(swap_dis)
+        slots = _dense_slots(dis, swap_dis, relation, margin)
         for rows, index, _, negative, slopes, swap_rows in slots:
             if smooth:
                 torch.sigmoid(slopes, out=slopes)
@@ -336,17 +311,18 @@ class AllTripletsDense(torch.autograd.Function):
             grad_swap.index_add_(0, index.squeeze(1), slopes.sub_(to_anchor), alpha=-1)
         grad.mul_(grad_total)
         if grad_swap is None or grad_swap is grad:
-            return grad, None, None, None, None, None, None
-        return grad, grad_swap.mul_(grad_total), None, None, None, None, None
+            return grad, None, None, None, None, None
+        return grad, grad_swap.mul_(grad_total), None, None, None, None
 
 
-def _dense_slots(dis, swap_dis, positives, ref_is_query, margin):
+def _dense_slots(dis, swap_dis, relation, margin):
     """For each row block and each positive slot filled by some of its rows, yield (rows,
     the slot's (R, 1) columns, its D[a, p] (-inf where the row has no such positive),
     D'[a, n] (+inf at same-label entries), D[a, p] + margin - D'[a, n], and the rows of the
     swap matrix S[p] or None), in work arrays reused from slot to slot. Without swap, D' is
     the block itself, read only, and the same-label entries are -inf in the differences."""
-    columns, has_same = same_label_columns(positives, ref_is_query)
+    columns, has_same = relation.same_columns()
+    positives = relation.positives
     blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:
         block = dis[rows]
@@ -374,8 +350,7 @@ def _dense_slots(dis, swap_dis, positives, ref_is_query, margin):
 
 def triplet_runs(
     dis: Tensor,
-    positives: PositiveLists,
-    ref_is_query: bool,
+    relation: Relation,
     lower_offset: float | None,
     upper_offset: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -388,7 +363,8 @@ def triplet_runs(
     triplets returned.
     """
     anchors, pos_out, negs = [], [], []
-    columns, has_same = same_label_columns(positives, ref_is_query)
+    columns, has_same = relation.same_columns()
+    positives = relation.positives
     num_cols = dis.shape[1]
     blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:

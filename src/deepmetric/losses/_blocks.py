@@ -27,7 +27,9 @@ from torch import Tensor
 
 from deepmetric.distances import BaseDistance
 from deepmetric.losses.base import LossInputs, prepare_inputs
-from deepmetric.tuples import PositiveLists, positive_lists, triplets_to_pairs
+from deepmetric.losses.reduction import reduction_normaliser
+from deepmetric.pairwise import Relation, build_relation, drop_same_items
+from deepmetric.tuples import PositiveLists, triplets_to_pairs
 
 BLOCK_ELEMENTS = 1 << 21
 
@@ -91,30 +93,33 @@ def lists_from_pairs(anchor: Tensor, other: Tensor, num_query: int, num_ref: int
 class PairSets:
     """Positive and negative (anchor, reference) pairs of a loss call, by blocks of anchors.
 
-    From labels: positives share the anchor's label (the anchor itself excluded when the
-    reference set is the batch), negatives carry another label. From an `indices_tuple`: the
-    mined pairs (a1, p) are the positives and (a2, n) the negatives; triplets (a, p, n) give
-    (a, p) and (a, n). A pair listed several times counts once.
+    From labels: the `deepmetric.pairwise.Relation` of the call (positives share the anchor's
+    label, negatives carry another, pairs of the same item are neither). From an
+    `indices_tuple`: the mined pairs (a1, p) are the positives and (a2, n) the negatives;
+    triplets (a, p, n) give (a, p) and (a, n); mined pairs of the same item (equal ids) are
+    dropped. A pair listed several times counts once.
     """
 
     def __init__(self, inputs: LossInputs) -> None:
         num_query, num_ref = len(inputs.embeddings), len(inputs.ref_emb)
         self.num_ref = num_ref
-        self.ref_is_query = inputs.ref_is_query
-        self.labels, self.ref_labels = inputs.labels, inputs.ref_labels
         self._negatives: Tensor | None = None
+        self.relation: Relation | None = None
         if inputs.indices_tuple is None:
-            self.positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
-        else:
-            pairs = inputs.indices_tuple
-            if len(pairs) == 3:
-                pairs = triplets_to_pairs(*pairs)
-            anchor1, positive, anchor2, negative = pairs
-            self.positives = lists_from_pairs(anchor1, positive, num_query, num_ref)
-            self._negatives = torch.zeros(
-                num_query, num_ref, dtype=torch.bool, device=inputs.embeddings.device
+            self.relation = build_relation(
+                inputs.labels, inputs.ref_labels, num_ref, inputs.ids, inputs.ref_is_query
             )
-            self._negatives[anchor2, negative] = True
+            self.positives = self.relation.positives
+            return
+        pairs = inputs.indices_tuple
+        if len(pairs) == 3:
+            pairs = triplets_to_pairs(*pairs)
+        anchor1, positive, anchor2, negative = drop_same_items(pairs, inputs.ids)
+        self.positives = lists_from_pairs(anchor1, positive, num_query, num_ref)
+        self._negatives = torch.zeros(
+            num_query, num_ref, dtype=torch.bool, device=inputs.embeddings.device
+        )
+        self._negatives[anchor2, negative] = True
 
     def positive_rows(self, rows: slice) -> PositiveLists:
         """The positive lists of the anchors in `rows`."""
@@ -125,13 +130,13 @@ class PairSets:
         """(rows, M) mask of the negative pairs of the anchors in `rows`."""
         if self._negatives is not None:
             return self._negatives[rows]
-        return self.labels[rows].unsqueeze(1) != self.ref_labels.unsqueeze(0)
+        return self.relation.negative_mask(rows)
 
     def non_negative_mask(self, rows: slice) -> Tensor:
         """(rows, M) mask of the entries that are not negative pairs (~negative_mask)."""
         if self._negatives is not None:
             return ~self._negatives[rows]
-        return self.labels[rows].unsqueeze(1) == self.ref_labels.unsqueeze(0)
+        return self.relation.non_negative_mask(rows)
 
     def positive_mask(self, rows: slice) -> Tensor:
         """(rows, M) dense mask of the positive pairs of the anchors in `rows`."""
@@ -144,12 +149,7 @@ class PairSets:
         """(rows, M) mask of every pair, positive or negative; None when that is every entry."""
         if self._negatives is not None:
             return self.positive_mask(rows) | self._negatives[rows]
-        if not self.ref_is_query:
-            return None
-        num_rows = rows.stop - rows.start
-        mask = torch.ones(num_rows, self.num_ref, dtype=torch.bool, device=self.labels.device)
-        mask.diagonal(offset=rows.start).fill_(False)
-        return mask
+        return self.relation.pair_mask(rows)
 
 
 class Sweep:
@@ -272,10 +272,15 @@ class StructuredStats:
 
     `num_terms` is the number of terms the loss averages over with reduction="mean" (positive
     pairs, anchors or pairs, as each loss documents); `num_active` how many of them are > 0.
+    For the losses that support local-anchor mode, `loss_sum` is the sum of the terms (with
+    its gradient) and `normaliser` the count the reduction divided it by (before clamping at
+    1; 1 for "sum"): loss = loss_sum / max(normaliser, 1).
     """
 
     num_terms: Tensor
     num_active: Tensor
+    loss_sum: Tensor | None = None
+    normaliser: Tensor | None = None
 
 
 def setup_pairs(
@@ -286,9 +291,12 @@ def setup_pairs(
     ref_labels: Tensor | None,
     distance: BaseDistance,
     params: tuple[Tensor, ...] = (),
+    ids: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[LossInputs, PairSets, Sweep]:
     """Checked inputs, their pair sets and a sweep over their distance matrix."""
-    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    inputs = prepare_inputs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=ids[0], ref_ids=ids[1]
+    )
     pairs = PairSets(inputs)
     sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance, params)
     return inputs, pairs, sweep
@@ -303,7 +311,8 @@ def finish_sum(
     return_stats: bool,
     extra: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
-    """The loss from a swept sum of terms: reduced, plus `extra`, in the input dtype."""
+    """The loss from a swept sum of terms: reduced, plus `extra`, in the input dtype; the
+    stats carry `loss_sum` and `normaliser` when there is no `extra` term."""
     scale = reduction_scale(reduction, counts[0], counts[1]).to(total.dtype)
     loss = sweep.result(total * scale, scale)
     if extra is not None:
@@ -311,7 +320,12 @@ def finish_sum(
     loss = inputs.finish(loss)
     if not return_stats:
         return loss
-    return loss, StructuredStats(num_terms=counts[0], num_active=counts[1])
+    loss_sum = normaliser = None
+    if extra is None:
+        loss_sum = inputs.finish(sweep.result(total))
+        normaliser = reduction_normaliser(reduction, counts[0], counts[1])
+    stats = StructuredStats(counts[0], counts[1], loss_sum, normaliser)
+    return loss, stats
 
 
 def count_terms(counts: Tensor, terms: Tensor, is_term: Tensor) -> None:

@@ -6,6 +6,14 @@
 `ref_emb` (M, D) and `ref_labels` (M,), positives and negatives are taken from that reference
 set instead of the batch (cross-modal training, memory banks); anchors stay in the batch.
 `indices_tuple` restricts the loss to mined triplets (a, p, n) or pairs (a1, p, a2, n).
+Labels are class ids of any integer dtype or bool (used as int64). The keyword-only
+`query_ids` (N,) and `ref_ids` (M,) name the item of each row: rows with equal ids are never
+paired (`deepmetric.pairwise`); by default the batch as its own reference set excludes each
+row against itself only.
+
+Distributed local-anchor mode (`local_anchor_supported`): a loss whose value is a sum of
+per-anchor terms divided by a count reports `loss_sum` and `normaliser` in its stats, with
+loss = loss_sum / max(normaliser, 1), so that a wrapper can sum both over processes.
 
 Losses compute in float32 when given float16 or bfloat16 inputs and return the input dtype.
 """
@@ -18,9 +26,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from deepmetric._validation import check_batch
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses.reduction import check_reduction
+from deepmetric.pairwise import check_pair_batch
 from deepmetric.tuples import check_indices_tuple, reference_key
 
 
@@ -34,6 +42,7 @@ class LossInputs(NamedTuple):
     ref_is_query: bool
     indices_tuple: tuple[Tensor, ...] | None
     dtype: torch.dtype
+    ids: tuple[Tensor, Tensor] | None = None
 
     def finish(self, loss: Tensor) -> Tensor:
         """The loss returned to the user, in the input dtype."""
@@ -46,9 +55,24 @@ def prepare_inputs(
     indices_tuple: tuple | None = None,
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
+    *,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> LossInputs:
-    """Check a loss call's arguments once, with messages that name the argument and the fix."""
-    batch = check_batch(embeddings, labels, ref_emb, ref_labels, indices_tuple is not None)
+    """Check a loss call's arguments once, with messages that name the argument and the fix.
+
+    Labels come back as int64; `ids` holds the checked (query_ids, ref_ids) (see
+    `deepmetric.pairwise.check_ids`).
+    """
+    batch, ids = check_pair_batch(
+        embeddings,
+        labels,
+        ref_emb,
+        ref_labels,
+        labels_optional=indices_tuple is not None,
+        query_ids=query_ids,
+        ref_ids=ref_ids,
+    )
     if indices_tuple is not None:
         indices_tuple = check_indices_tuple(
             indices_tuple, len(batch.embeddings), len(batch.ref_emb), reference_key(ref_emb)
@@ -61,6 +85,7 @@ def prepare_inputs(
         batch.ref_is_query,
         indices_tuple,
         batch.dtype,
+        ids,
     )
 
 
@@ -68,8 +93,15 @@ class MetricLoss(nn.Module):
     """Base of the embedding losses: holds the distance and the reduction.
 
     Subclasses implement `forward(embeddings, labels, indices_tuple=None, ref_emb=None,
-    ref_labels=None)` by calling their functional form.
+    ref_labels=None, *, query_ids=None, ref_ids=None)` by calling their functional form, and
+    say whether they can run in distributed local-anchor mode (`local_anchor_supported`).
     """
+
+    local_anchor_supported: bool = False
+    """Whether the loss is a sum of per-anchor terms over one count, reported as `loss_sum`
+    and `normaliser` in its stats (distributed local-anchor mode); see `local_anchor_reason`."""
+    local_anchor_reason: str = "it does not report loss_sum and normaliser in its stats"
+    """Why local-anchor mode is refused, when `local_anchor_supported` is False."""
 
     def __init__(self, distance: BaseDistance | None = None, reduction: str = "mean") -> None:
         super().__init__()

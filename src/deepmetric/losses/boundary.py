@@ -43,6 +43,8 @@ def ranked_list_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Ranked list loss (Wang, Hua, Kodirov, Hu, Garnier & Robertson 2019).
 
@@ -77,7 +79,7 @@ def ranked_list_loss(
     check_reduction(reduction)
     alpha = _check_ranked_list(margin, Tn, imbalance, alpha, Tp)
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
     )
     counts = new_counts(inputs)
     pos_boundary = alpha - margin
@@ -122,6 +124,8 @@ class RankedListLoss(MetricLoss):
         >>> loss = loss_fn(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = True
+
     def __init__(
         self,
         margin: float = 0.4,
@@ -137,7 +141,17 @@ class RankedListLoss(MetricLoss):
         self.margin, self.Tn, self.imbalance, self.Tp = margin, Tn, imbalance, Tp
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             ranked_list_loss,
             embeddings,
@@ -145,6 +159,8 @@ class RankedListLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             margin=self.margin,
             Tn=self.Tn,
             imbalance=self.imbalance,
@@ -170,6 +186,8 @@ def margin_loss(
     distance: BaseDistance | None = None,
     reduction: str = "nonzero_mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Margin loss (Wu, Manmatha, Smola & Krähenbühl 2017, "Sampling matters").
 
@@ -198,7 +216,9 @@ def margin_loss(
     distance = EuclideanDistance() if distance is None else distance
     check_reduction(reduction)
     _check_margin(margin, nu)
-    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    inputs = prepare_inputs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+    )
     beta = torch.as_tensor(beta, device=inputs.embeddings.device)
     per_class = beta.dim() > 0
     if per_class:
@@ -273,6 +293,16 @@ class MarginLoss(MetricLoss):
         >>> loss = loss_fn(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    @property
+    def local_anchor_supported(self) -> bool:
+        """True unless an extra term with a count of its own is added (see the reason)."""
+        return self.nu == 0
+
+    local_anchor_reason = (
+        "its beta regulariser nu * mean(beta) is averaged over the anchors while the pair "
+        "terms are averaged over the pairs (set nu=0 to run locally)"
+    )
+
     def __init__(
         self,
         margin: float = 0.2,
@@ -296,7 +326,17 @@ class MarginLoss(MetricLoss):
             self.register_buffer("beta", initial)
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             margin_loss,
             embeddings,
@@ -304,6 +344,8 @@ class MarginLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             margin=self.margin,
             beta=self.beta,
             nu=self.nu,

@@ -25,7 +25,14 @@ from deepmetric.losses.base import LossInputs, MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import check_reduction, reduce_terms
 
 
-def _batch_structure_only(name: str, indices_tuple, ref_emb, allow_ref: bool = False) -> None:
+def _batch_structure_only(
+    name: str, indices_tuple, ref_emb, allow_ref: bool = False, ids: tuple = (None, None)
+) -> None:
+    if any(item_ids is not None for item_ids in ids):
+        raise ValueError(
+            f"{name} works on the classes of the whole batch and pairs no rows by identity, so "
+            "query_ids / ref_ids are not supported; call it on the batch without ids"
+        )
     if indices_tuple is not None:
         raise ValueError(
             f"{name} works on the classes of the whole batch, not on mined pairs: call it "
@@ -38,8 +45,10 @@ def _batch_structure_only(name: str, indices_tuple, ref_emb, allow_ref: bool = F
         )
 
 
-def _labelled_inputs(name, embeddings, labels, indices_tuple, ref_emb, ref_labels, allow_ref):
-    _batch_structure_only(name, indices_tuple, ref_emb, allow_ref)
+def _labelled_inputs(
+    name, embeddings, labels, indices_tuple, ref_emb, ref_labels, allow_ref, ids=(None, None)
+):
+    _batch_structure_only(name, indices_tuple, ref_emb, allow_ref, ids)
     if labels is None:
         raise ValueError(f"{name} needs labels")
     return prepare_inputs(embeddings, labels, None, ref_emb, ref_labels)
@@ -60,6 +69,8 @@ def coupled_clusters_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Coupled clusters loss (Liu, Tian, Yang, Pang & Huang 2016; survey eq. 5-6).
 
@@ -89,7 +100,14 @@ def coupled_clusters_loss(
     check_reduction(reduction)
     check_positive(margin, "margin", allow_zero=True)
     inputs = _labelled_inputs(
-        "coupled_clusters_loss", embeddings, labels, indices_tuple, ref_emb, ref_labels, False
+        "coupled_clusters_loss",
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        False,
+        (query_ids, ref_ids),
     )
     x = inputs.embeddings
     _, class_of, sizes = torch.unique(inputs.labels, return_inverse=True, return_counts=True)
@@ -117,6 +135,9 @@ class CoupledClustersLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = False
+    local_anchor_reason = "it compares each row with the centre of its class over the whole batch"
+
     def __init__(
         self, margin: float = 1.0, distance: BaseDistance | None = None, reduction: str = "mean"
     ) -> None:
@@ -124,7 +145,17 @@ class CoupledClustersLoss(MetricLoss):
         self.margin = check_positive(margin, "margin", allow_zero=True)
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             coupled_clusters_loss,
             embeddings,
@@ -132,6 +163,8 @@ class CoupledClustersLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             margin=self.margin,
         )
 
@@ -165,6 +198,8 @@ def facility_location_loss(
     margin_multiplier: float = 1.0,
     distance: BaseDistance | None = None,
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, FacilityLocationStats]:
     """Facility location (clustering) loss (Song, Jegelka, Rathod & Murphy 2017; survey eq. 8-11).
 
@@ -198,7 +233,14 @@ def facility_location_loss(
     distance = EuclideanDistance() if distance is None else distance
     check_positive(margin_multiplier, "margin_multiplier", allow_zero=True)
     inputs = _labelled_inputs(
-        "facility_location_loss", embeddings, labels, indices_tuple, ref_emb, ref_labels, False
+        "facility_location_loss",
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        False,
+        (query_ids, ref_ids),
     )
     x = inputs.embeddings
     _, truth = torch.unique(inputs.labels, return_inverse=True)
@@ -393,18 +435,33 @@ class FacilityLocationLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = False
+    local_anchor_reason = "its clustering score (medoids, NMI) is a function of the whole batch"
+
     def __init__(self, margin_multiplier: float = 1.0, distance: BaseDistance | None = None):
         super().__init__(distance)
         self.margin_multiplier = check_positive(margin_multiplier, "margin_multiplier", True)
         self.stats: FacilityLocationStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         loss, self.stats = facility_location_loss(
             embeddings,
             labels,
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             margin_multiplier=self.margin_multiplier,
             distance=self.distance,
             return_stats=True,
@@ -425,6 +482,8 @@ def deep_clustering_loss(
     *,
     distance: BaseDistance | None = None,
     reduction: str = "mean",
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor:
     """Deep clustering affinity loss (Hershey, Chen, Le Roux & Watanabe 2016).
 
@@ -450,7 +509,14 @@ def deep_clustering_loss(
     distance = DotProductSimilarity() if distance is None else distance
     _check_deep_clustering(distance, reduction)
     inputs: LossInputs = _labelled_inputs(
-        "deep_clustering_loss", embeddings, labels, indices_tuple, ref_emb, ref_labels, True
+        "deep_clustering_loss",
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        True,
+        (query_ids, ref_ids),
     )
     v = distance.normalize(inputs.embeddings).double()
     r = v if inputs.ref_is_query else distance.normalize(inputs.ref_emb).double()
@@ -496,17 +562,34 @@ class DeepClusteringLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = False
+    local_anchor_reason = (
+        "its affinity norm ||V V^T - Y Y^T|| couples every pair of rows through the whole batch"
+    )
+
     def __init__(self, distance: BaseDistance | None = None, reduction: str = "mean") -> None:
         super().__init__(DotProductSimilarity() if distance is None else distance, reduction)
         _check_deep_clustering(self.distance, reduction)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return deep_clustering_loss(
             embeddings,
             labels,
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             distance=self.distance,
             reduction=self.reduction,
         )

@@ -38,6 +38,8 @@ def histogram_loss(
     value_range: tuple[float, float] | None = None,
     distance: BaseDistance | None = None,
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, HistogramStats]:
     """Histogram loss (Ustinova & Lempitsky 2016).
 
@@ -68,7 +70,9 @@ def histogram_loss(
     """
     distance = CosineSimilarity() if distance is None else distance
     low, high = _check_histogram(n_bins, value_range, distance)
-    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    inputs = prepare_inputs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+    )
     pairs = PairSets(inputs)
     sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance)
     step = (high - low) / n_bins
@@ -166,6 +170,12 @@ class HistogramLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = False
+    local_anchor_reason = (
+        "its histograms are normalised over every pair of the whole batch, so it is not a sum"
+        " of per-anchor terms"
+    )
+
     def __init__(
         self,
         n_bins: int = 100,
@@ -177,13 +187,25 @@ class HistogramLoss(MetricLoss):
         self.n_bins, self.value_range = n_bins, value_range
         self.stats: HistogramStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         loss, self.stats = histogram_loss(
             embeddings,
             labels,
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             n_bins=self.n_bins,
             value_range=self.value_range,
             distance=self.distance,

@@ -21,25 +21,36 @@ from deepmetric.distances import (
     backward_by_autograd,
 )
 from deepmetric.losses.base import MetricLoss, prepare_inputs
-from deepmetric.losses.reduction import check_reduction, reduce_terms, reduce_total
+from deepmetric.losses.reduction import (
+    check_reduction,
+    reduce_terms,
+    reduce_total,
+    reduction_normaliser,
+)
+from deepmetric.pairwise import Relation, build_relation, drop_same_items
 from deepmetric.triplet_counting import (
     AllTripletsDense,
     AllTripletsHinge,
     count_triplets,
     fill_same_label_,
-    same_label_columns,
 )
-from deepmetric.tuples import PositiveLists, pairs_to_triplets, positive_lists
+from deepmetric.tuples import PositiveLists, pairs_to_triplets
 
 
 @dataclass(frozen=True)
 class PairStats:
-    """Counts from the last contrastive loss call (0-dim tensors)."""
+    """Counts from the last contrastive loss call (0-dim tensors).
+
+    `loss_sum` and `normaliser` stay None: the positive and negative parts are divided by
+    counts of their own, so the loss is not one sum over one count (no local-anchor mode).
+    """
 
     num_pos_pairs: Tensor
     num_neg_pairs: Tensor
     num_active_pos_pairs: Tensor
     num_active_neg_pairs: Tensor
+    loss_sum: Tensor | None = None
+    normaliser: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class TripletStats:
     With v = d(a, n) - d(a, p) (in the distance's "smaller is closer" sense): easy triplets
     have v >= margin (zero loss), semi-hard 0 <= v < margin, hard v < 0 (seed 002, FaceNet).
     `num_active` counts the triplets with a non-zero hinge (semi-hard plus hard).
+    `loss_sum` is the sum of the terms (with its gradient) and `normaliser` the count the
+    reduction divides it by (before clamping at 1; 1 for "sum"), for local-anchor mode.
     """
 
     num_triplets: Tensor
@@ -56,6 +69,8 @@ class TripletStats:
     num_easy: Tensor
     num_semihard: Tensor
     num_hard: Tensor
+    loss_sum: Tensor | None = None
+    normaliser: Tensor | None = None
 
 
 def _check_contrastive_margins(
@@ -89,6 +104,8 @@ def contrastive_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, PairStats]:
     """Contrastive loss (Chopra et al. 2005; Hadsell et al. 2006; survey eq. 1).
 
@@ -117,7 +134,9 @@ def contrastive_loss(
     distance = EuclideanDistance() if distance is None else distance
     check_reduction(reduction)
     _check_contrastive_margins(pos_margin, neg_margin, power, distance)
-    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    inputs = prepare_inputs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+    )
     matrix = distance(inputs.embeddings, inputs.ref_emb)
     if inputs.indices_tuple is None:
         loss, stats = _all_pairs_contrastive(
@@ -128,6 +147,7 @@ def contrastive_loss(
     pairs = inputs.indices_tuple
     if len(pairs) == 3:
         pairs = (pairs[0], pairs[1], pairs[0], pairs[2])
+    pairs = drop_same_items(pairs, inputs.ids)
     pos_terms = F.relu(distance.margin(matrix[pairs[0], pairs[1]], pos_margin))
     neg_terms = F.relu(distance.margin(neg_margin, matrix[pairs[2], pairs[3]]))
     if power != 1:
@@ -147,14 +167,13 @@ def contrastive_loss(
 
 
 def _all_pairs_contrastive(matrix, inputs, pos_margin, neg_margin, power, inverted, reduction):
-    positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
+    relation = _relation(inputs)
     sign = -1.0 if inverted else 1.0
     pos_sum, neg_sum, num_active_pos, num_active_neg = _ContrastiveSums.apply(
-        matrix, positives, inputs.ref_is_query, pos_margin, neg_margin, power, sign
+        matrix, relation, pos_margin, neg_margin, power, sign
     )
-    num_pos = positives.count.sum()
-    same_count = positives.count + int(inputs.ref_is_query)
-    num_neg = (matrix.shape[1] - same_count).sum()
+    num_pos = relation.positives.count.sum()
+    num_neg = relation.num_negatives.sum()
     loss = reduce_total(pos_sum, num_pos, num_active_pos, reduction) + reduce_total(
         neg_sum, num_neg, num_active_neg, reduction
     )
@@ -164,7 +183,7 @@ def _all_pairs_contrastive(matrix, inputs, pos_margin, neg_margin, power, invert
 class _ContrastiveSums(torch.autograd.Function):
     """Sums of the positive and negative contrastive terms over all pairs, and their counts.
 
-    forward(matrix, positives, ref_is_query, pos_margin, neg_margin, power, sign) returns
+    forward(matrix, relation, pos_margin, neg_margin, power, sign) returns
     (sum over positive pairs of [sign (m - pos_margin)]+^power, sum over negative pairs of
     [sign (neg_margin - m)]+^power, number of non-zero positive terms, number of non-zero
     negative terms), sign being +1 for a distance and -1 for a similarity. Positive pairs are
@@ -174,8 +193,9 @@ class _ContrastiveSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, matrix, positives, ref_is_query, pos_margin, neg_margin, power, sign):  # noqa: D102
-        columns, has_same = same_label_columns(positives, ref_is_query)
+    def forward(ctx, matrix, relation, pos_margin, neg_margin, power, sign):  # noqa: D102
+        positives = relation.positives
+        columns, has_same = relation.same_columns()
         neg_sum = matrix.new_zeros(())
         num_active_neg = torch.zeros((), dtype=torch.long, device=matrix.device)
         blocks = RowBlocks(*matrix.shape, passes=True)
@@ -204,7 +224,7 @@ class _ContrastiveSums(torch.autograd.Function):
                 (matrix,),
                 (grad_pos, grad_neg),
             )
-            return grad, None, None, None, None, None, None
+            return grad, None, None, None, None, None
         grad = torch.empty_like(matrix, memory_format=torch.contiguous_format)
         for rows in RowBlocks(*matrix.shape, passes=True):
             block, out = matrix[rows], grad[rows]
@@ -220,7 +240,7 @@ class _ContrastiveSums(torch.autograd.Function):
             terms = _positive_terms(values, None, pos_margin, power, sign) * valid
             (grad_values,) = torch.autograd.grad(terms.sum(), values, grad_pos)
         grad.scatter_add_(1, index, grad_values)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _plain_contrastive_sums(matrix, index, valid, columns, has_same, ctx):
@@ -266,6 +286,8 @@ def triplet_margin_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, TripletStats]:
     """Triplet margin loss (Weinberger & Saul 2009; Schroff et al. 2015; survey eq. 2).
 
@@ -301,7 +323,9 @@ def triplet_margin_loss(
     check_reduction(reduction)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    inputs = prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    inputs = prepare_inputs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+    )
     dis = distance.as_dissimilarity(distance(inputs.embeddings, inputs.ref_emb))
     swap_dis = None
     if swap:
@@ -309,23 +333,26 @@ def triplet_margin_loss(
             dis if inputs.ref_is_query else distance.as_dissimilarity(distance(inputs.ref_emb))
         )
     if inputs.indices_tuple is not None:
-        loss, counts = _listed_triplets(
-            dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, reduction
+        total, counts = _listed_triplets(
+            dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, inputs.ids
         )
     else:
-        loss, counts = _all_triplets(
+        total, counts = _all_triplets(
             dis, swap_dis, inputs, margin, smooth_loss, reduction, return_stats
         )
-    loss = inputs.finish(loss)
+    num_triplets, num_active, num_easy, num_hard = counts
+    nonzero = num_triplets if smooth_loss else num_active
+    loss = inputs.finish(reduce_total(total, num_triplets, nonzero, reduction))
     if not return_stats:
         return loss
-    num_triplets, num_active, num_easy, num_hard = counts
     stats = TripletStats(
         num_triplets=num_triplets,
         num_active=num_active,
         num_easy=num_easy,
         num_semihard=num_triplets - num_easy - num_hard,
         num_hard=num_hard,
+        loss_sum=inputs.finish(total),
+        normaliser=reduction_normaliser(reduction, num_triplets, nonzero),
     )
     return loss, stats
 
@@ -354,30 +381,36 @@ def _all_triplets(dis, swap_dis, inputs, margin, smooth, reduction, with_counts)
     per triplet (`AllTripletsDense`), whose counts come from counting too when there is no
     swap (the comparisons are the same whatever f is).
     """
-    positives = positive_lists(inputs.labels, inputs.ref_labels, inputs.ref_is_query)
-    ref_is_query = inputs.ref_is_query
-    num_triplets = count_triplets(positives, dis.shape[1], ref_is_query)
+    relation = _relation(inputs)
+    num_triplets = count_triplets(relation)
     if swap_dis is None and not smooth:
         total, num_triplets, num_active, num_hard = AllTripletsHinge.apply(
-            dis, positives, ref_is_query, margin, with_counts
+            dis, relation, margin, with_counts
         )
     else:
         count_here = swap_dis is not None and (with_counts or reduction == "nonzero_mean")
         total, num_active, num_hard = AllTripletsDense.apply(
-            dis, swap_dis, positives, ref_is_query, margin, smooth, count_here
+            dis, swap_dis, relation, margin, smooth, count_here
         )
         if with_counts and swap_dis is None:
             _, _, num_active, num_hard = AllTripletsHinge.apply(
-                dis.detach(), positives, ref_is_query, margin, True
+                dis.detach(), relation, margin, True
             )
-    nonzero = num_triplets if smooth else num_active
-    counts = (num_triplets, num_active, num_triplets - num_active, num_hard)
-    return reduce_total(total, num_triplets, nonzero, reduction), counts
+    return total, (num_triplets, num_active, num_triplets - num_active, num_hard)
 
 
-def _listed_triplets(dis, swap_dis, indices_tuple, margin, smooth, reduction):
+def _relation(inputs) -> Relation:
+    """The positive and negative pairs of a loss call given labels."""
+    num_ref = len(inputs.ref_emb)
+    return build_relation(
+        inputs.labels, inputs.ref_labels, num_ref, inputs.ids, inputs.ref_is_query
+    )
+
+
+def _listed_triplets(dis, swap_dis, indices_tuple, margin, smooth, ids):
     if len(indices_tuple) == 4:
         indices_tuple = pairs_to_triplets(*indices_tuple)
+    indices_tuple = drop_same_items(indices_tuple, ids)
     anchor, positive, negative = indices_tuple
     d_an = dis[anchor, negative]
     if swap_dis is not None:
@@ -385,14 +418,7 @@ def _listed_triplets(dis, swap_dis, indices_tuple, margin, smooth, reduction):
     terms, num_triplets, num_active, num_easy, num_hard = _triplet_terms(
         dis[anchor, positive], d_an, margin, smooth
     )
-    total = terms.sum()
-    count = num_active if not smooth else num_triplets
-    return reduce_total(total, num_triplets, count, reduction), (
-        num_triplets,
-        num_active,
-        num_easy,
-        num_hard,
-    )
+    return terms.sum(), (num_triplets, num_active, num_easy, num_hard)
 
 
 class ContrastiveLoss(MetricLoss):
@@ -404,6 +430,12 @@ class ContrastiveLoss(MetricLoss):
         >>> loss_fn = ContrastiveLoss(neg_margin=1.0)
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
+
+    local_anchor_supported = False
+    local_anchor_reason = (
+        "its positive and negative parts are divided by two different counts (positive pairs,"
+        " negative pairs), so it is not one sum of per-anchor terms over one count"
+    )
 
     def __init__(
         self,
@@ -418,7 +450,17 @@ class ContrastiveLoss(MetricLoss):
         self.pos_margin, self.neg_margin, self.power = pos_margin, neg_margin, power
         self.stats: PairStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             contrastive_loss,
             embeddings,
@@ -426,6 +468,8 @@ class ContrastiveLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             pos_margin=self.pos_margin,
             neg_margin=self.neg_margin,
             power=self.power,
@@ -444,6 +488,8 @@ class TripletMarginLoss(MetricLoss):
         48
     """
 
+    local_anchor_supported = True
+
     def __init__(
         self,
         margin: float = 0.2,
@@ -458,7 +504,17 @@ class TripletMarginLoss(MetricLoss):
         self.margin, self.swap, self.smooth_loss = margin, swap, smooth_loss
         self.stats: TripletStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             triplet_margin_loss,
             embeddings,
@@ -466,6 +522,8 @@ class TripletMarginLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             margin=self.margin,
             swap=self.swap,
             smooth_loss=self.smooth_loss,

@@ -49,3 +49,15 @@ def reduce_total(total: Tensor, num_terms: Tensor, num_nonzero: Tensor, reductio
         return total
     count = num_nonzero if reduction == "nonzero_mean" else num_terms
     return total / count.clamp_min(1)
+
+
+def reduction_normaliser(reduction: str, num_terms: Tensor, num_nonzero: Tensor) -> Tensor:
+    """The count a reduction divides the sum of terms by, before clamping at 1 (1 for "sum").
+
+    Reported as `normaliser` in the stats of the losses that support local-anchor mode, next
+    to `loss_sum`: loss = loss_sum / max(normaliser, 1), and a distributed wrapper sums both
+    over processes before dividing.
+    """
+    if reduction == "sum":
+        return torch.ones((), dtype=torch.long, device=num_terms.device)
+    return num_nonzero if reduction == "nonzero_mean" else num_terms

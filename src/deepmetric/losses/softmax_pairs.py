@@ -33,11 +33,11 @@ from deepmetric.losses.reduction import check_reduction
 
 
 def _pairwise_softmax(
-    embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, distance
+    embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, distance, ids
 ):
     """sum over positive pairs (a, p) of -log(e^(s_ap/T) / (e^(s_ap/T) + sum_n e^(s_an/T)))."""
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
     )
     counts = new_counts(inputs)
 
@@ -65,6 +65,8 @@ def ntxent_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """NT-Xent / InfoNCE loss (van den Oord, Li & Vinyals 2018; Chen, Kornblith, Norouzi &
     Hinton 2020).
@@ -90,7 +92,14 @@ def ntxent_loss(
     check_reduction(reduction)
     check_positive(temperature, "temperature")
     inputs, sweep, total, counts = _pairwise_softmax(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, distance
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        temperature,
+        distance,
+        (query_ids, ref_ids),
     )
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
 
@@ -106,6 +115,8 @@ def npairs_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Multi-class N-pair loss (Sohn 2016; survey eq. 4).
 
@@ -133,7 +144,7 @@ def npairs_loss(
     check_reduction(reduction)
     check_positive(l2_reg_weight, "l2_reg_weight", allow_zero=True)
     inputs, sweep, total, counts = _pairwise_softmax(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, 1.0, distance
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, 1.0, distance, (query_ids, ref_ids)
     )
     penalty = None
     if l2_reg_weight > 0:
@@ -153,6 +164,8 @@ def supcon_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Supervised contrastive loss, L_out form (Khosla, Teterwak, Wang, Sarna, Tian, Isola,
     Maschinot, Liu & Krishnan 2020, eq. 2).
@@ -177,7 +190,7 @@ def supcon_loss(
     check_reduction(reduction)
     check_positive(temperature, "temperature")
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
     )
     counts = new_counts(inputs)
 
@@ -205,6 +218,8 @@ class NTXentLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = True
+
     def __init__(
         self,
         temperature: float = 0.07,
@@ -215,7 +230,17 @@ class NTXentLoss(MetricLoss):
         self.temperature = check_positive(temperature, "temperature")
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             ntxent_loss,
             embeddings,
@@ -223,6 +248,8 @@ class NTXentLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             temperature=self.temperature,
         )
 
@@ -235,6 +262,16 @@ class NPairsLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    @property
+    def local_anchor_supported(self) -> bool:
+        """True unless an extra term with a count of its own is added (see the reason)."""
+        return self.l2_reg_weight == 0
+
+    local_anchor_reason = (
+        "its L2 penalty is averaged over the batch rows while the softmax terms are averaged "
+        "over the positive pairs (set l2_reg_weight=0 to run locally)"
+    )
+
     def __init__(
         self,
         l2_reg_weight: float = 0.002,
@@ -245,7 +282,17 @@ class NPairsLoss(MetricLoss):
         self.l2_reg_weight = check_positive(l2_reg_weight, "l2_reg_weight", allow_zero=True)
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             npairs_loss,
             embeddings,
@@ -253,6 +300,8 @@ class NPairsLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             l2_reg_weight=self.l2_reg_weight,
         )
 
@@ -265,6 +314,8 @@ class SupConLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = True
+
     def __init__(
         self,
         temperature: float = 0.1,
@@ -275,7 +326,17 @@ class SupConLoss(MetricLoss):
         self.temperature = check_positive(temperature, "temperature")
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             supcon_loss,
             embeddings,
@@ -283,5 +344,7 @@ class SupConLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             temperature=self.temperature,
         )

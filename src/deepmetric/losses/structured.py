@@ -52,6 +52,8 @@ def lifted_structure_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Lifted structured loss (Song, Xiang, Jegelka & Savarese 2016; survey eq. 3; seed 001).
 
@@ -86,7 +88,7 @@ def lifted_structure_loss(
     check_reduction(reduction)
     check_positive(neg_margin, "neg_margin", allow_zero=True)
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
     )
     num_rows, num_cols = len(inputs.embeddings), len(inputs.ref_emb)
     width = pairs.positives.index.shape[1]
@@ -186,6 +188,12 @@ class LiftedStructureLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = False
+    local_anchor_reason = (
+        "lifted structure's pair term needs the negatives of both members of a positive pair,"
+        " and the reference member's negatives are another rank's anchors"
+    )
+
     def __init__(
         self,
         neg_margin: float = 1.0,
@@ -199,7 +207,17 @@ class LiftedStructureLoss(MetricLoss):
         self.neg_margin, self.pos_margin, self.smooth = neg_margin, pos_margin, smooth
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             lifted_structure_loss,
             embeddings,
@@ -207,6 +225,8 @@ class LiftedStructureLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             neg_margin=self.neg_margin,
             pos_margin=self.pos_margin,
             smooth=self.smooth,
@@ -230,6 +250,8 @@ def multi_similarity_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Multi-similarity loss (Wang, Han, Huang, Dong & Scott 2019).
 
@@ -257,7 +279,7 @@ def multi_similarity_loss(
     check_reduction(reduction)
     _check_multi_similarity(alpha, beta)
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
     )
     counts = new_counts(inputs)
 
@@ -289,6 +311,8 @@ class MultiSimilarityLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = True
+
     def __init__(
         self,
         alpha: float = 2.0,
@@ -302,7 +326,17 @@ class MultiSimilarityLoss(MetricLoss):
         self.alpha, self.beta, self.base = alpha, beta, base
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             multi_similarity_loss,
             embeddings,
@@ -310,6 +344,8 @@ class MultiSimilarityLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             alpha=self.alpha,
             beta=self.beta,
             base=self.base,
@@ -332,6 +368,8 @@ def circle_loss(
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    query_ids: Tensor | None = None,
+    ref_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Circle loss, pair-label form (Sun, Cheng, Zhang, Zhang, Zheng, Wang & Wei 2020, eq. 6).
 
@@ -360,7 +398,7 @@ def circle_loss(
     check_reduction(reduction)
     _check_circle(m, gamma)
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
     )
     counts = new_counts(inputs)
 
@@ -396,6 +434,8 @@ class CircleLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    local_anchor_supported = True
+
     def __init__(
         self,
         m: float = 0.4,
@@ -408,7 +448,17 @@ class CircleLoss(MetricLoss):
         self.m, self.gamma = m, gamma
         self.stats: StructuredStats | None = None
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        query_ids=None,
+        ref_ids=None,
+    ):
         return self.forward_with_stats(
             circle_loss,
             embeddings,
@@ -416,6 +466,8 @@ class CircleLoss(MetricLoss):
             indices_tuple,
             ref_emb,
             ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
             m=self.m,
             gamma=self.gamma,
         )
