@@ -4,6 +4,8 @@ approximate kinds, faiss-free fallback, save/load round trips and input errors."
 from __future__ import annotations
 
 import doctest
+import json
+import pickle
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepmetric.index as index_module
-from deepmetric.index import NeighbourIndex, Neighbours, exact_search
+from deepmetric.index import IndexFileError, NeighbourIndex, Neighbours, exact_search
 
 
 def slow_search(queries, reference, k, metric="l2", exclude=None):
@@ -237,3 +239,149 @@ def test_search_after_a_second_add_sees_every_vector(backend):
     queries = both[:30]
     expected, _ = slow_search(queries, both, 5)
     np.testing.assert_array_equal(index.search(queries, 5).indices, expected)
+
+
+# ---------------------------------------------------------------- damaged index files
+
+
+def _good_file(tmp_path, kind="flat"):
+    x, labels = clustered(200, 4, 5)
+    index = NeighbourIndex(kind=kind, nlist=4)
+    index.add(x, labels=labels)
+    path = tmp_path / f"good-{kind}.npz"
+    index.save(path)
+    return path
+
+
+def _rewrite(tmp_path, name, **arrays):
+    path = tmp_path / f"{name}.npz"
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def _config(**changes):
+    config = {"format_version": 1, "dim": 4, "metric": "l2", "kind": "flat", "nlist": 100,
+              "nprobe": 8, "hnsw_m": 32, "ef_construction": 40, "ef_search": 64,
+              "chunk_size": None} | changes  # fmt: skip
+    return np.array(json.dumps({k: v for k, v in config.items() if v is not _DROP}))
+
+
+_DROP = object()
+
+
+def _damaged(tmp_path, damage):
+    good = _good_file(tmp_path)
+    vectors = np.zeros((3, 4), np.float32)
+    if damage == "truncated":
+        path = tmp_path / "truncated.npz"
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif damage == "truncated member":
+        # The central directory survives but the vectors' data is cut: a CRC/EOF error.
+        data = bytearray(good.read_bytes())
+        start = data.find(b"vectors.npy") + 200
+        data[start : start + 400] = bytes(400)
+        path = tmp_path / "crc.npz"
+        path.write_bytes(bytes(data))
+    elif damage == "not a zip":
+        path = tmp_path / "text.npz"
+        path.write_text("this is not an index\n")
+    elif damage == "empty":
+        path = tmp_path / "empty.npz"
+        path.write_bytes(b"")
+    elif damage == "pickle file":
+        path = tmp_path / "pickle.npz"
+        path.write_bytes(pickle.dumps({"vectors": vectors}))
+    elif damage == "single array":
+        path = tmp_path / "array.npz"
+        np.save(open(path, "wb"), vectors)
+    elif damage == "missing file":
+        path = tmp_path / "nothing-here.npz"
+    elif damage == "missing config":
+        path = _rewrite(tmp_path, damage, vectors=vectors)
+    elif damage == "missing vectors":
+        path = _rewrite(tmp_path, damage, config=_config())
+    elif damage == "config not json":
+        path = _rewrite(tmp_path, damage, config=np.array("{dim: 4"), vectors=vectors)
+    elif damage == "config not a string":
+        path = _rewrite(tmp_path, damage, config=np.arange(3), vectors=vectors)
+    elif damage == "config lacks a key":
+        path = _rewrite(tmp_path, damage, config=_config(metric=_DROP), vectors=vectors)
+    elif damage == "unknown setting":
+        path = _rewrite(tmp_path, damage, config=_config(colour="red"), vectors=vectors)
+    elif damage == "bad setting":
+        path = _rewrite(tmp_path, damage, config=_config(metric="cosine"), vectors=vectors)
+    elif damage == "other version":
+        path = _rewrite(tmp_path, damage, config=_config(format_version=7), vectors=vectors)
+    elif damage == "bad dim":
+        path = _rewrite(tmp_path, damage, config=_config(dim=-2), vectors=vectors)
+    elif damage == "vectors wrong width":
+        path = _rewrite(tmp_path, damage, config=_config(dim=5), vectors=vectors)
+    elif damage == "vectors 1-D":
+        path = _rewrite(tmp_path, damage, config=_config(), vectors=np.zeros(4, np.float32))
+    elif damage == "vectors float64":
+        path = _rewrite(tmp_path, damage, config=_config(), vectors=vectors.astype(np.float64))
+    elif damage == "vectors NaN":
+        path = _rewrite(tmp_path, damage, config=_config(), vectors=vectors * np.nan)
+    elif damage == "labels wrong length":
+        path = _rewrite(tmp_path, damage, config=_config(), vectors=vectors, labels=np.arange(2))
+    elif damage == "labels object array":
+        objects = np.array([{"a": 1}, None, 3], dtype=object)
+        path = _rewrite(tmp_path, damage, config=_config(), vectors=vectors, labels=objects)
+    elif damage == "vectors object array":
+        objects = np.array([[1.0, 2.0], None], dtype=object)
+        path = _rewrite(tmp_path, damage, config=_config(), vectors=objects)
+    elif damage == "faiss blob garbage":
+        blob = np.frombuffer(b"not a faiss index at all", np.uint8)
+        path = _rewrite(tmp_path, damage, config=_config(kind="hnsw"), faiss_index=blob)
+    elif damage == "faiss blob wrong dim":
+        blob = np.load(_good_file(tmp_path, "hnsw"))["faiss_index"]
+        path = _rewrite(tmp_path, damage, config=_config(kind="hnsw", dim=9), faiss_index=blob)
+    elif damage == "faiss blob truncated":
+        blob = np.load(_good_file(tmp_path, "hnsw"))["faiss_index"]
+        path = _rewrite(tmp_path, damage, config=_config(kind="hnsw"), faiss_index=blob[:-100])
+    elif damage == "faiss blob not bytes":
+        path = _rewrite(tmp_path, damage, config=_config(kind="hnsw"), faiss_index=vectors)
+    return path
+
+
+DAMAGES = [
+    "truncated", "truncated member", "not a zip", "empty", "pickle file", "single array",
+    "missing file", "missing config", "missing vectors", "config not json",
+    "config not a string", "config lacks a key", "unknown setting", "bad setting",
+    "other version", "bad dim", "vectors wrong width", "vectors 1-D", "vectors float64",
+    "vectors NaN", "labels wrong length", "labels object array", "vectors object array",
+    "faiss blob garbage", "faiss blob truncated", "faiss blob wrong dim",
+    "faiss blob not bytes",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_index_file_raises_one_clear_error(tmp_path, damage):
+    path = _damaged(tmp_path, damage)
+    with pytest.raises(IndexFileError) as caught:
+        NeighbourIndex.load(path)
+    message = str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert str(path) in message and "deepmetric index" in message
+    assert "allow_pickle" not in message
+    # No chained numpy/zipfile/faiss traceback is shown under the message.
+    error = caught.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+def test_the_good_files_of_the_damage_test_load(tmp_path):
+    for kind in ("flat", "hnsw"):
+        assert len(NeighbourIndex.load(_good_file(tmp_path, kind))) == 200
+
+
+def test_multi_hot_labels_round_trip(tmp_path):
+    x, labels = clustered(50, 3, 4)
+    rows = np.eye(4, dtype=bool)[labels] | (np.arange(50) % 7 == 0)[:, None]
+    index = NeighbourIndex()
+    index.add(x, labels=rows)
+    path = tmp_path / "multi.npz"
+    index.save(path)
+    found = NeighbourIndex.load(path).search(x[:5], 3)
+    assert found.labels.shape == (5, 3, 4)
+    np.testing.assert_array_equal(found.labels, rows[found.indices])

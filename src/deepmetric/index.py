@@ -401,8 +401,6 @@ class NeighbourIndex:
         content = read_index_file(path)
         try:
             index = cls(content.dim, backend=backend, **content.settings)
-        except TypeError as error:
-            raise IndexFileError(path, f"'config' has an unknown setting ({error})") from None
         except ValueError as error:
             raise IndexFileError(path, f"'config' has a bad setting ({error})") from None
         if content.vectors is not None and len(content.vectors):

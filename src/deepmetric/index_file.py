@@ -24,6 +24,7 @@ __all__ = ["FORMAT_VERSION", "IndexFile", "IndexFileError", "read_index_file", "
 
 FORMAT_VERSION = 1
 SETTINGS = ("metric", "kind", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
+OPTIONAL_SETTINGS = ("chunk_size",)
 _REBUILD = "rebuild it with `deepmetric index RUN DATA` (or NeighbourIndex.save)"
 # What numpy, zipfile and zlib raise on a damaged archive or member.
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
@@ -123,6 +124,9 @@ def _config(raw: np.ndarray, path: str | Path) -> tuple[int | None, dict[str, An
     missing = [key for key in ("dim", *SETTINGS) if key not in config]
     if missing:
         raise IndexFileError(path, f"'config' lacks {', '.join(missing)}")
+    unknown = sorted(set(config) - {"dim", *SETTINGS, *OPTIONAL_SETTINGS})
+    if unknown:
+        raise IndexFileError(path, f"'config' has unknown settings {', '.join(unknown)}")
     dim = config.pop("dim")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         raise IndexFileError(path, f"'config' has dim={dim!r}, not a positive integer")
@@ -170,9 +174,8 @@ no such file; rebuild it with `deepmetric index RUN DATA` (or NeighbourIndex.sav
         raise IndexFileError(path, "there is no such file")
     try:
         archive = np.load(path, allow_pickle=False)
-    except _READ_ERRORS as error:
-        problem = "it is not an .npz archive" if "pickle" in str(error) else str(error)
-        raise IndexFileError(path, f"{problem} (truncated or overwritten?)") from None
+    except _READ_ERRORS:
+        raise IndexFileError(path, "it is not a complete .npz archive (truncated?)") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise IndexFileError(path, "it holds a single array, not an index archive")
     with archive as data:
