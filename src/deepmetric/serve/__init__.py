@@ -43,7 +43,7 @@ class ServeError(RuntimeError):
 def _require_fastapi() -> None:
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart: form uploads)
+        import python_multipart  # noqa: F401  (form uploads)
         import uvicorn  # noqa: F401
     except ImportError as error:
         raise ServeError(f"{_SERVE_EXTRA} ({error})") from error
