@@ -34,7 +34,7 @@ import uvicorn  # noqa: E402
 
 from deepmetric.cli import main  # noqa: E402
 from deepmetric.inference import Run, load_run  # noqa: E402
-from deepmetric.serve import create_app  # noqa: E402
+from deepmetric.serve import ServeError, create_app  # noqa: E402
 from deepmetric.serve.app import MAX_UPLOAD_BYTES  # noqa: E402
 from deepmetric.training.data import gather  # noqa: E402
 
@@ -374,3 +374,12 @@ def test_search_page_shows_the_neighbours_in_a_browser(digits, tmp_path):
     status_line = re.search(r'<p id="status"[^>]*>(.*?)</p>', dom, re.S).group(1)
     assert status_line.startswith("5 neighbours")
     assert str(Path(run.root)) in dom  # the header names the run
+
+
+def test_missing_serve_extra_names_the_extra(digits, monkeypatch, capsys):
+    _, run = digits
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn fails
+    with pytest.raises(ServeError, match=r"pip install 'deepmetric\[serve\]'"):
+        create_app(run)
+    assert main(["serve", str(run.root), "--port", "9"]) == 2
+    assert "deepmetric[serve]" in capsys.readouterr().err
