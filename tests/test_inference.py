@@ -235,30 +235,36 @@ def test_module_example_runs():
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_readme_after_training_tour_runs(tmp_path, monkeypatch, capsys):
-    """The README's "After training" commands and five-line snippet, as written (the
-    training command gets extra overrides that make it a few seconds long)."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## After training", 1)[1].split("\n## ", 1)[0]
+ROOT = Path(__file__).parent.parent
+README_SECTION = (
+    (ROOT / "README.md").read_text(encoding="utf-8").split("## After training", 1)[1]
+).split("\n## ", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory) -> Path:
+    """A folder holding runs/digits, trained by the README's command (made a few seconds
+    long by extra overrides), and query.png, an 8x8 image."""
+    folder = tmp_path_factory.mktemp("tour")
     train_line = next(
         line
-        for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines()
+        for line in re.findall(r"```bash\n(.*?)```", README_SECTION, re.S)[0].splitlines()
         if line.startswith("deepmetric train")
     )
-    snippet = re.findall(r"```py\n(.*?)```", section, re.S)[0]
-    assert len(snippet.strip().splitlines()) <= 6  # five lines of code and a blank line
-    monkeypatch.chdir(tmp_path)
     args = shlex.split(train_line.split("#")[0])[1:]
-    fast = [
-        "train.epochs=1",
-        "train.batches_per_epoch=4",
-        "report.enabled=false",
-        "train.threads=1",
-    ]
-    assert main([*args, *fast, "--quiet"]) == 0  # options after the key=value overrides
+    args = [str(folder / a) if a == "runs/digits" else a for a in args]
+    fast = ["train.epochs=1", "train.batches_per_epoch=4", "train.threads=1"]
+    assert main([*args, *fast, "report.enabled=false", "--quiet"]) == 0
     pixels = np.zeros((8, 8), np.uint8)
     pixels[1:7, 3:5] = 255  # a "1"-like stroke: any 8x8 image is a query
-    Image.fromarray(pixels).save("query.png")
+    Image.fromarray(pixels).save(folder / "query.png")
+    return folder
+
+
+def test_readme_after_training_snippet_runs(tour, monkeypatch, capsys):
+    snippet = re.findall(r"```py\n(.*?)```", README_SECTION, re.S)[0]
+    assert len(snippet.strip().splitlines()) <= 6  # five lines of code and a blank line
+    monkeypatch.chdir(tour)
     capsys.readouterr()
     exec(compile(snippet, "README.md After training", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
@@ -267,3 +273,26 @@ def test_readme_after_training_tour_runs(tmp_path, monkeypatch, capsys):
         fields = line.split()
         assert fields[0] == str(rank) and fields[1] in {"5", "6", "7", "8", "9"}
         assert float(fields[2]) >= 0 and int(fields[3]) >= 0
+
+
+def test_docs_inference_examples_run(tour, monkeypatch, capsys):
+    """docs/inference.md: its export commands print what it shows, its Python blocks run."""
+    pytest.importorskip("onnxruntime", reason="the ONNX example needs the onnx extra")
+    monkeypatch.chdir(tour)
+    assert main(["export", "runs/digits"]) == 0
+    assert main(["export", "runs/digits", "--format", "onnx"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "wrote runs/digits/embedder.torchscript.pt (torchscript)"
+    assert printed[2] == "wrote runs/digits/embedder.onnx (onnx)"
+    assert re.fullmatch(
+        r"checked on 64 items of the test split: the embeddings differ from the PyTorch "
+        r"model's by at most \S+ \(max abs difference; tolerance 0.0001\)",
+        printed[3],
+    )
+    docs = (ROOT / "docs" / "inference.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", docs, re.S)
+    assert len(blocks) == 3
+    for number, block in enumerate(blocks):
+        exec(compile(block, f"docs/inference.md block {number}", "exec"), {})
+    out = capsys.readouterr().out
+    assert "torch.Size([4, 64])" in out and "(4, 64)" in out
