@@ -154,3 +154,80 @@ def test_docs_list_every_config_key_with_its_default():
     for entry in keys:
         key, default = entry.split("=", 1)
         assert f"| `{key}` | `{default}` |" in docs, entry
+
+
+def test_search_queries_the_items_of_the_index_by_name(tmp_path, capsys):
+    folder = tmp_path / "run"
+    args = ["train", "--quiet", "--run-dir", str(folder), *TINY, "report.enabled=false"]
+    assert main([*args, "data.test_classes=3"]) == 0
+    names = json.loads((folder / "class_names.json").read_text())
+    assert names == [str(digit) for digit in range(10)]
+    indexed = np.load(folder / "embeddings.npz")["labels"]
+    assert len(np.unique(indexed)) == 3  # the run's sample of the 5 test digits
+    results = tmp_path / "found.json"
+    search = ["search", str(folder), "digits", "--split", "test", "-k", "3", "--limit", "8"]
+    assert main([*search, "--out", str(results)]) == 0
+    found = json.loads(results.read_text())
+    assert len(found) == 24 and set(r["query_label"] for r in found) <= set(indexed.tolist())
+    assert all(r["index"] != int(r["query"][1:]) for r in found)  # never the query itself
+    assert all(r["name"] == names[r["label"]] for r in found)
+    first = [r for r in found if r["rank"] == 1]
+    assert sum(r["label"] == r["query_label"] for r in first) >= 6  # digits are easy
+    out = capsys.readouterr().out
+    assert f"(label {first[0]['query_name']})" in out
+
+    assert main(["search", str(folder), "digits", "--split", "train", "--limit", "1"]) == 0
+    assert "none of its classes" in capsys.readouterr().err
+
+
+def test_feature_table_classes_are_shown_by_name(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 4)) * 4
+    rows = [
+        ",".join(f"{v:.4f}" for v in centres[c] + rng.normal(size=4)) + f",cls{20 + c}"
+        for c in range(8)
+        for _ in range(6)
+    ]
+    table = tmp_path / "table.csv"
+    table.write_text("a,b,c,d,species\n" + "\n".join(rows) + "\n")
+    folder = tmp_path / "run"
+    overrides = [
+        *TINY,
+        "data.name=feature_table",
+        f"data.path={table}",
+        "data.label_column=species",
+        "train.classes_per_batch=4",
+        "train.samples_per_class=2",
+        "eval.k=[1, 2]",
+        "report.enabled=false",
+    ]
+    assert main(["train", "--quiet", "--run-dir", str(folder), *overrides]) == 0
+    assert json.loads((folder / "class_names.json").read_text()) == [
+        f"cls{20 + c}" for c in range(8)
+    ]
+    capsys.readouterr()
+    assert main(["search", str(folder), str(table), "-k", "2", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(label cls2" in out and out.count("  cls2") == 4
+
+
+def test_index_and_embed_do_not_overwrite_without_force(run, capsys):
+    own = (run / "index.npz").read_bytes()
+    assert main(["index", str(run), "digits", "--out", str(run / "index.npz")]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (run / "index.npz").read_bytes() == own
+    assert main(["index", str(run), "digits"]) == 0  # the run's items: as its own index
+    written = run / "index-digits-test.npz"
+    assert len(NeighbourIndex.load(written)) == len(NeighbourIndex.load(run / "index.npz"))
+    assert json.loads((run / "index-digits-test.class_names.json").read_text())[5] == "5"
+    assert main(["index", str(run), "digits"]) == 2
+    assert main(["index", str(run), "digits", "--force"]) == 0
+    assert main(["embed", str(run), "digits"]) == 0
+    data = np.load(run / "embeddings-digits-test.npz")
+    assert data["class_names"].tolist() == [str(digit) for digit in range(10)]
+    assert main(["embed", str(run), "digits"]) == 2
+
+
+def test_evaluate_names_the_classes(run, capsys):
+    assert main(["evaluate", str(run)]) == 0
+    assert "896 items of 5 classes: 5, 6, 7, 8, 9" in capsys.readouterr().out

@@ -84,7 +84,7 @@ def bad_inputs(tmp_path_factory, run) -> dict[str, tuple[subprocess.CompletedPro
         folder = runs / re.sub(r"\W+", "-", name)
         return ["train", *options, "--quiet", "--run-dir", str(folder), *TINY, *overrides]
 
-    images = ("model.name=mlp", "train.classes_per_batch=2", "train.samples_per_class=2")
+    images = ("train.classes_per_batch=2", "train.samples_per_class=2", "eval.k=[1, 2]")
 
     (tmp / "empty" / "a").mkdir(parents=True)
     name = "empty image folder"

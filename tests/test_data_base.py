@@ -137,3 +137,14 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 def test_docs_code_blocks_run(index: int) -> None:
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
     exec(compile(blocks[index], f"docs/data.md block {index}", "exec"), {})
+
+
+def test_class_names_name_every_label_id() -> None:
+    ds = ArrayDataset(torch.zeros(3, 2), [0, 2, 2])
+    assert ds.class_names == ["0", "1", "2"]  # no names: the ids
+    named = ArrayDataset(torch.zeros(3, 2), [0, 2, 2], class_names=["ant", "bee", "cat"])
+    assert [named.class_names[label] for label in named.labels] == ["ant", "cat", "cat"]
+    with pytest.raises(ValueError, match="class_names has 2 names"):
+        ArrayDataset(torch.zeros(3, 2), [0, 2, 2], class_names=["ant", "bee"])
+    digits = load_digits("test")
+    assert digits.class_names == [str(d) for d in range(10)]

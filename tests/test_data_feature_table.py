@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepmetric.data import load_feature_table
+from deepmetric.data import DataError, load_feature_table
 
 
 @pytest.fixture
@@ -162,3 +162,18 @@ def test_column_of_vectors_is_a_feature_block(tmp_path: Path) -> None:
         column[i] = [float(i), 1.0]
     block = _features({"emb": column, "x": np.arange(3)}, tmp_path, ["emb", "x"])
     assert block.tolist() == [[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [2.0, 1.0, 2.0]]
+
+
+def test_class_names_are_the_label_values(csv_file: Path) -> None:
+    ds = load_feature_table(csv_file, label_column="species", split_column="part")
+    assert ds.class_names == ["crow", "jay", "owl", "wren"]
+    assert ds.class_names[ds[1][1]] == "crow"
+
+
+def test_missing_label_column_and_damaged_files_are_data_errors(csv_file: Path, tmp_path) -> None:
+    with pytest.raises(DataError, match=f"{csv_file}: label_column 'label' is not a column"):
+        load_feature_table(csv_file)
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(b"PK\x03\x04 not really a zip file")
+    with pytest.raises(DataError, match=f"{damaged}: cannot read the table"):
+        load_feature_table(damaged)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepmetric.data import ImageFolderDataset, RandomShift, load_image
+from deepmetric.data import DataError, ImageFolderDataset, ImageReadError, RandomShift, load_image
 
 
 def _write_png(path: Path, value: int, size: tuple[int, int] = (6, 5)) -> None:
@@ -130,3 +130,20 @@ def test_bad_arguments(folder: Path) -> None:
         ImageFolderDataset(folder, size=0)
     with pytest.raises(ValueError, match="split"):
         ImageFolderDataset(folder, split="val")
+
+
+def test_class_names_are_the_folder_names(folder: Path) -> None:
+    test = ImageFolderDataset(folder, split="test")
+    assert test.class_names == ["ant", "bee", "cat", "dog", "eel"]
+    assert sorted({test.class_names[label] for label in test.labels}) == ["dog", "eel"]
+
+
+def test_errors_are_data_errors(folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=str(tmp_path / "empty")):
+        ImageFolderDataset(tmp_path / "empty")
+    bad = folder / "ant" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:20])
+    with pytest.raises(ImageReadError, match=str(bad)) as error:
+        load_image(bad)
+    assert isinstance(error.value, OSError) and "\n" not in str(error.value)

@@ -118,3 +118,9 @@ def test_loads_in_under_a_second() -> None:
     everything = load_kanji_fonts("all")
     assert time.process_time() - start < 1.0
     assert len(everything) == everything.num_classes * len(everything.fonts)
+
+
+def test_class_names_are_the_characters() -> None:
+    test = load_kanji_fonts("test")
+    assert test.class_names == list(test.characters)
+    assert test.class_names[int(test.labels[5])] == test.character(5)

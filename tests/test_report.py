@@ -84,3 +84,32 @@ def test_comparison_table():
     assert comparison_table(None, {"map@r": 0.5}).splitlines()[0].split() == ["metric", "after"]
     result = doctest.testmod(deepmetric.report)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_report_shows_class_names(tmp_path):
+    embeddings, labels = _clusters()  # labels 100..105
+    names = [f"id{i}" for i in range(100)] + ["附", "亜", "唖", "娃", "阿", "哀"]
+    pictures = np.random.default_rng(1).random((len(labels), 1, 8, 8))
+    write_report(
+        tmp_path,
+        history=HISTORY,
+        summary=SUMMARY,
+        embeddings=embeddings,
+        labels=labels,
+        images=lambda indices: pictures[indices],
+        class_names=names,
+        queries=3,
+        neighbours=4,
+        map_classes=4,
+    )
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    shown = page.split("embedding_map.png")[-1].split("</figure>")[0]
+    assert sum(name in shown for name in names[100:]) == 4  # the map's classes, by name
+    grid = page.split("example_queries.png")[-1].split("</table>")[0]
+    assert grid.count("<tr><td>") == 3 and "id10" not in grid
+    assert all(any(n in row for n in names[100:]) for row in grid.split("<tr><td>")[1:])
+
+
+def test_class_name():
+    assert deepmetric.report.class_name(np.int64(2), ["a", "b", "c"]) == "c"
+    assert deepmetric.report.class_name(5, ["a"]) == "5"

@@ -11,6 +11,7 @@ import doctest
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,11 +23,14 @@ import pytest
 import torch
 from PIL import Image
 
+from deepmetric.data import DataError
 from deepmetric.models import ConvEmbedder, MLPEmbedder, build_model
 from deepmetric.training.checkpoint import load_checkpoint, load_state, save_checkpoint
+from deepmetric.training.components import build_loss
 from deepmetric.training.config import load_config
-from deepmetric.training.errors import CheckpointError, ConfigError
-from deepmetric.training.run_folder import RunFolder
+from deepmetric.training.data import load_split
+from deepmetric.training.errors import CheckpointError, ConfigError, RunFolderError
+from deepmetric.training.run_folder import MetricsLog, RunFolder
 from deepmetric.training.trainer import TrainState, load_model, train
 
 TINY = [
@@ -332,3 +336,164 @@ def test_models_shapes_and_normalisation():
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# Faults that must not lose work, and component filling that the user controls (issue 10).
+
+
+def test_resume_without_checkpoint_is_refused_and_restart_keeps_the_log(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run, quiet=True)
+    (run / "checkpoints" / "last.pt").unlink()
+    log = (run / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=r"last\.pt is missing.*--restart"):
+        train(tiny(), run, resume=True, quiet=True)
+    assert (run / "metrics.jsonl").read_text() == log
+    with pytest.raises(ConfigError, match="no checkpoint: start it again with .*--restart"):
+        train(tiny(), run, quiet=True)
+    summary = train(tiny(), run, resume=True, restart=True, quiet=True)
+    assert summary["steps"] == 6
+    assert (run / "metrics-1.jsonl").read_text() == log
+    assert [r["step"] for r in RunFolder(run).history()] == [2, 4, 6, 6]
+
+
+def test_torn_last_log_line_is_dropped_on_resume(tmp_path, uninterrupted):
+    run = tmp_path / "killed"
+
+    def kill(state: TrainState) -> None:
+        if state.step == 11:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny(*RESUMABLE), run, quiet=True, on_step=kill)
+    with (run / "metrics.jsonl").open("a") as log:
+        log.write('{"event": "train", "epoch": 2, "step": 1')  # a kill during a write
+    with pytest.warns(UserWarning, match="torn last line"):
+        train(tiny(*RESUMABLE), run, resume=True, quiet=True)
+    _assert_same_run(uninterrupted, run)
+
+
+def test_damaged_log_line_before_the_last_names_the_line(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.metrics.write_text('{"event": "eval", "step": 0}\n{"event": "tr\n{"step": 2}\n')
+    with pytest.raises(RunFolderError, match=r"metrics\.jsonl: line 2 is damaged"):
+        folder.history()
+
+
+def test_each_log_record_is_one_write_of_its_whole_line(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path)
+    log = MetricsLog(folder)
+    writes = []
+    real_write = os.write
+
+    def record_write(descriptor: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(os, "write", record_write)
+    log.write({"event": "train", "epoch": 1, "step": 2, "loss": 0.5})
+    log.write({"event": "train", "epoch": 1, "step": 4, "loss": 0.25})
+    log.close()
+    assert writes == folder.metrics.read_bytes().splitlines(keepends=True)
+    assert [r["step"] for r in folder.history()] == [2, 4]
+
+
+def test_optional_class_arguments_are_filled_only_on_request(tmp_path):
+    assert build_loss("MarginLoss", {}, None, num_classes=5, embedding_dim=16).beta.shape == ()
+    per_class = build_loss("MarginLoss", {"num_classes": "auto"}, None, 5, 16)
+    assert per_class.beta.shape == (5,)
+    assert build_loss("MarginLoss", {"num_classes": None}, None, 5, 16).beta.shape == ()
+    proxies = build_loss("ProxyAnchorLoss", {}, None, 5, 16)  # required: always filled
+    assert tuple(proxies.proxies.shape) == (5, 16)
+    with pytest.raises(ConfigError, match="loss.params.num_classes=auto"):
+        load_config(overrides=["loss.name=ArcFaceLoss", "loss.params.num_classes=null"])
+    run = tmp_path / "run"
+    train(
+        tiny("loss.name=MarginLoss", "loss.params={num_classes: auto, learn_beta: true}"),
+        run,
+        quiet=True,
+    )
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["loss"]["beta"].shape == (5,)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["loss.name=ArcFaceLoss", "loss.distance=EuclideanDistance"], "loss.distance"),
+        (["loss.name=TripletMarginLoss", "loss.params.margin=-1"], "loss.params.margin"),
+        (["loss.name=CosFaceLoss", "loss.params.scale=.nan"], "loss.params.scale"),
+    ],
+)
+def test_values_a_component_refuses_are_config_errors_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(overrides=overrides)
+
+
+def _images(root: Path, classes: int = 4, per_class: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        (root / f"c{label}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (rng.random((8, 8)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"c{label}" / f"{i}.png")
+    return root
+
+
+IMAGES = (
+    "data.name=image_folder",
+    "train.classes_per_batch=2",
+    "train.samples_per_class=2",
+    "eval.k=[1, 2]",
+)
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="has no images"):
+        train(tiny(*IMAGES, f"data.path={tmp_path / 'empty'}"), tmp_path / "r1", quiet=True)
+    assert not (tmp_path / "r1").exists()
+
+    images = _images(tmp_path / "images")
+    good = (images / "c3" / "1.png").read_bytes()
+    (images / "c3" / "1.png").write_bytes(good[: len(good) // 2])  # read by the first evaluation
+    config = tiny(*IMAGES, f"data.path={images}", "eval.before_training=true")
+    with pytest.raises(DataError, match=re.escape(str(images / "c3" / "1.png"))):
+        train(config, tmp_path / "r2", quiet=True)
+    assert not (tmp_path / "r2").exists()
+    (tmp_path / "r3").mkdir()  # a folder the user made is kept, emptied of what the run wrote
+    with pytest.raises(DataError):
+        train(config, tmp_path / "r3", quiet=True)
+    assert (tmp_path / "r3").is_dir() and not list((tmp_path / "r3").iterdir())
+    (images / "c3" / "1.png").write_bytes(good)
+    assert train(config, tmp_path / "r2", quiet=True)["steps"] == 6  # the same call again
+
+
+def test_run_folder_keeps_the_class_names(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run, quiet=True)
+    assert json.loads((run / "class_names.json").read_text()) == [str(d) for d in range(10)]
+    assert RunFolder(run).load_class_names() == [str(d) for d in range(10)]
+
+
+def test_split_all_holds_the_train_and_test_draws():
+    data = tiny("data.train_classes=2", "data.test_classes=3").data
+    train_set, test_set, both = (load_split(data, split) for split in ("train", "test", "all"))
+    assert set(np.unique(both.labels)) == set(np.unique(train_set.labels)) | set(
+        np.unique(test_set.labels)
+    )
+    assert len(np.unique(both.labels)) == 5 and len(both) == len(train_set) + len(test_set)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [MLPEmbedder(64, 8, hidden_dims=(16,)), ConvEmbedder(1, 8, channels=(4, 8))],
+    ids=["mlp", "cnn"],
+)
+def test_embedders_compile_with_torchscript(model):
+    model.eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(scripted(x), model(x))
+    if isinstance(model, ConvEmbedder):
+        with pytest.raises(Exception, match=r"\(N, C, H, W\)"):
+            scripted(torch.randn(3, 64))

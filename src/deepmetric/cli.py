@@ -172,7 +172,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.data is None:
         dataset = load_split(config.data, _split(args, config))
     else:
-        dataset = data_from_spec(args.data, args.split or "all", config.data)
+        own = is_run_data(args.data, config.data)  # the run's items, or all of another set
+        dataset = data_from_spec(
+            args.data, _split(args, config) if own else args.split or "all", config.data
+        )
     metrics = evaluate_embeddings(_embed(model, config, dataset), dataset.labels, config.eval)
     print(format_table(metrics, title=f"{args.checkpoint} checkpoint of {run.root}"))
     classes = np.unique(dataset.labels)

@@ -318,6 +318,13 @@ def _build(config: Config) -> _Parts:
             f"of {config.data.name} has {len(classes)} classes: set train.classes_per_batch="
             f"{len(classes)} or fewer"
         )
+    largest_k = max(config.eval.k) if "recall@k" in config.eval.metrics else 0
+    if largest_k > len(eval_set) - 1:
+        raise ConfigError(
+            f"eval.k={config.eval.k} asks for Recall@{largest_k} but the {config.eval.split} "
+            f"split has {len(eval_set)} items (each query has {len(eval_set) - 1} others): set "
+            f"eval.k to values of at most {len(eval_set) - 1}"
+        )
     try:
         sampler = PKBatchSampler(
             train_set.labels,
