@@ -99,7 +99,7 @@ def distillation_logits(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The floor's logits distilled towards a fixed teacher's (T = 4)."""
     logits = x @ _class_weights(x.shape[1]).T
     teacher = _teacher(len(x))
-    return distillation.distillation_loss(logits, teacher, temperature=4.0)
+    return distillation.distillation_loss(logits, teacher_logits=teacher, temperature=4.0)
 
 
 @functools.cache
