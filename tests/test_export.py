@@ -161,3 +161,13 @@ def test_bad_arguments(run):
         export_run(run, "torchscript", tolerance=-1.0)
     with pytest.raises(ValueError, match="check_items must be a positive integer"):
         export_run(run, "torchscript", check_items=0)
+
+
+def test_export_needs_the_runs_data(run, monkeypatch, tmp_path):
+    def gone() -> None:
+        raise FileNotFoundError("table.csv does not exist")
+
+    monkeypatch.setattr(run, "items", gone)
+    with pytest.raises(ExportError, match="the check needs the items .* table.csv does not"):
+        export_run(run, "torchscript", tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()

@@ -127,6 +127,10 @@ def test_embed_accepts_paths_pil_images_arrays_and_batches(digits_run, tmp_path)
     np.testing.assert_allclose(digits_run.embed(Image.open(path)), expected, atol=1e-6)
     np.testing.assert_allclose(digits_run.embed(pixels[None]), expected, atol=1e-6)  # uint8
     np.testing.assert_allclose(digits_run.embed(quantised.numpy()), expected, atol=1e-6)
+    reversed_rows = np.repeat(quantised.numpy()[None], 2, axis=0)[::-1]  # negative strides
+    np.testing.assert_allclose(
+        digits_run.embed(reversed_rows), np.repeat(expected, 2, 0), atol=1e-6
+    )
     mixed = digits_run.embed([path, quantised, pixels[None]])
     np.testing.assert_allclose(mixed, np.repeat(expected, 3, axis=0), atol=1e-6)
     # a larger RGB image is converted to grey and resized as load_image does

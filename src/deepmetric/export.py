@@ -116,7 +116,10 @@ def export_run(
     out = Path(out) if out is not None else run.root / _FILE_NAMES[format]
     model = copy.deepcopy(run.model).cpu().float().eval()
 
-    items = run.items()
+    try:
+        items = run.items()
+    except (OSError, ValueError) as error:  # the run's data moved, or the index is other data
+        raise ExportError(f"the check needs the items of the run's index: {error}") from error
     rows = np.unique(np.linspace(0, len(items) - 1, min(check_items, len(items))).astype(int))
     inputs = gather(items, rows)
     with torch.inference_mode():

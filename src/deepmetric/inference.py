@@ -376,7 +376,10 @@ class Run:
 
     def _tensor(self, x: torch.Tensor | np.ndarray, batch: bool) -> torch.Tensor:
         """A tensor or array as a float32 batch (N, *input_shape)."""
-        x = torch.from_numpy(np.asarray(x)) if isinstance(x, np.ndarray) else x.detach().cpu()
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        else:
+            x = x.detach().cpu()
         if x.dtype == torch.bool or x.is_complex():
             raise TypeError(f"inputs must hold real numbers, got dtype {x.dtype}")
         if x.dtype == torch.uint8 and self.takes_images:
