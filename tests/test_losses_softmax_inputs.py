@@ -428,3 +428,11 @@ def test_functions_return_stats():
 def test_repr_lists_hyper_parameters_once():
     text = repr(losses.ArcFaceLoss(3, 4, margin=0.3))
     assert "margin=0.3" in text and "scale=64.0" in text and text.count(" margin=") == 1
+
+
+@pytest.mark.parametrize("name", ["lr", "loss_lr", "weight_decay", "loss_weight_decay"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_param_groups_reject_non_finite_rates(name, bad):
+    model, loss_fn = torch.nn.Linear(3, 4), losses.ProxyAnchorLoss(3, 4)
+    with pytest.raises(ValueError, match=name):
+        losses.param_groups(model, loss_fn, **{"lr": 0.1, name: bad})

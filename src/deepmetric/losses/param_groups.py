@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from deepmetric._validation import check_positive
+
 
 def param_groups(
     model: nn.Module,
@@ -34,8 +36,8 @@ def param_groups(
     Args:
         model: the embedding network.
         loss: the loss module (its parameters: proxies, class weights, ...).
-        lr: the model's learning rate, > 0.
-        loss_lr: the loss's learning rate, > 0 (default: lr).
+        lr: the model's learning rate, > 0 and finite.
+        loss_lr: the loss's learning rate, > 0 and finite (default: lr).
         weight_decay: the model's weight decay, >= 0.
         loss_weight_decay: the loss's weight decay, >= 0 (default 0: decaying proxies
             shrinks them toward the origin, which normalised losses do not need).
@@ -49,13 +51,10 @@ def param_groups(
         >>> [g["lr"] for g in optimizer.param_groups]
         [0.0001, 0.01]
     """
-    loss_lr = lr if loss_lr is None else loss_lr
-    for name, value in (("lr", lr), ("loss_lr", loss_lr)):
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-    for name, value in (("weight_decay", weight_decay), ("loss_weight_decay", loss_weight_decay)):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    lr = check_positive(lr, "lr")
+    loss_lr = lr if loss_lr is None else check_positive(loss_lr, "loss_lr")
+    weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
+    loss_weight_decay = check_positive(loss_weight_decay, "loss_weight_decay", allow_zero=True)
     model_params = [p for p in model.parameters() if p.requires_grad]
     loss_params = [p for p in loss.parameters() if p.requires_grad]
     shared = {id(p) for p in model_params} & {id(p) for p in loss_params}
