@@ -342,8 +342,7 @@ class NeighbourIndex:
             np.ascontiguousarray(idx), np.ascontiguousarray(dist), neighbour_labels, self.metric
         )
 
-    @staticmethod
-    def _checked_exclude(exclude: Any, num_queries: int) -> np.ndarray:
+    def _checked_exclude(self, exclude: Any, num_queries: int) -> np.ndarray:
         if isinstance(exclude, torch.Tensor):
             exclude = exclude.detach().cpu().numpy()
         exclude = np.asarray(exclude)
@@ -352,7 +351,13 @@ class NeighbourIndex:
                 f"exclude must be ({num_queries},) integers, one reference position per query, "
                 f"got shape {exclude.shape} and dtype {exclude.dtype}"
             )
-        return exclude.astype(np.int64)
+        exclude = exclude.astype(np.int64)
+        if len(exclude) and (exclude.min() < -1 or exclude.max() >= self.ntotal):
+            raise ValueError(
+                f"exclude holds positions outside [-1, {self.ntotal - 1}]; give each query the "
+                "position of a stored reference, or -1 for none"
+            )
+        return exclude
 
     def save(self, path: str | Path) -> None:
         """Write the index, its labels and its settings to one ``.npz`` file.

@@ -113,7 +113,15 @@ def check_average(average: str) -> str:
 
 def check_ks(k: Any, name: str = "k") -> tuple[int, ...]:
     """Return ``k`` (an int or a sequence of ints >= 1) as a sorted tuple without repeats."""
-    values = [k] if isinstance(k, (int, np.integer)) else list(k)
+    if isinstance(k, (int, np.integer)):
+        values = [k]
+    else:
+        try:
+            values = list(k)
+        except TypeError:
+            raise ValueError(
+                f"{name} must be an integer >= 1 or a sequence of them, got {k!r}"
+            ) from None
     if not values:
         raise ValueError(f"{name} is empty; pass at least one K, e.g. {name}=(1, 2, 4, 8)")
     for value in values:
@@ -128,3 +136,10 @@ def equal_labels(left: np.ndarray, right: np.ndarray) -> np.ndarray:
         return left == right
     _, (left_codes, right_codes) = encode_labels(left.ravel(), right.ravel())
     return left_codes.reshape(left.shape) == right_codes.reshape(right.shape)
+
+
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int if it is an integer >= ``minimum``; raise naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

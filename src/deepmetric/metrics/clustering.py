@@ -9,13 +9,13 @@ import torch
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from deepmetric import index as _index
-from deepmetric.metrics._inputs import as_embeddings, as_labels, encode_labels
+from deepmetric.metrics._inputs import as_embeddings, as_labels, check_count, encode_labels
 
 __all__ = ["clustering_scores", "kmeans", "kmeans_plus_plus"]
 
 
 def kmeans_plus_plus(
-    embeddings: np.ndarray, num_clusters: int, *, seed: int = 0, sample_size: int | None = None
+    embeddings: Any, num_clusters: int, *, seed: int = 0, sample_size: int | None = None
 ) -> np.ndarray:
     """k-means++ seeds (Arthur, Vassilvitskii 2007) drawn from a seeded subsample.
 
@@ -28,6 +28,15 @@ def kmeans_plus_plus(
         ...                                                                    [[9.0], [0.0]])
         True
     """
+    embeddings = as_embeddings(embeddings, "embeddings")
+    if not 1 <= num_clusters <= len(embeddings):
+        raise ValueError(
+            f"num_clusters must be between 1 and {len(embeddings)} (the number of points), "
+            f"got {num_clusters}"
+        )
+    check_count(seed, "seed", minimum=0)
+    if sample_size is not None:
+        check_count(sample_size, "sample_size", minimum=num_clusters)
     rng = np.random.default_rng(seed)
     size = min(len(embeddings), sample_size or max(16 * num_clusters, 10_000))
     rows = np.arange(len(embeddings))
@@ -79,6 +88,7 @@ def kmeans(
     x = as_embeddings(embeddings, "embeddings")
     if not 1 <= num_clusters <= len(x):
         raise ValueError(f"num_clusters must be between 1 and {len(x)}, got {num_clusters}")
+    check_count(num_iterations, "num_iterations")
     faiss = _index._load_faiss()
     if faiss is None:
         from sklearn.cluster import KMeans

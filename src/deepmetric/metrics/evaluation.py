@@ -22,7 +22,7 @@ from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_s
 
 from deepmetric.index import NeighbourIndex
 from deepmetric.index_backends import BLOCK_ENTRIES, block_distances
-from deepmetric.metrics._inputs import as_embeddings, check_average, check_ks
+from deepmetric.metrics._inputs import as_embeddings, check_average, check_count, check_ks
 from deepmetric.metrics.clustering import kmeans
 from deepmetric.metrics.diagnostics import _diagnostics
 from deepmetric.metrics.knn import knn_predict
@@ -430,6 +430,10 @@ def evaluate(
     check_average(average)
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    check_count(num_pairs, "num_pairs")
+    check_count(seed, "seed", minimum=0)
+    if chunk_size is not None:
+        check_count(chunk_size, "chunk_size")
     query, reference, exclude_self, judge = _checked_inputs(
         query, query_labels, reference, reference_labels, relevance, distance
     )

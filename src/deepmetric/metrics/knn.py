@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from deepmetric.metrics._inputs import check_ks, equal_labels
+from deepmetric.metrics._inputs import as_labels, check_ks, equal_labels
 from deepmetric.metrics.labels import is_multi_hot
 from deepmetric.metrics.retrieval import average_over_queries
 from deepmetric.neighbours import Neighbours
@@ -90,14 +90,7 @@ def knn_accuracy(
     (k,) = check_ks(k)
     if is_multi_hot(query_labels):
         raise ValueError(_ONE_CLASS)
-    if hasattr(query_labels, "detach"):
-        query_labels = query_labels.detach().cpu().numpy()
-    query_labels = np.asarray(query_labels)
-    if query_labels.shape != (neighbours.num_queries,):
-        raise ValueError(
-            f"query_labels has shape {query_labels.shape} but neighbours has "
-            f"{neighbours.num_queries} queries"
-        )
+    query_labels = as_labels(query_labels, neighbours.num_queries, "query_labels", "neighbours")
     predicted = knn_predict(neighbours, k)
     correct = equal_labels(predicted, query_labels) & (neighbours.indices[:, 0] >= 0)
     return average_over_queries(correct, query_labels, valid, average)

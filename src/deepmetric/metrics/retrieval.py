@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from deepmetric.metrics._inputs import check_average, check_ks, encode_labels, equal_labels
+from deepmetric.metrics._inputs import (
+    as_labels,
+    check_average,
+    check_ks,
+    encode_labels,
+    equal_labels,
+)
 from deepmetric.metrics.labels import SharedLabelRelevance, as_label_rows, is_multi_hot
 from deepmetric.neighbours import Neighbours
 
@@ -40,10 +46,13 @@ __all__ = [
 ]
 
 
-def _labels_array(labels: Any) -> np.ndarray:
-    if hasattr(labels, "detach"):
-        labels = labels.detach().cpu().numpy()
-    return np.asarray(labels)
+def _labels_array(
+    labels: Any, name: str, num_rows: int | None = None, rows_name: str = ""
+) -> np.ndarray:
+    """Checked 1-D class labels (integers, booleans or strings; never floats)."""
+    if num_rows is None:
+        num_rows, rows_name = len(labels), name
+    return as_labels(labels, num_rows, name, rows_name)
 
 
 def _num_rows(labels: Any) -> int:
@@ -84,8 +93,8 @@ def count_relevant(
             reference_labels, _num_rows(reference_labels), "reference_labels", "it"
         )
     else:
-        query_labels = _labels_array(query_labels)
-        reference_labels = _labels_array(reference_labels)
+        query_labels = _labels_array(query_labels, "query_labels")
+        reference_labels = _labels_array(reference_labels, "reference_labels")
     num_queries, num_reference = query_labels.shape[0], reference_labels.shape[0]
     if exclude_self and num_queries != num_reference:
         raise ValueError(
@@ -136,12 +145,7 @@ def relevance(neighbours: Neighbours, query_labels: Any) -> np.ndarray:
         neighbour_rows = neighbours.labels.astype(bool)
         shared = np.einsum("qkl,ql->qk", neighbour_rows, rows, dtype=np.int64) > 0
         return shared & (neighbours.indices >= 0)
-    query_labels = _labels_array(query_labels)
-    if query_labels.shape != (neighbours.num_queries,):
-        raise ValueError(
-            f"query_labels has shape {query_labels.shape} but neighbours has "
-            f"{neighbours.num_queries} queries"
-        )
+    query_labels = _labels_array(query_labels, "query_labels", neighbours.num_queries, "neighbours")
     return equal_labels(neighbours.labels, query_labels[:, None]) & (neighbours.indices >= 0)
 
 
@@ -216,7 +220,13 @@ def average_over_queries(
     """
     check_average(average)
     values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, one number per query, got shape {values.shape}")
     valid = np.ones(len(values), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    if valid.shape != values.shape:
+        raise ValueError(f"valid has shape {valid.shape} but values has shape {values.shape}")
+    if not np.isfinite(values[valid]).all():
+        raise ValueError("values contains NaN or inf for a query counted by valid")
     if not valid.any():
         return float("nan")
     if average == "micro":
@@ -231,7 +241,8 @@ def average_over_queries(
         sums = rows.T.astype(np.float64) @ values[valid]
         counts = np.diff(rows.tocsc().indptr)
     else:
-        _, (codes,) = encode_labels(_labels_array(query_labels)[valid])
+        labels = _labels_array(query_labels, "query_labels", len(values), "values")
+        _, (codes,) = encode_labels(labels[valid])
         sums = np.bincount(codes, weights=values[valid])
         counts = np.bincount(codes)
     if not (counts > 0).any():
@@ -367,7 +378,7 @@ def retrieval_scores(
     if is_multi_hot(query_labels):
         groups = as_label_rows(query_labels, len(rel), "query_labels", "neighbours")
     else:
-        groups = _labels_array(query_labels).copy()
+        groups = _labels_array(query_labels, "query_labels", len(rel), "neighbours").copy()
     return scores_from_relevance(rel, num_relevant, ks, groups)
 
 

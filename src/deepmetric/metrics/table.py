@@ -26,6 +26,8 @@ def format_table(
         recall@1     0.5000
         num_queries  10
     """
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
+        raise ValueError(f"digits must be an integer >= 0, got {digits!r}")
     cells = [
         (name, f"{value:.{digits}f}" if isinstance(value, float) else str(value))
         for name, value in results.items()

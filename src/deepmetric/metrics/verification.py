@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from deepmetric.metrics._inputs import check_count
+
 __all__ = ["sample_pairs", "verification_metrics"]
 
 
@@ -89,6 +91,16 @@ def verification_metrics(
     return out
 
 
+def _as_codes(labels: Any, name: str) -> np.ndarray:
+    labels = _as_1d(labels, name)
+    if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+        raise ValueError(
+            f"{name} must be non-negative integer class codes (dtype {labels.dtype} given); "
+            "map labels to codes first, e.g. np.unique(labels, return_inverse=True)[1]"
+        )
+    return labels.astype(np.int64)
+
+
 def sample_pairs(
     query_labels: np.ndarray,
     reference_labels: np.ndarray,
@@ -120,6 +132,15 @@ def sample_pairs(
         >>> same.tolist()
         [True, True, False, False]
     """
+    query_labels = _as_codes(query_labels, "query_labels")
+    reference_labels = _as_codes(reference_labels, "reference_labels")
+    check_count(num_pairs, "num_pairs")
+    check_count(seed, "seed", minimum=0)
+    if exclude_self and len(query_labels) != len(reference_labels):
+        raise ValueError(
+            f"exclude_self needs the queries to be the reference set, but query_labels has "
+            f"{len(query_labels)} entries and reference_labels {len(reference_labels)}"
+        )
     rng = np.random.default_rng(seed)
     order = np.argsort(reference_labels, kind="stable")
     counts = np.bincount(reference_labels, minlength=int(query_labels.max(initial=0)) + 1)
