@@ -75,16 +75,26 @@ print("deepmetric modules:", [m for m in sys.modules if m.split(".")[0] == "deep
 """
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def run(request, tmp_path_factory) -> Run:
-    folder = tmp_path_factory.mktemp("export") / request.param
-    args = ["train", "--quiet", "--run-dir", str(folder), *TINY, *MODELS[request.param]]
-    assert main(args) == 0
+def train(folder, model: str) -> Run:
+    assert main(["train", "--quiet", "--run-dir", str(folder), *TINY, *MODELS[model]]) == 0
     return load_run(folder, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    """The MLP run, which most tests use."""
+    return train(tmp_path_factory.mktemp("export") / "mlp", "mlp")
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory) -> Run:
+    return train(tmp_path_factory.mktemp("export") / "cnn", "cnn")
+
+
 @pytest.mark.parametrize("kind", ["torchscript", "onnx"])
-def test_export_matches_pytorch_and_runs_without_deepmetric(run, kind, tmp_path, capsys):
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_export_matches_pytorch_and_runs_without_deepmetric(request, model, kind, tmp_path, capsys):
+    run = request.getfixturevalue("run" if model == "mlp" else "cnn_run")
     out = tmp_path / f"model.{kind}"
     code = main(["export", str(run.root), "--format", kind, "--out", str(out)])
     printed = capsys.readouterr().out
