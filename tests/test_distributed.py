@@ -34,6 +34,9 @@ FAMILIES = {
     "proxy_nca": (lambda: losses.ProxyNCALoss(NUM_CLASSES, DIM), None),
     "proxy_anchor": (lambda: losses.ProxyAnchorLoss(NUM_CLASSES, DIM), None),
     "normalized_softmax": (lambda: losses.NormalizedSoftmaxLoss(NUM_CLASSES, DIM), None),
+    # centres moved by the paper's rule (replicated only) and learned centres (both modes)
+    "center": (lambda: losses.CenterLoss(NUM_CLASSES, DIM), None),
+    "center_learned": (lambda: losses.CenterLoss(NUM_CLASSES, DIM, alpha=None), None),
 }
 
 # Row counts per rank and the labels of the global batch (rank 0's rows first).

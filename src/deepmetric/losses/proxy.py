@@ -470,6 +470,15 @@ class CenterLoss(ClassifierLoss):
     distances = NOT_SIMILARITY
     center_weight = HyperParameter(check_non_negative)
     alpha = HyperParameter(_check_optional_rate)
+    local_anchor_reason = (
+        "with alpha, the centres move by the paper's rule from the rows of the call, so each "
+        "rank would move them by its own rows; use alpha=None (learned centres)"
+    )
+
+    @property
+    def local_anchor_supported(self) -> bool:
+        """Only with learned centres (alpha=None): moved centres would differ per rank."""
+        return self.alpha is None
 
     def __init__(
         self,
