@@ -436,3 +436,19 @@ def test_param_groups_reject_non_finite_rates(name, bad):
     model, loss_fn = torch.nn.Linear(3, 4), losses.ProxyAnchorLoss(3, 4)
     with pytest.raises(ValueError, match=name):
         losses.param_groups(model, loss_fn, **{"lr": 0.1, name: bad})
+
+
+def test_item_ids_are_accepted_and_checked():
+    """The keyword-only query_ids of every loss: checked, no effect (rows are compared with
+    class vectors only); ref_ids has nothing to refer to."""
+    torch.manual_seed(0)
+    loss_fn = losses.CosFaceLoss(3, 4).eval()
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    torch.testing.assert_close(
+        loss_fn(x, y, query_ids=torch.tensor([7, 7, 1, 2, 3])), loss_fn(x, y)
+    )
+    with pytest.raises(ValueError, match="query_ids"):
+        loss_fn(x, y, query_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="ref_ids"):
+        loss_fn(x, y, ref_ids=torch.arange(5))
+    assert not losses.DistillationLoss.local_anchor_supported

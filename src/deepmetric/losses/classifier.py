@@ -51,6 +51,7 @@ from deepmetric._validation import (
     check_batch,
     check_count,
     check_interval,
+    check_labels,
     check_positive,
 )
 from deepmetric.distances import BaseDistance, CosineSimilarity, SquaredEuclideanDistance
@@ -322,6 +323,18 @@ def reduce_rows(
 # ---------------------------------------------------------------- modules
 
 
+def _check_ids(query_ids: object, ref_ids: object, embeddings: Tensor) -> None:
+    """Item ids, accepted like every loss's: rows are never paired with each other here (each
+    is compared with the class vectors only), so `query_ids` is checked and has no effect."""
+    if ref_ids is not None:
+        raise ValueError(
+            "ref_ids is not used by proxy and classifier losses: they have no reference rows "
+            "(the reference set is the learned class vectors); leave it out"
+        )
+    if query_ids is not None and isinstance(embeddings, Tensor):
+        check_labels(query_ids, len(embeddings), "query_ids")
+
+
 _NOT_HYPER = ("distance", "reduction", "return_stats")
 
 
@@ -333,7 +346,8 @@ class ClassifierLoss(MetricLoss):
     its hyper-parameters as `HyperParameter`s. Every keyword-only argument of `function`
     that the class has as an attribute is passed from it on each call; `update` runs after
     each training-mode call (schedules, centre updates). `stats` holds the stats of the
-    last call.
+    last call. The call takes the keyword-only `query_ids` of every loss (checked; no effect,
+    since rows are compared with class vectors, never with each other).
 
     Args:
         num_classes: C, the number of classes; labels must lie in [0, C).
@@ -400,7 +414,11 @@ class ClassifierLoss(MetricLoss):
         indices_tuple: tuple | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        query_ids: Tensor | None = None,
+        ref_ids: Tensor | None = None,
     ) -> Tensor:
+        _check_ids(query_ids, ref_ids, embeddings)
         loss, self.stats = type(self).function(
             embeddings,
             labels,

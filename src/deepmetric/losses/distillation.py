@@ -261,7 +261,11 @@ class DistillationLoss(nn.Module):
         8
     """
 
-    local_anchor_supported = True
+    local_anchor_supported = False
+    local_anchor_reason = (
+        "the teacher's outputs are keyword arguments (teacher_emb) that a distributed "
+        "wrapper does not gather or split; compute it on each rank's rows and average"
+    )
     temperature = HyperParameter(check_positive)
     hard_label_weight = HyperParameter(check_weight)
     reduction = HyperParameter(lambda value, name: check_reduction(value))
