@@ -305,18 +305,6 @@ def arcface_loss(
     return reduce_rows(terms, batch, reduction, return_stats)
 
 
-class _CountsSteps:
-    """Mixin: a step counter kept in the module's state_dict (as extra state)."""
-
-    num_steps: int = 0
-
-    def get_extra_state(self) -> dict:
-        return {"num_steps": self.num_steps}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.num_steps = int(state["num_steps"])
-
-
 class NormalizedSoftmaxLoss(ClassifierLoss):
     """Normalised softmax with temperature (Zhai & Wu 2018); see `normalized_softmax_loss`.
 
