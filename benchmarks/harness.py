@@ -61,11 +61,11 @@ def _run(case: Case, x: torch.Tensor, labels: torch.Tensor) -> None:
         case(x, labels).backward()
 
 
-def _child(case: Case, n: int, dim: int, repeats: int, queue: mp.Queue) -> None:
+def _child(case: Case, n: int, dim: int, repeats: int, queue: mp.Queue, layout=None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     embeddings = torch.randn(n, dim)
-    labels = pk_labels(n)
+    labels = (layout or pk_labels)(n)
     warm = embeddings[:64].clone().requires_grad_()
     _run(case, warm, labels[:64])
     x = embeddings.clone().requires_grad_()
@@ -86,12 +86,20 @@ def _child(case: Case, n: int, dim: int, repeats: int, queue: mp.Queue) -> None:
     queue.put((statistics.median(times), max(peak - before, 0) / 1024))
 
 
-def measure(case: Case, n: int, dim: int = 128, repeats: int = 3, timeout: float = 300):
+def measure(
+    case: Case,
+    n: int,
+    dim: int = 128,
+    repeats: int = 3,
+    timeout: float = 300,
+    layout: Callable[[int], torch.Tensor] | None = None,
+):
     """(median CPU seconds, peak extra MiB) of case forward+backward (forward alone for a
-    `forward_only` case), or None on timeout/crash."""
+    `forward_only` case), or None on timeout/crash. `layout(n)` gives the labels (default
+    `pk_labels`); it must be a module-level function (it is sent to a fresh process)."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(case, n, dim, repeats, queue))
+    process = context.Process(target=_child, args=(case, n, dim, repeats, queue, layout))
     process.start()
     process.join(timeout)
     if process.is_alive():

@@ -101,7 +101,7 @@ class PairMarginMiner(BaseMiner):
         values = matrix.gather(1, positives.index)
         violated = positives.valid & (self.distance.margin(values, self.pos_margin) > 0)
         anchor1 = _row_numbers(positives.index).expand_as(violated)[violated]
-        columns, has_same = relation.same_columns()
+        columns, has_same = relation.same_columns(slice(0, relation.num_query))
         anchor2, negative = [], []
         compare = torch.gt if self.distance.is_inverted else torch.lt
         blocks = RowBlocks(*matrix.shape, passes=True)
@@ -245,7 +245,7 @@ class DistanceWeightedMiner(BaseMiner):
 
     def mine(self, matrix, batch, relation):
         positives = relation.positives
-        columns, has_same = relation.same_columns()
+        columns, has_same = relation.same_columns(slice(0, relation.num_query))
         has_negative = relation.num_negatives > 0
         dim = batch.embeddings.shape[1]
         blocks = RowBlocks(*matrix.shape, passes=True)
@@ -333,7 +333,7 @@ def _row_numbers(table: Tensor) -> Tensor:
 def _exclude_same_label_(matrix: Tensor, relation: Relation, distance: BaseDistance) -> Tensor:
     """Overwrite the entries that are not negatives with the farthest value (+inf, -inf for
     similarities)."""
-    columns, has_same = relation.same_columns()
+    columns, has_same = relation.same_columns(slice(0, relation.num_query))
     farthest = -math.inf if distance.is_inverted else math.inf
     return fill_same_label_(matrix, columns, has_same, farthest)
 

@@ -31,13 +31,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
 from deepmetric._validation import CheckedBatch, check_batch, check_same_device
-from deepmetric.tuples import PositiveLists, positive_lists
+from deepmetric.tuples import PositiveLists
 
 __all__ = [
     "Relation",
@@ -149,98 +147,254 @@ def check_pair_batch(
     return batch._replace(labels=labels, ref_labels=ref_labels), ids
 
 
-class Relation(NamedTuple):
-    """Positive and non-negative pairs of a batch against its reference set.
+ROW_BLOCK_ELEMENTS = 1 << 22
+"""Entries of a (rows, M) block when the relation is built or scanned block by block."""
 
-    `positives`: each query row's positive columns (N, K). `non_negatives`: each row's
-    columns that are not negatives (related, or the same item), valid slots first.
-    `num_negatives`: (N,) negatives per row. `ids`: (query_ids, ref_ids) or None.
+
+class Relation:
+    """Positive and negative pairs of a batch (N rows) against its reference set (M rows).
+
+    Built by `build_relation` from class ids, multi-hot label sets or an explicit relevance
+    matrix, and from the item ids. Nothing of size N x K or N x M is stored: the lists and
+    masks of a block of query rows are made when asked for, in O(rows x K) from the class
+    table (class ids) or O(rows x M) from the labels (multi-hot, relevance); only the (N,)
+    counts are kept.
+
+    - `positive_rows(rows)` / `non_negative_rows(rows)`: (R, K) column lists, valid slots
+      first (non-negatives: related, or the same item);
+    - `positive_mask(rows)`, `negative_mask(rows)`, `non_negative_mask(rows)`, `pair_mask(rows)`:
+      dense (R, M) masks;
+    - `positive_weights(rows, lists)`: (R, K) weights of the listed positives (1 for class
+      ids; the Jaccard overlap |A & B| / |A | B| for multi-hot; the relevance values);
+    - `positive_count`, `num_negatives`: (N,) counts; `positives`: the lists of every row.
     """
 
-    positives: PositiveLists
-    non_negatives: PositiveLists
-    num_negatives: Tensor
-    ids: tuple[Tensor, Tensor] | None
-    num_ref: int
+    def __init__(
+        self,
+        num_query: int,
+        num_ref: int,
+        ids: tuple[Tensor, Tensor] | None,
+        device: torch.device,
+        *,
+        classes: tuple[Tensor, Tensor] | None = None,
+        multi_hot: tuple[Tensor, Tensor] | None = None,
+        relevance: Tensor | None = None,
+    ) -> None:
+        self.num_query, self.num_ref, self.ids, self.device = num_query, num_ref, ids, device
+        self._multi_hot, self._relevance = multi_hot, relevance
+        self._labels = None
+        self._global: dict[str, PositiveLists] = {}
+        if classes is not None:
+            self._init_classes(*classes)
+        else:
+            self._init_dense()
 
-    def same_columns(self) -> tuple[Tensor, Tensor]:
-        """(N, S) non-negative columns whose invalid slots repeat a valid one, and (N,)
-        whether a row has any (see `deepmetric.triplet_counting.fill_same_label_`)."""
-        index, valid, count = self.non_negatives
-        return torch.where(valid, index, index[:, :1]), count > 0
+    # -- class ids: a table of each class's reference rows ------------------------------------
 
-    def positive_rows(self, rows: slice) -> PositiveLists:
-        """The positive lists of the query rows in `rows`."""
-        lists = self.positives
-        return PositiveLists(lists.index[rows], lists.valid[rows], lists.count[rows])
+    def _init_classes(self, labels: Tensor, ref_labels: Tensor) -> None:
+        self._labels = (labels, ref_labels)
+        classes, class_of_ref = torch.unique(ref_labels, return_inverse=True)
+        sizes = torch.bincount(class_of_ref, minlength=len(classes))
+        self._order = torch.argsort(class_of_ref, stable=True)
+        slot = torch.searchsorted(classes, labels).clamp_max(len(classes) - 1)
+        present = classes[slot] == labels
+        self._size = torch.where(present, sizes[slot], 0)
+        self._start = (torch.cumsum(sizes, 0) - sizes)[slot]
+        self.num_negatives = self.num_ref - self._size
+        equal_ids = 0
+        if self.ids is not None:
+            equal_ids = _check_same_item_same_label(*self.ids, labels, ref_labels)
+        self.positive_count = self._size - equal_ids
 
-    def _scatter(self, lists: PositiveLists, rows: slice) -> Tensor:
-        index = lists.index[rows].masked_fill(~lists.valid[rows], self.num_ref)
-        mask = torch.zeros(len(index), self.num_ref + 1, dtype=torch.bool, device=index.device)
-        return mask.scatter_(1, index, True)[:, : self.num_ref]
+    def _class_rows(self, rows: slice) -> PositiveLists:
+        size = self._size[rows]
+        width = max(int(size.max()) if len(size) else 0, 1)
+        slot = torch.arange(width, device=self.device)
+        valid = slot < size.unsqueeze(1)
+        place = (self._start[rows].unsqueeze(1) + slot).clamp_max(self.num_ref - 1)
+        index = self._order[place].masked_fill_(~valid, 0)
+        return PositiveLists(index, valid, size)
 
-    def positive_mask(self, rows: slice) -> Tensor:
-        """(rows, M) dense mask of the positive pairs of the rows in `rows`."""
-        return self._scatter(self.positives, rows)
+    # -- multi-hot labels or relevance: dense blocks ------------------------------------------
 
-    def negative_mask(self, rows: slice) -> Tensor:
-        """(rows, M) dense mask of the negative pairs of the rows in `rows`."""
-        return ~self._scatter(self.non_negatives, rows)
+    def _init_dense(self) -> None:
+        self.positive_count = torch.zeros(self.num_query, dtype=torch.long, device=self.device)
+        non_negative = torch.zeros_like(self.positive_count)
+        if self.ids is not None and self._multi_hot is not None:
+            query_hot, ref_hot = self._multi_hot
+            _check_same_item_same_label(*self.ids, query_hot, ref_hot)
+        for rows in self.row_blocks():
+            related, excluded = self._related(rows), self._excluded(rows)
+            if excluded is None:
+                self.positive_count[rows] = related.sum(dim=1)
+                non_negative[rows] = self.positive_count[rows]
+            else:
+                self.positive_count[rows] = (related & ~excluded).sum(dim=1)
+                non_negative[rows] = (related | excluded).sum(dim=1)
+        self.num_negatives = self.num_ref - non_negative
 
-    def non_negative_mask(self, rows: slice) -> Tensor:
-        """(rows, M) mask of the entries that are not negative pairs."""
-        return self._scatter(self.non_negatives, rows)
+    def _related(self, rows: slice) -> Tensor:
+        if self._labels is not None:
+            labels, ref_labels = self._labels
+            return labels[rows].unsqueeze(1) == ref_labels.unsqueeze(0)
+        if self._relevance is not None:
+            return self._relevance[rows] > 0
+        return self._overlap(rows) > 0
 
-    def pair_mask(self, rows: slice) -> Tensor | None:
-        """(rows, M) mask of every pair, positive or negative (not the same item); None when
-        that is every entry."""
+    def _overlap(self, rows: slice) -> Tensor:
+        query_hot, ref_hot = self._multi_hot
+        return query_hot[rows] @ ref_hot.T
+
+    def _excluded(self, rows: slice) -> Tensor | None:
         if self.ids is None:
             return None
         query_ids, ref_ids = self.ids
-        return query_ids[rows].unsqueeze(1) != ref_ids.unsqueeze(0)
+        return query_ids[rows].unsqueeze(1) == ref_ids.unsqueeze(0)
+
+    def row_blocks(self):
+        """Slices of query rows whose (rows, M) blocks hold about ROW_BLOCK_ELEMENTS entries."""
+        step = max(1, ROW_BLOCK_ELEMENTS // max(self.num_ref, 1))
+        for start in range(0, self.num_query, step):
+            yield slice(start, min(start + step, self.num_query))
+
+    # -- what the losses and miners read ------------------------------------------------------
+
+    def positive_rows(self, rows: slice) -> PositiveLists:
+        """The positive columns of the query rows in `rows`, as (R, K) lists."""
+        if self._labels is None:
+            return _lists(self.positive_mask(rows))
+        lists = self._class_rows(rows)
+        if self.ids is None:
+            return lists
+        query_ids, ref_ids = self.ids
+        same_item = ref_ids[lists.index] == query_ids[rows].unsqueeze(1)
+        valid = lists.valid & ~same_item
+        return PositiveLists(lists.index, valid, valid.sum(dim=1))
+
+    def non_negative_rows(self, rows: slice) -> PositiveLists:
+        """The columns that are not negatives (related, or the same item) of the rows in
+        `rows`, as (R, S) lists."""
+        if self._labels is None:
+            return _lists(self.non_negative_mask(rows))
+        return self._class_rows(rows)
+
+    def same_columns(self, rows: slice) -> tuple[Tensor, Tensor]:
+        """(R, S) non-negative columns of `rows` whose invalid slots repeat a valid one, and
+        (R,) whether a row has any (see `deepmetric.triplet_counting.fill_same_label_`)."""
+        index, valid, count = self.non_negative_rows(rows)
+        return torch.where(valid, index, index[:, :1]), count > 0
+
+    def positive_mask(self, rows: slice) -> Tensor:
+        """(R, M) dense mask of the positive pairs of the rows in `rows`."""
+        related, excluded = self._related(rows), self._excluded(rows)
+        return related if excluded is None else related & ~excluded
+
+    def non_negative_mask(self, rows: slice) -> Tensor:
+        """(R, M) mask of the entries that are not negative pairs."""
+        related, excluded = self._related(rows), self._excluded(rows)
+        return related if excluded is None else related | excluded
+
+    def negative_mask(self, rows: slice) -> Tensor:
+        """(R, M) dense mask of the negative pairs of the rows in `rows`."""
+        return ~self.non_negative_mask(rows)
+
+    def pair_mask(self, rows: slice) -> Tensor | None:
+        """(R, M) mask of every pair, positive or negative (not the same item); None when
+        that is every entry."""
+        excluded = self._excluded(rows)
+        return None if excluded is None else ~excluded
+
+    def positive_weights(self, rows: slice, lists: PositiveLists) -> Tensor:
+        """(R, K) weight of each listed positive: 1 for class ids, the Jaccard overlap for
+        multi-hot labels, the relevance value for a relevance matrix; 0 in invalid slots."""
+        if self._relevance is not None:
+            weights = self._relevance[rows].gather(1, lists.index).to(torch.get_default_dtype())
+        elif self._multi_hot is not None:
+            query_hot, ref_hot = self._multi_hot
+            shared = self._overlap(rows).gather(1, lists.index)
+            sizes = query_hot[rows].sum(dim=1, keepdim=True) + ref_hot.sum(dim=1)[lists.index]
+            weights = shared / (sizes - shared).clamp_min(1)
+        else:
+            weights = lists.valid.to(torch.get_default_dtype())
+        return weights * lists.valid
+
+    @property
+    def positives(self) -> PositiveLists:
+        """The positive lists of every query row (N, K); for miners, whose output has one
+        entry per positive pair anyway."""
+        if "positives" not in self._global:
+            self._global["positives"] = self.positive_rows(slice(0, self.num_query))
+        return self._global["positives"]
 
     def num_pairs(self) -> Tensor:
         """(N,) number of pairs (positive or negative) of each query row."""
-        return self.positives.count + self.num_negatives
+        return self.positive_count + self.num_negatives
 
 
-def _equal_id_counts(query_ids: Tensor, ref_ids: Tensor) -> Tensor:
-    """(N,) how many reference rows carry each query row's id, by sort and binary search."""
-    ordered = torch.sort(ref_ids).values
-    upper = torch.searchsorted(ordered, query_ids, right=True)
-    return upper - torch.searchsorted(ordered, query_ids)
+def _lists(mask: Tensor) -> PositiveLists:
+    """(R, K) lists of the True columns of each row of `mask`, valid slots first."""
+    count = mask.sum(dim=1)
+    width = max(int(count.max()) if len(count) else 0, 1)
+    index = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    index = index[:, :width]
+    valid = torch.arange(width, device=mask.device) < count.unsqueeze(1)
+    return PositiveLists(index.masked_fill_(~valid, 0), valid, count)
+
+
+def _check_same_item_same_label(
+    query_ids: Tensor, ref_ids: Tensor, labels: Tensor, ref_labels: Tensor
+) -> Tensor:
+    """(N,) how many reference rows carry each query row's id; raise a ValueError if two
+    rows with equal ids carry different labels. O((N + M) log M + number of such pairs)."""
+    order = torch.argsort(ref_ids)
+    ordered = ref_ids[order]
+    lower = torch.searchsorted(ordered, query_ids)
+    count = torch.searchsorted(ordered, query_ids, right=True) - lower
+    query_row = torch.repeat_interleave(torch.arange(len(query_ids), device=count.device), count)
+    offset = (
+        torch.arange(len(query_row), device=count.device)
+        - (torch.cumsum(count, 0) - count)[query_row]
+    )
+    ref_row = order[lower[query_row] + offset]
+    differ = labels[query_row] != ref_labels[ref_row]
+    if differ.dim() > 1:
+        differ = differ.any(dim=1)
+    if bool(differ.any()):
+        raise ValueError(
+            "rows with equal query_ids/ref_ids are the same item but carry different labels; "
+            "give each item one id and one label"
+        )
+    return count
 
 
 def build_relation(
-    labels: Tensor,
-    ref_labels: Tensor,
+    labels: Tensor | None,
+    ref_labels: Tensor | None,
     num_ref: int,
     ids: tuple[Tensor, Tensor] | None = None,
     ref_is_query: bool = True,
+    relevance: Tensor | None = None,
 ) -> Relation:
-    """The `Relation` of class ids `labels` (N,) against `ref_labels` (M,), excluding the
-    pairs of equal ids (without ids: row i against row i when `ref_is_query`, else nothing);
-    O((N + M) log M + N K) for K the largest class size.
+    """The `Relation` of `labels` against `ref_labels` (class ids (N,) and (M,), or multi-hot
+    (N, L) and (M, L)), or of an explicit `relevance` (N, M); pairs of equal ids are never
+    paired (without ids: row i against row i when `ref_is_query`, else nothing).
 
-    Rows with equal ids are the same item, so they must carry the same class id; a ValueError
-    says so otherwise.
+    Class ids cost O((N + M) log M) here; multi-hot labels and relevance one pass of
+    O(N M) (times L for multi-hot) to count each row's positives and negatives. Rows with
+    equal ids are the same item, so they must carry the same labels (a ValueError otherwise).
     """
+    num_query = len(labels) if relevance is None else len(relevance)
+    device = (labels if relevance is None else relevance).device
     if ids is None and ref_is_query:
-        own = torch.arange(len(labels), device=labels.device)
+        own = torch.arange(num_query, device=device)
         ids = (own, own)
-    same = positive_lists(labels, ref_labels, ref_is_query=False)
-    valid = same.valid
-    if ids is not None:
-        query_ids, ref_ids = ids
-        is_self = valid & (ref_ids[same.index] == query_ids.unsqueeze(1))
-        if not torch.equal(is_self.sum(dim=1), _equal_id_counts(query_ids, ref_ids)):
-            raise ValueError(
-                "rows with equal query_ids/ref_ids are the same item but carry different labels; "
-                "give each item one id and one label"
-            )
-        valid = valid & ~is_self
-    positives = PositiveLists(same.index, valid, valid.sum(dim=1))
-    return Relation(positives, same, num_ref - same.count, ids, num_ref)
+    if relevance is not None:
+        return Relation(num_query, num_ref, ids, device, relevance=relevance)
+    if labels.dim() == 2:
+        work = torch.float32 if labels.shape[1] < 1 << 24 else torch.float64
+        hot = (labels.to(work), ref_labels.to(work))
+        return Relation(num_query, num_ref, ids, device, multi_hot=hot)
+    return Relation(num_query, num_ref, ids, device, classes=(labels, ref_labels))
 
 
 def drop_same_items(

@@ -121,7 +121,7 @@ def _count_above_by_search(bounds, valid, block, per_entry, per_bound):
 
 def count_triplets(relation: Relation) -> Tensor:
     """Number of triplets (a, p, n): sum over anchors of positives times negatives."""
-    return (relation.positives.count * relation.num_negatives).sum()
+    return (relation.positive_count * relation.num_negatives).sum()
 
 
 def _row_offsets(num_rows: int, num_buckets: int, device) -> Tensor:
@@ -130,7 +130,7 @@ def _row_offsets(num_rows: int, num_buckets: int, device) -> Tensor:
 
 def same_label_mask(relation: Relation) -> Tensor:
     """The dense (N, M) mask of the entries that are not negatives (for the plain forms only)."""
-    return relation.non_negative_mask(slice(0, len(relation.num_negatives)))
+    return relation.non_negative_mask(slice(0, relation.num_query))
 
 
 def plain_triplet_sum(dis, swap_dis, relation, margin, smooth) -> Tensor:
@@ -153,8 +153,8 @@ def plain_triplet_sum(dis, swap_dis, relation, margin, smooth) -> Tensor:
 def _same_label_values(block: Tensor, relation: Relation, rows: slice):
     """The row block's entries that are not negatives (same label or same item) as (R, S)
     values sorted ascending, +inf in the unused slots."""
-    lists = relation.non_negatives
-    values = block.gather(1, lists.index[rows]).masked_fill_(~lists.valid[rows], math.inf)
+    lists = relation.non_negative_rows(rows)
+    values = block.gather(1, lists.index).masked_fill_(~lists.valid, math.inf)
     return values.sort(dim=1).values
 
 
@@ -163,6 +163,36 @@ def _same_below(bounds: Tensor, valid: Tensor, same_sorted: Tensor) -> Tensor:
     binary search in each row's sorted values (O(R K log S), no (R, S, K) comparison)."""
     below = torch.searchsorted(same_sorted, bounds.contiguous())
     return below.to(same_sorted.dtype) * valid
+
+
+def _hinge_by_sorting(block, index, valid, same, margin, count_hard, counts_out):
+    """One row block of `AllTripletsHinge` for rows with many positives, in O(R M log M).
+
+    Each row's negatives are sorted once (other entries become +inf, at the end), with
+    prefix sums: for each positive's threshold t = D[a, p] + margin, c_p = #{n : D[a, n] < t}
+    is one binary search and the sum of those D[a, n] one read of the prefix sums, so the
+    block's sum is sum_p c_p t_p - prefix[c_p]. k_n (how many thresholds lie above D[a, n])
+    is, in sorted order, the number of c_p beyond n's rank: a histogram of the c_p summed
+    from the right, put back in place by the sort's permutation. Writes k_n at the
+    negatives and -c_p at the positives into `counts_out`; returns (sum, number of active
+    triplets, number of hard ones, D[a, n] < D[a, p], if `count_hard`)."""
+    negatives = fill_same_label_(block.clone(), *same, math.inf)
+    ordered, order = negatives.sort(dim=1)
+    finite = ordered.masked_fill(torch.isinf(ordered), 0)
+    prefix = F.pad(finite.cumsum(dim=1, dtype=torch.float64), (1, 0))
+    d_ap = block.gather(1, index)
+    thresholds = (d_ap + margin).masked_fill_(~valid, -math.inf)
+    active = torch.searchsorted(ordered, thresholds)  # (R, K), 0 where not valid
+    total = (active * thresholds.masked_fill(~valid, 0)).sum() - prefix.gather(1, active).sum()
+    rank_counts = torch.zeros(prefix.shape, dtype=torch.int32, device=block.device)
+    rank_counts.scatter_add_(1, active, valid.to(torch.int32))
+    beyond = rank_counts.flip(1).cumsum(dim=1, dtype=torch.int32).flip(1)[:, 1:]
+    counts_out.scatter_(1, order, beyond.to(counts_out.dtype))  # #{p : c_p > rank of n}
+    counts_out.scatter_add_(1, index, -(active * valid).to(counts_out.dtype))
+    num_hard = torch.zeros((), dtype=torch.long, device=block.device)
+    if count_hard:
+        num_hard = torch.searchsorted(ordered, d_ap.masked_fill(~valid, -math.inf)).sum()
+    return total.to(block.dtype), active.sum(), num_hard
 
 
 class AllTripletsHinge(torch.autograd.Function):
@@ -176,8 +206,11 @@ class AllTripletsHinge(torch.autograd.Function):
     Per row block, `count_above` of the thresholds D[a, p] + margin gives k_n for every entry
     and, per threshold, the entries below it; the few same-label entries are zeroed in k (one
     small scatter) and their share of the per-threshold counts is subtracted, so every count
-    is an exact integer and sum_n k_n D[a, n] is one dot product. k is kept as uint8 for
-    backward. `count_hard` adds one `count_above` of the D[a, p] themselves.
+    is an exact integer and sum_n k_n D[a, n] is one dot product. Both counts are kept for
+    backward in one (N, M) integer matrix, -c_p at (a, p) and k_n at (a, n) (int16 when M <
+    32768), so backward is one pass. `count_hard` adds one `count_above` of the D[a, p]
+    themselves. The positive lists are made per block (`Relation.positive_rows`): memory is
+    that (N, M) matrix plus O(block), whatever the class sizes; time O(N M log K) at worst.
 
     forward(dis, relation, margin, count_hard) returns (sum, number of
     triplets, number of active triplets, number of hard triplets with D[a, n] < D[a, p], or 0
@@ -187,43 +220,47 @@ class AllTripletsHinge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dis, relation, margin, count_hard):  # noqa: D102
         num_rows, num_cols = dis.shape
-        positives = relation.positives
-        columns, has_same = relation.same_columns()
-        width = positives.index.shape[1]
-        active_positives = dis.new_empty(
-            dis.shape, dtype=torch.uint8 if width < 256 else torch.int32
-        )
-        active_negatives = dis.new_zeros(positives.index.shape)
+        small = num_cols < torch.iinfo(torch.int16).max
+        counts = dis.new_zeros(dis.shape, dtype=torch.int16 if small else torch.int32)
         total = dis.new_zeros(())
         num_hard = torch.zeros((), dtype=torch.long, device=dis.device)
+        num_active = torch.zeros((), dtype=torch.long, device=dis.device)
         blocks = RowBlocks(num_rows, num_cols, passes=True)
         for rows in blocks:
+            if not bool((relation.num_negatives[rows] > 0).any()):
+                continue  # no negative in the block: no triplet
             block = dis[rows]
-            index, valid = positives.index[rows], positives.valid[rows]
+            index, valid, _ = relation.positive_rows(rows)
+            columns, has_same = relation.same_columns(rows)
             d_ap = block.gather(1, index)
             thresholds = d_ap + margin
+            if index.shape[1] > SEARCH_ABOVE:  # many positives: sort each row's negatives
+                part, active, hard = _hinge_by_sorting(
+                    block, index, valid, (columns, has_same), margin, count_hard, counts[rows]
+                )
+                total, num_active, num_hard = total + part, num_active + active, num_hard + hard
+                continue
             work = {"out": blocks.buffer("above", dis), "scratch": blocks.buffer("scratch", dis)}
             above, below = count_above(thresholds, valid, block, per_bound=True, **work)
-            fill_same_label_(above, columns[rows], has_same[rows], 0)
-            active_positives[rows] = above
+            fill_same_label_(above, columns, has_same, 0)
             same = _same_label_values(block, relation, rows)
             active = below - _same_below(thresholds, valid, same)
-            active_negatives[rows] = active
             pushed = torch.dot(above.view(-1), block.reshape(-1))
             total = total + (active * thresholds).sum() - pushed
+            num_active += active.long().sum()
+            counts[rows] = above.scatter_add_(1, index, -active)
             if count_hard:
                 _, below = count_above(d_ap, valid, block, per_entry=False, per_bound=True, **work)
                 num_hard += (below - _same_below(d_ap, valid, same)).long().sum()
         num_triplets = count_triplets(relation)
-        num_active = active_negatives.long().sum()
-        ctx.save_for_backward(active_positives, active_negatives, dis)
+        ctx.save_for_backward(counts, dis)
         ctx.relation, ctx.margin = relation, margin
         ctx.mark_non_differentiable(num_triplets, num_active, num_hard)
         return total, num_triplets, num_active, num_hard
 
     @staticmethod
     def backward(ctx, grad_total, *_):  # noqa: D102
-        active_positives, active_negatives, dis = ctx.saved_tensors
+        counts, dis = ctx.saved_tensors
         relation, margin = ctx.relation, ctx.margin
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             (grad,) = backward_by_autograd(
@@ -232,11 +269,9 @@ class AllTripletsHinge(torch.autograd.Function):
                 grad_total,
             )
             return grad, None, None, None
-        index = relation.positives.index
-        grad = active_negatives.new_empty(active_positives.shape)
+        grad = dis.new_empty(counts.shape)
         for rows in row_blocks(*grad.shape):
-            grad[rows].copy_(active_positives[rows]).mul_(-grad_total)
-        grad.scatter_add_(1, index, active_negatives * grad_total)
+            grad[rows].copy_(counts[rows]).mul_(-grad_total)
         return grad, None, None, None
 
 
@@ -321,17 +356,18 @@ def _dense_slots(dis, swap_dis, relation, margin):
     D'[a, n] (+inf at same-label entries), D[a, p] + margin - D'[a, n], and the rows of the
     swap matrix S[p] or None), in work arrays reused from slot to slot. Without swap, D' is
     the block itself, read only, and the same-label entries are -inf in the differences."""
-    columns, has_same = relation.same_columns()
-    positives = relation.positives
     blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:
+        if not bool((relation.num_negatives[rows] > 0).any()):
+            continue  # no negative in the block: no triplet
         block = dis[rows]
+        positives = relation.positive_rows(rows)
         # Each row's positives first, so that the slots to visit are the first `width`.
-        valid = positives.valid[rows]
+        valid = positives.valid
         first = valid.logical_not().to(torch.uint8).argsort(dim=1, stable=True)
-        index, valid = positives.index[rows].gather(1, first), valid.gather(1, first)
+        index, valid = positives.index.gather(1, first), valid.gather(1, first)
         d_ap = block.gather(1, index).masked_fill_(~valid, -math.inf)
-        same = (columns[rows], has_same[rows])
+        same = relation.same_columns(rows)
         values = blocks.buffer("values", dis)
         negative = None if swap_dis is None else blocks.buffer("negative", dis)
         swap_rows = None if swap_dis is None else blocks.buffer("swap_rows", dis)
@@ -362,17 +398,19 @@ def triplet_runs(
     suffix). No N x N x K tensor is built: the cost is O(N M K) comparisons plus the number of
     triplets returned.
     """
-    anchors, pos_out, negs = [], [], []
-    columns, has_same = relation.same_columns()
-    positives = relation.positives
+    empty = torch.zeros(0, dtype=torch.long, device=dis.device)
+    anchors, pos_out, negs = [empty], [empty], [empty]
     num_cols = dis.shape[1]
     blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:
+        if not bool((relation.num_negatives[rows] > 0).any()):
+            continue  # no negative in the block: no triplet
         block = dis[rows]
-        index, valid = positives.index[rows], positives.valid[rows]
+        index, valid, count = relation.positive_rows(rows)
+        columns, has_same = relation.same_columns(rows)
         d_ap = block.gather(1, index)
         sorted_index = index.gather(1, d_ap.masked_fill(~valid, math.inf).argsort(dim=1))
-        count = positives.count[rows].unsqueeze(1).to(dis.dtype)
+        count = count.unsqueeze(1).to(dis.dtype)
         lengths, scratch = blocks.buffer("lengths", dis), blocks.buffer("scratch", dis)
         if upper_offset is None:
             lengths.copy_(count.expand(block.shape))
@@ -382,7 +420,7 @@ def triplet_runs(
             not_lower = blocks.buffer("not_lower", dis)
             count_above(d_ap + lower_offset, valid, block, out=not_lower, scratch=scratch)
             lengths.sub_(not_lower)
-        fill_same_label_(lengths, columns[rows], has_same[rows], 0)
+        fill_same_label_(lengths, columns, has_same, 0)
         (where,) = lengths.view(-1).nonzero(as_tuple=True)
         run_length = lengths.view(-1)[where].long()
         owner = torch.repeat_interleave(torch.arange(len(where), device=dis.device), run_length)
@@ -399,6 +437,4 @@ def triplet_runs(
         anchors.append(anchor_row + rows.start)
         pos_out.append(sorted_index[anchor_row, slot])
         negs.append((where % num_cols)[owner])
-    return tuple(
-        parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (anchors, pos_out, negs)
-    )
+    return tuple(torch.cat(parts) for parts in (anchors, pos_out, negs))

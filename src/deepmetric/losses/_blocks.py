@@ -107,24 +107,41 @@ class PairSets:
         self.relation: Relation | None = None
         if inputs.indices_tuple is None:
             self.relation = build_relation(
-                inputs.labels, inputs.ref_labels, num_ref, inputs.ids, inputs.ref_is_query
+                inputs.labels,
+                inputs.ref_labels,
+                num_ref,
+                inputs.ids,
+                inputs.ref_is_query,
+                inputs.relevance,
             )
-            self.positives = self.relation.positives
             return
         pairs = inputs.indices_tuple
         if len(pairs) == 3:
             pairs = triplets_to_pairs(*pairs)
         anchor1, positive, anchor2, negative = drop_same_items(pairs, inputs.ids)
-        self.positives = lists_from_pairs(anchor1, positive, num_query, num_ref)
+        self._positives = lists_from_pairs(anchor1, positive, num_query, num_ref)
         self._negatives = torch.zeros(
             num_query, num_ref, dtype=torch.bool, device=inputs.embeddings.device
         )
         self._negatives[anchor2, negative] = True
 
+    @property
+    def positives(self) -> PositiveLists:
+        """The positive lists of every anchor (N, K)."""
+        return self._positives if self.relation is None else self.relation.positives
+
     def positive_rows(self, rows: slice) -> PositiveLists:
         """The positive lists of the anchors in `rows`."""
-        lists = self.positives
+        if self.relation is not None:
+            return self.relation.positive_rows(rows)
+        lists = self._positives
         return PositiveLists(lists.index[rows], lists.valid[rows], lists.count[rows])
+
+    def positive_weights(self, rows: slice, lists: PositiveLists) -> Tensor:
+        """(R, K) weights of the listed positives (`Relation.positive_weights`; 1 for mined)."""
+        if self.relation is not None:
+            return self.relation.positive_weights(rows, lists)
+        return lists.valid.to(torch.get_default_dtype())
 
     def negative_mask(self, rows: slice) -> Tensor:
         """(rows, M) mask of the negative pairs of the anchors in `rows`."""
@@ -140,6 +157,8 @@ class PairSets:
 
     def positive_mask(self, rows: slice) -> Tensor:
         """(rows, M) dense mask of the positive pairs of the anchors in `rows`."""
+        if self.relation is not None:
+            return self.relation.positive_mask(rows)
         lists = self.positive_rows(rows)
         index = lists.index.masked_fill(~lists.valid, self.num_ref)
         mask = torch.zeros(len(index), self.num_ref + 1, dtype=torch.bool, device=index.device)

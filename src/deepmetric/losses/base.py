@@ -43,6 +43,7 @@ class LossInputs(NamedTuple):
     indices_tuple: tuple[Tensor, ...] | None
     dtype: torch.dtype
     ids: tuple[Tensor, Tensor] | None = None
+    relevance: Tensor | None = None
 
     def finish(self, loss: Tensor) -> Tensor:
         """The loss returned to the user, in the input dtype."""

@@ -34,7 +34,7 @@ from deepmetric.triplet_counting import (
     count_triplets,
     fill_same_label_,
 )
-from deepmetric.tuples import PositiveLists, pairs_to_triplets
+from deepmetric.tuples import pairs_to_triplets
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def _all_pairs_contrastive(matrix, inputs, pos_margin, neg_margin, power, invert
     pos_sum, neg_sum, num_active_pos, num_active_neg = _ContrastiveSums.apply(
         matrix, relation, pos_margin, neg_margin, power, sign
     )
-    num_pos = relation.positives.count.sum()
+    num_pos = relation.positive_count.sum()
     num_neg = relation.num_negatives.sum()
     loss = reduce_total(pos_sum, num_pos, num_active_pos, reduction) + reduce_total(
         neg_sum, num_neg, num_active_neg, reduction
@@ -186,41 +186,44 @@ class _ContrastiveSums(torch.autograd.Function):
     forward(matrix, relation, pos_margin, neg_margin, power, sign) returns
     (sum over positive pairs of [sign (m - pos_margin)]+^power, sum over negative pairs of
     [sign (neg_margin - m)]+^power, number of non-zero positive terms, number of non-zero
-    negative terms), sign being +1 for a distance and -1 for a similarity. Positive pairs are
-    read through the (N, K) positive lists; the negative terms are computed over row blocks
-    of `matrix` with the same-label entries zeroed by a scatter, and backward recomputes them
-    from `matrix` block by block: no (N, M) array besides the gradient itself.
+    negative terms), sign being +1 for a distance and -1 for a similarity. Per row block, the
+    positive pairs are read through the block's positive lists and the negative terms are
+    computed with the same-label entries zeroed by a scatter; backward recomputes both from
+    `matrix` block by block: no (N, M) or (N, K) array besides the gradient itself.
     """
 
     @staticmethod
     def forward(ctx, matrix, relation, pos_margin, neg_margin, power, sign):  # noqa: D102
-        positives = relation.positives
-        columns, has_same = relation.same_columns()
-        neg_sum = matrix.new_zeros(())
+        pos_sum, neg_sum = matrix.new_zeros(()), matrix.new_zeros(())
+        num_active_pos = torch.zeros((), dtype=torch.long, device=matrix.device)
         num_active_neg = torch.zeros((), dtype=torch.long, device=matrix.device)
         blocks = RowBlocks(*matrix.shape, passes=True)
         for rows in blocks:
-            terms = _negative_hinge(matrix[rows], neg_margin, sign, blocks.buffer("terms", matrix))
+            block = matrix[rows]
+            terms = _negative_hinge(block, neg_margin, sign, blocks.buffer("terms", matrix))
             terms.clamp_min_(0)
             if power != 1:
                 terms.pow_(power)
-            fill_same_label_(terms, columns[rows], has_same[rows], 0)
+            fill_same_label_(terms, *relation.same_columns(rows), 0)
             neg_sum += terms.sum()
             num_active_neg += torch.count_nonzero(terms)
-        pos_terms = _positive_terms(matrix, positives, pos_margin, power, sign)
-        ctx.save_for_backward(matrix, positives.index, positives.valid, columns, has_same)
-        ctx.constants = (pos_margin, neg_margin, power, sign)
-        num_active_pos = torch.count_nonzero(pos_terms)
+            pos_terms = _positive_terms(
+                block, relation.positive_rows(rows), pos_margin, power, sign
+            )
+            pos_sum += pos_terms.sum()
+            num_active_pos += torch.count_nonzero(pos_terms)
+        ctx.save_for_backward(matrix)
+        ctx.constants = (relation, pos_margin, neg_margin, power, sign)
         ctx.mark_non_differentiable(num_active_pos, num_active_neg)
-        return pos_terms.sum(), neg_sum, num_active_pos, num_active_neg
+        return pos_sum, neg_sum, num_active_pos, num_active_neg
 
     @staticmethod
     def backward(ctx, grad_pos, grad_neg, *_):  # noqa: D102
-        matrix, index, valid, columns, has_same = ctx.saved_tensors
-        pos_margin, neg_margin, power, sign = ctx.constants
+        (matrix,) = ctx.saved_tensors
+        relation, pos_margin, neg_margin, power, sign = ctx.constants
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             (grad,) = backward_by_autograd(
-                lambda: _plain_contrastive_sums(matrix, index, valid, columns, has_same, ctx),
+                lambda: _plain_contrastive_sums(matrix, relation, ctx.constants),
                 (matrix,),
                 (grad_pos, grad_neg),
             )
@@ -234,26 +237,25 @@ class _ContrastiveSums(torch.autograd.Function):
             else:
                 _negative_hinge(block, neg_margin, sign, out=out).clamp_min_(0)
                 out.pow_(power - 1).mul_(-sign * power * grad_neg)
-            fill_same_label_(out, columns[rows], has_same[rows], 0)
-        with torch.enable_grad():
-            values = matrix.gather(1, index).requires_grad_()
-            terms = _positive_terms(values, None, pos_margin, power, sign) * valid
-            (grad_values,) = torch.autograd.grad(terms.sum(), values, grad_pos)
-        grad.scatter_add_(1, index, grad_values)
+            fill_same_label_(out, *relation.same_columns(rows), 0)
+            index, valid, _ = relation.positive_rows(rows)
+            with torch.enable_grad():
+                values = block.gather(1, index).requires_grad_()
+                terms = _positive_terms(values, None, pos_margin, power, sign) * valid
+                (grad_values,) = torch.autograd.grad(terms.sum(), values, grad_pos)
+            out.scatter_add_(1, index, grad_values)
         return grad, None, None, None, None, None
 
 
-def _plain_contrastive_sums(matrix, index, valid, columns, has_same, ctx):
+def _plain_contrastive_sums(matrix, relation, constants):
     """The two sums of `_ContrastiveSums` by plain differentiable steps (its backward when a
     graph of the gradient is asked for)."""
-    pos_margin, neg_margin, power, sign = ctx.constants
-    same = torch.zeros(matrix.shape, dtype=torch.bool, device=matrix.device)
-    same.scatter_(1, columns, has_same.unsqueeze(1).expand_as(columns))
+    _, pos_margin, neg_margin, power, sign = constants
+    same = relation.non_negative_mask(slice(0, relation.num_query))
     negative_terms = F.relu(_negative_hinge(matrix, neg_margin, sign))
     if power != 1:
         negative_terms = negative_terms.pow(power)
-    positives = PositiveLists(index, valid, valid.sum(dim=1))
-    positive_terms = _positive_terms(matrix, positives, pos_margin, power, sign)
+    positive_terms = _positive_terms(matrix, relation.positives, pos_margin, power, sign)
     return positive_terms.sum(), negative_terms.masked_fill(same, 0).sum()
 
 

@@ -91,7 +91,8 @@ def lifted_structure_loss(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
     )
     num_rows, num_cols = len(inputs.embeddings), len(inputs.ref_emb)
-    width = pairs.positives.index.shape[1]
+    positives = pairs.positives  # (N, K): the loss needs a statistic per positive pair
+    width = positives.index.shape[1]
     dtype = inputs.embeddings.dtype
     device = inputs.embeddings.device
     columns = not inputs.ref_is_query
@@ -104,7 +105,7 @@ def lifted_structure_loss(
     pos_dis = torch.empty(num_rows, width, dtype=dtype, device=device)
     for rows, block in sweep.blocks():
         values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
-        index = pairs.positive_rows(rows).index
+        index = positives.index[rows]
         pos_dis[rows] = distance.as_dissimilarity(block.gather(1, index))
         if smooth:
             row_stat[rows] = masked_logsumexp(values, None)
@@ -120,12 +121,12 @@ def lifted_structure_loss(
                 col_stat = torch.where(better, top, col_stat)
 
     # The loss from these statistics, and its gradient with respect to each of them.
-    valid = pairs.positives.valid
+    valid = positives.valid
     with torch.enable_grad():
         leaves = [pos_dis.requires_grad_(), row_stat.requires_grad_()]
         if columns:
             leaves.append(col_stat.requires_grad_())
-        side = (col_stat if columns else row_stat)[pairs.positives.index]
+        side = (col_stat if columns else row_stat)[positives.index]
         own = row_stat.unsqueeze(1).expand_as(side)
         empty = torch.isinf(own) & torch.isinf(side)
         own, side = own.masked_fill(empty, 0), side.masked_fill(empty, 0)
@@ -159,7 +160,7 @@ def lifted_structure_loss(
                     grad.index_put_(
                         (col_arg[cols] - rows.start, cols), -grad_col[cols], accumulate=True
                     )
-            grad.scatter_add_(1, pairs.positive_rows(rows).index, grad_pos[rows])
+            grad.scatter_add_(1, positives.index[rows], grad_pos[rows])
             return grad.mul_(sign)
 
         sweep.run_gradient(block_gradient)
