@@ -232,7 +232,7 @@ def test_embed_images_and_arrays(digits):
     np.testing.assert_allclose(np.array(out["embeddings"]), expected, atol=1e-5)
 
 
-def test_items_and_their_images(digits):
+def test_items_and_their_images(digits, tmp_path):
     base, run = digits
     status, listing = call(base, "/items?offset=3&limit=2")
     assert status == 200 and listing["total"] == len(run.index)
@@ -242,8 +242,9 @@ def test_items_and_their_images(digits):
     assert status == 200
     image = np.asarray(Image.open(io.BytesIO(raw)))
     expected = np.rint(run.item_images([3])[0, 0] * 255).astype(np.uint8)
-    assert image.shape == (96, 96)  # 8x8 enlarged 12 times, nearest neighbour
-    np.testing.assert_array_equal(image[::12, ::12], expected)
+    np.testing.assert_array_equal(image, expected)  # at its own size, 8x8
+    (tmp_path / "item.png").write_bytes(raw)  # a downloaded item searches as itself
+    assert run.search(tmp_path / "item.png", k=1)[0][0].id == 3
 
 
 def big_image() -> bytes:

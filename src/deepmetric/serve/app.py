@@ -281,15 +281,10 @@ def _form_k(form: Any, limit: int) -> int:
     return _integer(form.get("k", str(min(5, limit))), "k", 1, limit)
 
 
-def _png(image: np.ndarray, side: int = 96) -> bytes:
-    """A (C, H, W) image in [0, 1] as PNG bytes, enlarged (nearest) to about ``side`` px."""
+def _png(image: np.ndarray) -> bytes:
+    """A (C, H, W) image in [0, 1] as PNG bytes at its own size (the page enlarges it), so
+    a downloaded item searches as itself."""
     pixels = np.clip(np.rint(np.moveaxis(image, 0, -1) * 255.0), 0, 255).astype(np.uint8)
-    picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-    scale = max(1, side // max(picture.size))
-    if scale > 1:
-        picture = picture.resize(
-            (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
-        )
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, "PNG")
     return buffer.getvalue()
