@@ -57,6 +57,8 @@ def _as_float32_matrix(x: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must hold numbers, got dtype {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_vectors, dim), got shape {x.shape}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no columns (shape {x.shape}); pass dim >= 1 values per row")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).any(axis=1).sum())
