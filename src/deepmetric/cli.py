@@ -176,7 +176,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         dataset = data_from_spec(
             args.data, _split(args, config) if own else args.split or "all", config.data
         )
-    metrics = evaluate_embeddings(_embed(model, config, dataset), dataset.labels, config.eval)
+    embeddings = _embed(model, config, dataset)
+    try:
+        metrics = evaluate_embeddings(embeddings, dataset.labels, config.eval)
+    except ValueError as error:  # e.g. Recall@8 of a set with 5 items
+        raise DataError(
+            f"cannot evaluate {len(dataset)} items of {len(np.unique(dataset.labels))} classes "
+            f"with the run's eval settings: {error}"
+        ) from error
     print(format_table(metrics, title=f"{args.checkpoint} checkpoint of {run.root}"))
     classes = np.unique(dataset.labels)
     names = [class_name(label, dataset.class_names) for label in classes[:10]]

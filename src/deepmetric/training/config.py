@@ -100,8 +100,8 @@ class LossConfig:
     name: str = "NormalizedSoftmaxLoss"
     """A loss class of deepmetric.losses (e.g. TripletMarginLoss, ProxyAnchorLoss)."""
     params: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.1})
-    """Keyword arguments of the loss (num_classes, embedding_size filled in); another loss.name
-    starts from {}."""
+    """Keyword arguments of the loss (num_classes, embedding_size filled in where required, or
+    set to auto); another loss.name starts from {}."""
     distance: str | None = None
     """A class of deepmetric.distances passed as distance=; null: the loss's default."""
 

@@ -281,8 +281,10 @@ class MetricsLog:
             self.writer.flush()
 
     def close(self) -> None:
+        """Close the TensorBoard writer (metrics.jsonl is closed after every record)."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def _summary_writer(folder: Path, resume_step: int | None) -> Any:

@@ -105,7 +105,7 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA GPU is available: use cpu or auto")
+        raise ConfigError(f"train.device={name} but no CUDA GPU is available: use cpu or auto")
     return device
 
 
@@ -281,7 +281,7 @@ def _train(
         if fresh:
             moved = run.archive_logs()
             say(f"restarting {run.root} from step 0" + "".join(f"; kept {p}" for p in moved))
-    state = TrainState()
+    state, log = TrainState(), None
     try:
         if fresh:
             log = MetricsLog(run)
@@ -295,6 +295,8 @@ def _train(
             say(f"resumed {run.root} at epoch {state.epoch + 1}, step {state.step}")
         _loop(parts, state, log, run, say, quiet, on_step)
     except BaseException:
+        if log is not None:
+            log.close()
         if not resume and state.step == 0:
             run.discard(created)  # failed before its first step: leave nothing behind
         raise
