@@ -4,6 +4,7 @@ approximate kinds, faiss-free fallback, save/load round trips and input errors."
 from __future__ import annotations
 
 import doctest
+import importlib
 import json
 import pickle
 
@@ -385,3 +386,13 @@ def test_multi_hot_labels_round_trip(tmp_path):
     found = NeighbourIndex.load(path).search(x[:5], 3)
     assert found.labels.shape == (5, 3, 4)
     np.testing.assert_array_equal(found.labels, rows[found.indices])
+
+
+@pytest.mark.parametrize(
+    "module", ["deepmetric.neighbours", "deepmetric.index_backends", "deepmetric.index_file"]
+)
+def test_docstring_examples_of_the_index_modules_run(module):
+    failures, attempted = doctest.testmod(
+        importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE
+    )
+    assert attempted > 0 and failures == 0

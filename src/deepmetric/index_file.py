@@ -76,7 +76,9 @@ def write_index_file(
     Example:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "index.npz")
-        >>> write_index_file(path, 2, {}, vectors=np.eye(2, dtype=np.float32))
+        >>> settings = dict(metric="l2", kind="flat", nlist=1, nprobe=1, hnsw_m=1,
+        ...                 ef_construction=1, ef_search=1)
+        >>> write_index_file(path, 2, settings, vectors=np.eye(2, dtype=np.float32))
         >>> read_index_file(path).vectors.shape
         (2, 2)
     """
