@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deepmetric.training.config import (
     Config,
@@ -132,3 +134,78 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("a.b=hello world") == ("a.b", "hello world")
     assert parse_override("a.b=") == ("a.b", "")
+
+
+# Every override either gives a valid config or a one-line ConfigError (never another error).
+KEYS = [
+    f"{section.name}.{key.name}"
+    for section in dataclasses.fields(Config)
+    for key in dataclasses.fields(getattr(Config(), section.name))
+] + [
+    "loss.params.margin",
+    "loss.params.num_classes",
+    "loss.params.embedding_size",
+    "loss.params.temperature",
+    "loss.params.scale",
+    "miner.params.margin",
+    "miner.params.epsilon",
+    "train",
+    "no.such.key",
+]
+VALUES = st.one_of(
+    st.sampled_from(
+        [
+            "null",
+            "true",
+            "false",
+            ".nan",
+            ".inf",
+            "-.inf",
+            "-1",
+            "0",
+            "1",
+            "3",
+            "0.5",
+            "1e-3",
+            "1e300",
+            "[]",
+            "[1, 2]",
+            "[0]",
+            "{}",
+            "{margin: 0.1}",
+            "abc",
+            "auto",
+            "'",
+            "[",
+            "{a:",
+            "NormalizedSoftmaxLoss",
+            "ArcFaceLoss",
+            "MarginLoss",
+            "TripletMarginLoss",
+            "ProxyAnchorLoss",
+            "CenterLoss",
+            "BatchHardMiner",
+            "MultiSimilarityMiner",
+            "EuclideanDistance",
+            "CosineSimilarity",
+            "LpDistance",
+            "SGD",
+            "AdamW",
+            "image_folder",
+            "cosine",
+            "map@r",
+            "[recall@k, nmi]",
+        ]
+    ),  # fmt: skip
+    st.integers(-(10**12), 10**12).map(str),
+    st.floats(allow_nan=False, allow_infinity=False, width=32).map(repr),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
+def test_any_override_gives_a_config_or_a_one_line_config_error(pairs):
+    try:
+        load_config(overrides=[f"{key}={value}" for key, value in pairs])
+    except ConfigError as error:
+        assert "\n" not in str(error) and str(error)

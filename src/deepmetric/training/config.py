@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import math
 import re
 import types
 import typing
@@ -301,6 +302,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if isinstance(value, (dict, list)):
@@ -411,14 +414,41 @@ def _check_values(config: Config) -> None:
         "eval.batch_size": config.eval.batch_size,
         "model.embedding_dim": config.model.embedding_dim,
         "optimizer.lr": config.optimizer.lr,
+        "data.image_size": config.data.image_size,
+        "report.map_classes": config.report.map_classes,
+        "report.queries": config.report.queries,
+        "report.neighbours": config.report.neighbours,
     }
-    for key in ("data.train_classes", "data.test_classes", "data.samples_per_class"):
-        section, name = key.split(".")
-        if getattr(config.data, name) is not None:
-            positive[key] = getattr(config.data, name)
+    optional = {
+        "data.train_classes": config.data.train_classes,
+        "data.test_classes": config.data.test_classes,
+        "data.samples_per_class": config.data.samples_per_class,
+        "train.batches_per_epoch": config.train.batches_per_epoch,
+        "train.threads": config.train.threads,
+        "optimizer.loss_lr": config.optimizer.loss_lr,
+        "optimizer.grad_clip_norm": config.optimizer.grad_clip_norm,
+    }
+    positive.update({key: value for key, value in optional.items() if value is not None})
+    positive.update({f"model.channels[{i}]": c for i, c in enumerate(config.model.channels)})
+    positive.update({f"model.hidden_dims[{i}]": d for i, d in enumerate(config.model.hidden_dims)})
+    positive.update({f"eval.k[{i}]": k for i, k in enumerate(config.eval.k)})
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    not_negative = {
+        "data.augment_shift": config.data.augment_shift,
+        "optimizer.weight_decay": config.optimizer.weight_decay,
+        "optimizer.loss_weight_decay": config.optimizer.loss_weight_decay,
+        "optimizer.momentum": config.optimizer.momentum,
+        "optimizer.warmup_steps": config.optimizer.warmup_steps,
+    }
+    for key, value in not_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0 <= config.model.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
+    if not config.model.channels:
+        raise ConfigError("model.channels must list at least one block width, e.g. [32, 64]")
     patience = config.train.early_stopping_patience
     if patience is not None and patience < 1:
         raise ConfigError(f"train.early_stopping_patience must be >= 1 or null, got {patience}")

@@ -366,16 +366,19 @@ def _build(config: Config) -> _Parts:
             raise
         raise ConfigError(f"loss.name={config.loss.name}: {error}") from error
     miner = build_miner(config.miner.name, config.miner.params, config.miner.distance)
-    optimizer = build_optimizer(
-        config.optimizer.name,
-        model,
-        loss_fn,
-        lr=config.optimizer.lr,
-        loss_lr=config.optimizer.loss_lr,
-        weight_decay=config.optimizer.weight_decay,
-        loss_weight_decay=config.optimizer.loss_weight_decay,
-        momentum=config.optimizer.momentum,
-    )
+    try:
+        optimizer = build_optimizer(
+            config.optimizer.name,
+            model,
+            loss_fn,
+            lr=config.optimizer.lr,
+            loss_lr=config.optimizer.loss_lr,
+            weight_decay=config.optimizer.weight_decay,
+            loss_weight_decay=config.optimizer.loss_weight_decay,
+            momentum=config.optimizer.momentum,
+        )
+    except ValueError as error:  # torch.optim's own checks, e.g. SGD's momentum
+        raise ConfigError(f"optimizer.name={config.optimizer.name}: {error}") from error
     total_steps = config.train.epochs * len(sampler)
     scheduler = build_scheduler(
         optimizer, config.optimizer.schedule, config.optimizer.warmup_steps, total_steps
