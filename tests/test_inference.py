@@ -279,6 +279,7 @@ def test_readme_after_training_snippet_runs(tour, monkeypatch, capsys):
         assert float(fields[2]) >= 0 and int(fields[3]) >= 0
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_docs_inference_examples_run(tour, monkeypatch, capsys):
     """docs/inference.md: its export commands print what it shows, its Python blocks run."""
     pytest.importorskip("onnxruntime", reason="the ONNX example needs the onnx extra")
