@@ -131,9 +131,32 @@ def clustering_scores(
     """
     x = as_embeddings(embeddings, "embeddings")
     labels = as_labels(labels, len(x), "labels", "embeddings")
-    classes, (codes,) = encode_labels(labels)
-    assignment = kmeans(x, len(classes), seed=seed, num_iterations=num_iterations)
-    return {
-        "nmi": float(normalized_mutual_info_score(codes, assignment)),
-        "ami": float(adjusted_mutual_info_score(codes, assignment)),
+    _, (codes,) = encode_labels(labels)
+    return kmeans_agreement(x, codes, ("nmi", "ami"), seed=seed, num_iterations=num_iterations)
+
+
+def kmeans_agreement(
+    x: np.ndarray,
+    codes: np.ndarray,
+    names: tuple[str, ...],
+    *,
+    seed: int = 0,
+    num_iterations: int = 20,
+) -> dict[str, float]:
+    """The chosen of "nmi", "ami" between class codes and `kmeans` with k = number of classes.
+
+    Both use the arithmetic mean of the entropies as normaliser (scikit-learn's
+    ``average_method="arithmetic"``), pinned here so that a change of default cannot move
+    them. Inputs are checked by the caller.
+
+    Example:
+        >>> x = np.array([[0.0], [0.1], [5.0], [5.1]])
+        >>> kmeans_agreement(x, np.array([0, 0, 1, 1]), ("nmi",))
+        {'nmi': 1.0}
+    """
+    assignment = kmeans(x, len(np.unique(codes)), seed=seed, num_iterations=num_iterations)
+    scores = {
+        "nmi": lambda: normalized_mutual_info_score(codes, assignment, average_method="arithmetic"),
+        "ami": lambda: adjusted_mutual_info_score(codes, assignment, average_method="arithmetic"),
     }
+    return {name: float(scores[name]()) for name in names}

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import sparse
-from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from deepmetric.index import NeighbourIndex
 from deepmetric.index_backends import BLOCK_ENTRIES, block_distances
 from deepmetric.metrics._inputs import as_embeddings, check_average, check_count, check_ks
-from deepmetric.metrics.clustering import kmeans
+from deepmetric.metrics.clustering import kmeans_agreement
 from deepmetric.metrics.diagnostics import _diagnostics
 from deepmetric.metrics.knn import knn_predict
 from deepmetric.metrics.labels import (
@@ -467,12 +466,9 @@ def evaluate(
             out["knn_accuracy"] = average_over_queries(
                 found.knn_correct, judge.query_codes, valid, average
             )
-    if "nmi" in chosen or "ami" in chosen:
-        assignment = kmeans(query, len(np.unique(judge.query_codes)), seed=seed)
-        if "nmi" in chosen:
-            out["nmi"] = float(normalized_mutual_info_score(judge.query_codes, assignment))
-        if "ami" in chosen:
-            out["ami"] = float(adjusted_mutual_info_score(judge.query_codes, assignment))
+    clustering = tuple(name for name in ("nmi", "ami") if name in chosen)
+    if clustering:
+        out.update(kmeans_agreement(query, judge.query_codes, clustering, seed=seed))
     if "diagnostics" in chosen:
         out.update(
             _diagnostics(
