@@ -25,7 +25,6 @@ import json
 import sys
 import time
 import traceback
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from deepmetric.data import (
     load_image,
 )
 from deepmetric.export import FORMATS, TOLERANCE, ExportError, export_run
-from deepmetric.index import NeighbourIndex
+from deepmetric.index import IndexFileError, NeighbourIndex
 from deepmetric.inference import load_run
 from deepmetric.metrics import format_table
 from deepmetric.report import class_name, comparison_table
@@ -81,6 +80,7 @@ USER_ERRORS = (
     CheckpointError,
     RunFolderError,
     DataError,
+    IndexFileError,
     FileNotFoundError,
     TrainingDivergedError,
     ExportError,
@@ -120,21 +120,11 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
 
 def _load_index(path: Path) -> NeighbourIndex:
-    """The index file ``path``; a missing or damaged file is a `RunFolderError` naming it."""
-    if not path.is_file():
-        raise RunFolderError(
-            f"no index at {path}: build one with `deepmetric index RUN DATA --out {path}`"
-        )
+    """The index file ``path``; a missing or damaged file raises `IndexFileError` naming it."""
     try:
         return NeighbourIndex.load(path)
-    except ImportError as error:
+    except ImportError as error:  # an IVF or HNSW index without faiss installed
         raise RunFolderError(f"{path}: {error}") from error
-    except (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise RunFolderError(
-            f"{path} is not a readable deepmetric index ({type(error).__name__}: {reason}): "
-            f"build it again with `deepmetric index RUN DATA --out {path} --force`"
-        ) from error
 
 
 def _names_file(index_path: Path) -> Path:
