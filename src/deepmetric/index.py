@@ -46,23 +46,39 @@ def _load_faiss() -> Any:
     return faiss
 
 
-def _as_float32_matrix(x: Any, name: str) -> np.ndarray:
+def as_float32_rows(x: Any, name: str, *, min_rows: int = 0) -> np.ndarray:
+    """``x`` as a finite, C-contiguous (N, D) float32 array, N >= min_rows and D >= 1.
+
+    The one check of embedding inputs for the index and the metrics; errors name ``name``.
+
+    Example:
+        >>> as_float32_rows([[1, 2]], "queries").dtype
+        dtype('float32')
+    """
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-        if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            raise TypeError(f"{name} must hold floating values, got dtype {x.dtype}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
         x = x.float().numpy()
     x = np.asarray(x)
     if x.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold numbers, got dtype {x.dtype}")
     if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (num_vectors, dim), got shape {x.shape}")
+        raise ValueError(
+            f"{name} must be 2-D (num_rows, dim), got shape {x.shape}; "
+            "reshape it, e.g. x.reshape(len(x), -1)"
+        )
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no columns (shape {x.shape}); pass dim >= 1 values per row")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name} is empty (shape {x.shape}); pass at least {min_rows} row(s)")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).any(axis=1).sum())
-        raise ValueError(f"{name} contains NaN or inf in {bad} of {len(x)} rows")
+        raise ValueError(
+            f"{name} contains NaN or inf in {bad} of {len(x)} rows (float32); "
+            "check the model output or the embedding scale"
+        )
     return x
 
 
@@ -255,7 +271,7 @@ class NeighbourIndex:
             >>> len(index)
             4
         """
-        vectors = _as_float32_matrix(embeddings, "embeddings")
+        vectors = as_float32_rows(embeddings, "embeddings")
         if self.dim is None:
             self.dim = vectors.shape[1]
         if vectors.shape[1] != self.dim:
@@ -316,7 +332,7 @@ class NeighbourIndex:
                    [0],
                    [1]])
         """
-        queries = _as_float32_matrix(queries, "queries")
+        queries = as_float32_rows(queries, "queries")
         if self.ntotal == 0:
             raise ValueError("the index is empty; call add() before search()")
         if queries.shape[1] != self.dim:

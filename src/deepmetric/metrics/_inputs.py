@@ -7,34 +7,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepmetric.index import as_float32_rows
+
 AVERAGES = ("micro", "macro")
 
 
 def as_embeddings(x: Any, name: str) -> np.ndarray:
-    """Return ``x`` as a finite, C-contiguous (N, D) float32 array; raise a clear error else."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
-        x = x.float().numpy()
-    x = np.asarray(x)
-    if x.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold numbers, got dtype {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(
-            f"{name} must be 2-D (num_samples, embedding_dim), got shape {x.shape}; "
-            "reshape it, e.g. x.reshape(len(x), -1)"
-        )
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape}); pass at least one row")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=1).sum())
-        raise ValueError(
-            f"{name} contains NaN or inf in {bad} of {len(x)} rows (float32); "
-            "check the model output or the embedding scale"
-        )
-    return x
+    """Return ``x`` as a finite, C-contiguous (N, D) float32 array, N >= 1; raise else."""
+    return as_float32_rows(x, name, min_rows=1)
 
 
 def as_labels(labels: Any, num_rows: int, name: str, rows_name: str) -> np.ndarray:

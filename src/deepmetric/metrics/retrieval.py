@@ -405,6 +405,24 @@ def scores_from_relevance(
     )
 
 
+def _mean_over_queries(
+    neighbours: Neighbours,
+    query_labels: Any,
+    num_relevant: Any,
+    average: str,
+    per_query: Any,
+    *,
+    needs_depth: bool = False,
+) -> float:
+    """Average ``per_query(rel, num_relevant)`` over the queries with R >= 1."""
+    rel = relevance(neighbours, query_labels)
+    num_relevant = _check_num_relevant(num_relevant, neighbours.num_queries)
+    if needs_depth:
+        _check_depth(neighbours.k, num_relevant)
+    values = per_query(rel, num_relevant)
+    return average_over_queries(values, query_labels, num_relevant > 0, average)
+
+
 def recall_at_k(
     neighbours: Neighbours,
     query_labels: Any,
@@ -426,10 +444,13 @@ def recall_at_k(
     (k,) = check_ks(k)
     if k > neighbours.k:
         raise ValueError(f"k={k} but neighbours has only k={neighbours.k}; search deeper")
-    rel = relevance(neighbours, query_labels)
-    num_relevant = _check_num_relevant(num_relevant, neighbours.num_queries)
-    hits = _hits_within(rel, (k,))[:, 0]
-    return average_over_queries(hits, query_labels, num_relevant > 0, average)
+    return _mean_over_queries(
+        neighbours,
+        query_labels,
+        num_relevant,
+        average,
+        lambda rel, _: _hits_within(rel, (k,))[:, 0],
+    )
 
 
 def precision_at_1(
@@ -460,11 +481,9 @@ def r_precision(
         >>> r_precision(nb, [1], [2])
         0.5
     """
-    rel = relevance(neighbours, query_labels)
-    num_relevant = _check_num_relevant(num_relevant, neighbours.num_queries)
-    _check_depth(neighbours.k, num_relevant)
-    values = _r_precision(rel, num_relevant)
-    return average_over_queries(values, query_labels, num_relevant > 0, average)
+    return _mean_over_queries(
+        neighbours, query_labels, num_relevant, average, _r_precision, needs_depth=True
+    )
 
 
 def map_at_r(
@@ -482,11 +501,9 @@ def map_at_r(
         >>> map_at_r(nb, [1], [4])
         0.25
     """
-    rel = relevance(neighbours, query_labels)
-    num_relevant = _check_num_relevant(num_relevant, neighbours.num_queries)
-    _check_depth(neighbours.k, num_relevant)
-    values = _average_precision_at_r(rel, num_relevant)
-    return average_over_queries(values, query_labels, num_relevant > 0, average)
+    return _mean_over_queries(
+        neighbours, query_labels, num_relevant, average, _average_precision_at_r, needs_depth=True
+    )
 
 
 def mean_reciprocal_rank(
@@ -503,16 +520,17 @@ def mean_reciprocal_rank(
         >>> mean_reciprocal_rank(nb, [1], [1])
         0.5
     """
-    rel = relevance(neighbours, query_labels)
-    num_relevant = _check_num_relevant(num_relevant, neighbours.num_queries)
-    valid = num_relevant > 0
-    ranks = _first_relevant_rank(rel)
-    unresolved = int((valid & (ranks == 0)).sum())
-    if unresolved:
-        raise ValueError(
-            f"{unresolved} queries have no relevant reference among their k={neighbours.k} "
-            "neighbours, so their rank is unknown; search with a larger k or use evaluate()"
-        )
-    with np.errstate(divide="ignore"):
-        values = np.where(valid, 1.0 / ranks, 0.0)
-    return average_over_queries(values, query_labels, valid, average)
+
+    def reciprocal_ranks(rel: np.ndarray, num_relevant: np.ndarray) -> np.ndarray:
+        valid = num_relevant > 0
+        ranks = _first_relevant_rank(rel)
+        unresolved = int((valid & (ranks == 0)).sum())
+        if unresolved:
+            raise ValueError(
+                f"{unresolved} queries have no relevant reference among their k={neighbours.k} "
+                "neighbours, so their rank is unknown; search with a larger k or use evaluate()"
+            )
+        with np.errstate(divide="ignore"):
+            return np.where(valid, 1.0 / ranks, 0.0)
+
+    return _mean_over_queries(neighbours, query_labels, num_relevant, average, reciprocal_ranks)
