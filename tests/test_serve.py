@@ -6,9 +6,11 @@ run by uvicorn in a thread. Every wait is bounded.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -384,3 +387,177 @@ def test_missing_serve_extra_names_the_extra(digits, monkeypatch, capsys):
         create_app(run)
     assert main(["serve", str(run.root), "--port", "9"]) == 2
     assert "deepmetric[serve]" in capsys.readouterr().err
+
+
+class DevTools:
+    """A minimal Chrome DevTools protocol client over a websocket (RFC 6455, standard
+    library only): send a command, wait for its answer; every read is bounded by a timeout."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        address = urllib.parse.urlparse(url)
+        self.socket = socket.create_connection((address.hostname, address.port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.socket.sendall(
+            f"GET {address.path} HTTP/1.1\r\nHost: {address.hostname}:{address.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.last_id = 0
+
+    def _recv(self) -> bytes:
+        chunk = self.socket.recv(65536)
+        if not chunk:
+            raise ConnectionError("chromium closed the DevTools connection")
+        return chunk
+
+    def _read(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self.buffer += self._recv()
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def _message(self) -> dict[str, Any]:
+        data = b""
+        while True:
+            first, second = self._read(2)
+            size = second & 0x7F
+            if size >= 126:
+                size = int.from_bytes(self._read(2 if size == 126 else 8), "big")
+            payload = self._read(size)  # frames from the browser are not masked
+            if first & 0x0F == 8:
+                raise ConnectionError("chromium closed the DevTools connection")
+            data += payload
+            if first & 0x80:  # the final fragment
+                return json.loads(data)
+
+    def __call__(self, method: str, **params: Any) -> dict[str, Any]:
+        self.last_id += 1
+        payload = json.dumps({"id": self.last_id, "method": method, "params": params}).encode()
+        size = len(payload)
+        header = bytes([0x81]) + (
+            bytes([0x80 | size])
+            if size < 126
+            else bytes([0x80 | 126]) + size.to_bytes(2, "big")
+            if size < 1 << 16
+            else bytes([0x80 | 127]) + size.to_bytes(8, "big")
+        )
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        self.socket.sendall(header + mask + masked)
+        while True:
+            message = self._message()
+            if message.get("id") == self.last_id:
+                assert "error" not in message, message["error"]
+                return message["result"]
+
+    def evaluate(self, expression: str) -> Any:
+        result = self("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise TimeoutError(f"the page never satisfied {expression}")
+
+
+@pytest.fixture
+def browser(tmp_path) -> Iterator[DevTools]:
+    """Headless chromium driven over the DevTools protocol (a local port, bounded waits)."""
+    profile = tmp_path / "profile"
+    command = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "--window-size=1150,900",
+        "about:blank",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert process.poll() is None and time.monotonic() < deadline, "chromium did not start"
+            time.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as answer:
+            targets = json.loads(answer.read())
+        page = next(t for t in targets if t["type"] == "page")
+        client = DevTools(page["webSocketDebuggerUrl"], REQUEST_TIMEOUT)
+        yield client
+        client.socket.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+NEIGHBOURS_JS = """JSON.stringify([...document.querySelectorAll('#results .neighbour')].map(
+    (card) => [Number(card.dataset.id), card.querySelector('.name').textContent,
+               card.querySelector('.distance').textContent]))"""
+
+
+@pytest.mark.skipif(
+    chromium() is None,
+    reason="no chromium browser installed (apt-get install -y chromium; .ci/run installs it)",
+)
+def test_a_person_uploads_a_query_and_picks_an_item_in_the_page(digits, browser, tmp_path):
+    base, run = digits
+    pixels = np.rint(run.item_images([40])[0, 0] * 255).astype(np.uint8)
+    query = tmp_path / "query.png"
+    query.write_bytes(png(pixels))
+    browser("Page.enable")
+    browser("Page.navigate", url=f"{base}/")
+    browser.wait_for("document.querySelectorAll('#picker figure').length === 48")
+
+    # Upload: the file input gets query.png, k = 4, the search button is clicked.
+    root = browser("DOM.getDocument")["root"]["nodeId"]
+    file_input = browser("DOM.querySelector", nodeId=root, selector="#image")["nodeId"]
+    browser("DOM.setFileInputFiles", files=[str(query)], nodeId=file_input)
+    browser.evaluate(
+        "document.getElementById('k').value = 4;"
+        "document.querySelector('#query-form button').click()"
+    )
+    browser.wait_for("document.querySelectorAll('#results .neighbour').length === 4")
+    shown = json.loads(browser.evaluate(NEIGHBOURS_JS))
+    expected = run.search(query, k=4)[0]
+    assert [(i, name) for i, name, _ in shown] == [(n.id, n.name) for n in expected]
+    assert [d for _, _, d in shown] == [f"{n.distance:.4f}" for n in expected]
+    assert shown[0][0] == 40  # the uploaded item finds itself first
+    shot = base64.b64decode(browser("Page.captureScreenshot", format="png")["data"])
+    (tmp_path / "upload-search.png").write_bytes(shot)  # kept with pytest's temp folders
+    assert min(Image.open(io.BytesIO(shot)).size) > 0
+
+    # Pick: clicking the third item of the grid searches its neighbours (k is still 4).
+    browser.evaluate("document.querySelectorAll('#picker figure')[2].click()")
+    browser.wait_for("document.querySelector('#query .id')?.textContent === 'item 2'")
+    browser.wait_for(
+        "document.querySelectorAll('#results .neighbour').length === 4 && "
+        "!document.getElementById('status').textContent.startsWith('searching')"
+    )
+    shown = json.loads(browser.evaluate(NEIGHBOURS_JS))
+    assert [i for i, _, _ in shown] == [n.id for n in run.search_items([2], k=4)[0]]
+
+    # An error from the service is shown on the page, not swallowed.
+    browser.evaluate("document.getElementById('k').value = 0; searchId(3)")
+    message = browser.wait_for(
+        "document.getElementById('status').className === 'error' && "
+        "document.getElementById('status').textContent"
+    )
+    assert message.startswith("422: k must be an integer from 1 to")
