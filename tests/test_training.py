@@ -460,10 +460,11 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
     with pytest.raises(DataError, match=re.escape(str(images / "c3" / "1.png"))):
         train(config, tmp_path / "r2", quiet=True)
     assert not (tmp_path / "r2").exists()
-    (tmp_path / "r3").mkdir()  # a folder the user made is kept, emptied of what the run wrote
+    (tmp_path / "r3" / "checkpoints").mkdir(parents=True)  # a folder the user made, with
+    (tmp_path / "r3" / "checkpoints" / "mine.pt").write_text("theirs")  # files of their own
     with pytest.raises(DataError):
         train(config, tmp_path / "r3", quiet=True)
-    assert (tmp_path / "r3").is_dir() and not list((tmp_path / "r3").iterdir())
+    assert [p.name for p in (tmp_path / "r3").rglob("*")] == ["checkpoints", "mine.pt"]
     (images / "c3" / "1.png").write_bytes(good)
     assert train(config, tmp_path / "r2", quiet=True)["steps"] == 6  # the same call again
 

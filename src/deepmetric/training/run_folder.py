@@ -108,15 +108,21 @@ class RunFolder:
                 "is kept as metrics-1.jsonl)"
             )
 
-    def start(self, config: Config, class_names: list[str]) -> bool:
-        """Write config.yaml and class_names.json of a new run; return whether the folder
-        was created (`discard` removes it again)."""
+    def start(self, config: Config, class_names: list[str]) -> list[Path]:
+        """Write config.yaml and class_names.json of a new run; return what the run may
+        write that did not exist before (the folder itself included), for `discard`."""
         self.check_new()
-        created = not self.root.exists()
+        owned = [self.root] if not self.root.exists() else []
+        owned += [
+            path
+            for path in (self.config, self.class_names, self.metrics, self.tensorboard)
+            if not path.exists()
+        ]
+        owned += [] if (self.root / "checkpoints").exists() else [self.root / "checkpoints"]
         self.root.mkdir(parents=True, exist_ok=True)
         self.write_text(self.config, config.to_yaml())
         self.write_json(self.class_names, class_names)
-        return created
+        return owned
 
     def reopen(self, class_names: list[str]) -> None:
         """Prepare a resumed run: remove the temporary files a kill left during a write, and
@@ -145,15 +151,17 @@ class RunFolder:
                 moved.append(target)
         return moved
 
-    def discard(self, created: bool) -> None:
-        """Remove what a new run wrote before its first step (config.yaml, class_names.json,
-        the log), and the folder itself when ``created`` and nothing else is in it, so the
-        same command can run again."""
-        for path in (self.config, self.class_names, self.metrics):
-            path.unlink(missing_ok=True)
-        for folder in (self.tensorboard, self.root / "checkpoints"):
-            shutil.rmtree(folder, ignore_errors=True)
-        if created and self.root.is_dir() and not any(self.root.iterdir()):
+    def discard(self, owned: list[Path]) -> None:
+        """Remove what a new run wrote before its first step (``owned``, from `start`:
+        config.yaml, class_names.json, the log, and the folder if the run created it), so
+        the same command can run again; files that were there before are left alone."""
+        for path in owned:
+            if path != self.root:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        if self.root in owned and self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()
 
     def load_class_names(self) -> list[str] | None:

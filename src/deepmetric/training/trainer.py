@@ -273,9 +273,9 @@ def _train(
         run.check_new()
     parts = _build(config)  # nothing is written before the config and data proved usable
     fresh = not resume or not run.last.is_file()
-    created = False
+    owned: list[Path] = []
     if not resume:
-        created = run.start(config, parts.eval_set.class_names)
+        owned = run.start(config, parts.eval_set.class_names)
     else:
         run.reopen(parts.eval_set.class_names)
         if fresh:
@@ -298,7 +298,7 @@ def _train(
         if log is not None:
             log.close()
         if not resume and state.step == 0:
-            run.discard(created)  # failed before its first step: leave nothing behind
+            run.discard(owned)  # failed before its first step: leave nothing behind
         raise
     return _finish(parts, state, run, say)
 
