@@ -356,8 +356,7 @@ class ClassifierLoss(MetricLoss):
         reduction: "mean", "nonzero_mean" or "sum" over the per-sample terms.
     """
 
-    function: ClassVar[Callable[..., Any]]
-    class_vectors: ClassVar[tuple[str, ...]] = ("weight",)
+    class_vectors: ClassVar[tuple[str, ...]] = ()
     distances: ClassVar[DistanceRule] = COSINE
     local_anchor_supported: ClassVar[bool] = True
     passed: ClassVar[tuple[str, ...]] = ()
@@ -366,6 +365,11 @@ class ClassifierLoss(MetricLoss):
     num_classes = HyperParameter(check_count)
     embedding_size = HyperParameter(check_count)
     reduction = HyperParameter(lambda value, name: check_reduction(value))
+
+    @staticmethod
+    def function(*args: Any, **kwargs: Any) -> Any:
+        """The functional form; a subclass sets its own."""
+        raise NotImplementedError("a ClassifierLoss subclass sets `function`, its functional form")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -324,6 +324,7 @@ class NormalizedSoftmaxLoss(ClassifierLoss):
     """
 
     function = staticmethod(normalized_softmax_loss)
+    class_vectors = ("weight",)
     temperature = HyperParameter(check_positive)
 
     def __init__(
@@ -479,6 +480,7 @@ class LargeMarginSoftmaxLoss(_CountsSteps, ClassifierLoss):
     """
 
     function = staticmethod(large_margin_softmax_loss)
+    class_vectors = ("weight",)
     distances = DOT_PRODUCT
     margin = HyperParameter(check_count)
     scale = HyperParameter(check_positive)
@@ -566,6 +568,7 @@ class CosFaceLoss(ClassifierLoss):
     """
 
     function = staticmethod(cosface_loss)
+    class_vectors = ("weight",)
     margin = HyperParameter(check_cosine_margin)
     scale = HyperParameter(check_positive)
 
@@ -603,6 +606,7 @@ class ArcFaceLoss(ClassifierLoss):
     """
 
     function = staticmethod(arcface_loss)
+    class_vectors = ("weight",)
     margin = HyperParameter(check_angle_margin)
     scale = HyperParameter(check_positive)
     easy_margin = HyperParameter(check_flag)
