@@ -480,7 +480,7 @@ def evaluate(
                 found.nn_found,
                 distance,
                 exclude_self,
-            )  # fmt: skip
+            )
         )
     if "verification" in chosen:
         out.update(
@@ -493,6 +493,6 @@ def evaluate(
                 num_pairs=num_pairs,
                 seed=seed,
                 exclude_self=exclude_self,
-            )  # fmt: skip
+            )
         )
     return out
