@@ -231,3 +231,11 @@ def test_index_and_embed_do_not_overwrite_without_force(run, capsys):
 def test_evaluate_names_the_classes(run, capsys):
     assert main(["evaluate", str(run)]) == 0
     assert "896 items of 5 classes: 5, 6, 7, 8, 9" in capsys.readouterr().out
+
+
+def test_report_of_an_unfinished_run_says_how_to_finish_it(run, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert main(["report", str(unfinished)]) == 2
+    assert "summary.json is missing" in capsys.readouterr().err

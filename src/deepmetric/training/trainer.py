@@ -50,7 +50,7 @@ from deepmetric.training.components import (
 )
 from deepmetric.training.config import Config
 from deepmetric.training.data import gather, images_of, load_split
-from deepmetric.training.errors import ConfigError, TrainingDivergedError
+from deepmetric.training.errors import ConfigError, RunFolderError, TrainingDivergedError
 from deepmetric.training.run_folder import MetricsLog, RunFolder
 
 __all__ = [
@@ -127,6 +127,11 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
 
 def report_run(run: RunFolder, config: Config, images: ImageSource | None = None) -> Path:
     """Write the report of a finished run (report.html and plots/) from its files."""
+    if not run.summary.is_file():
+        raise RunFolderError(
+            f"{run.summary} is missing: the run has not finished; continue it with "
+            f"`deepmetric train --resume {run.root}`"
+        )
     embeddings, labels = run.load_embeddings()
     return write_report(
         run.root,
