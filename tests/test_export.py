@@ -181,3 +181,8 @@ def test_export_needs_the_runs_data(run, monkeypatch, tmp_path):
     with pytest.raises(ExportError, match="the check needs the items .* table.csv does not"):
         export_run(run, "torchscript", tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_export_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err

@@ -561,3 +561,8 @@ def test_a_person_uploads_a_query_and_picks_an_item_in_the_page(digits, browser,
         "document.getElementById('status').textContent"
     )
     assert message.startswith("422: k must be an integer from 1 to")
+
+
+def test_serve_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--port", "9"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
