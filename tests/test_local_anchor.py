@@ -16,8 +16,6 @@ import torch
 from deepmetric import losses, miners
 from deepmetric.distances import CosineSimilarity, EuclideanDistance
 
-torch.set_default_dtype(torch.float64)
-
 LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])  # uneven, one singleton (3)
 SPLITS = {
     "halves": [range(0, 6), range(6, 12)],
@@ -47,7 +45,8 @@ SUPPORTED = {
 
 def _embeddings(seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(len(LABELS), 5, generator=generator), dim=1)
+    x = torch.randn(len(LABELS), 5, generator=generator, dtype=torch.float64)
+    return torch.nn.functional.normalize(x, dim=1)
 
 
 @pytest.mark.parametrize("split", sorted(SPLITS))

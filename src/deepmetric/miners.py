@@ -43,19 +43,31 @@ class BaseMiner(nn.Module):
     def forward(
         self,
         embeddings: Tensor,
-        labels: Tensor,
+        labels: Tensor | None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
         *,
         query_ids: Tensor | None = None,
         ref_ids: Tensor | None = None,
+        relevance: Tensor | None = None,
     ) -> MinedTuple:
-        """Mine index tuples from a batch and an optional reference set."""
+        """Mine index tuples from a batch and an optional reference set.
+
+        `labels` are class ids (N,) or multi-hot label sets (N, L); `relevance` (N, M) may
+        replace them; rows with equal `query_ids` / `ref_ids` are never paired (see
+        `deepmetric.pairwise` and docs/labels.md).
+        """
         batch, ids = check_pair_batch(
-            embeddings, labels, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+            embeddings,
+            labels,
+            ref_emb,
+            ref_labels,
+            query_ids=query_ids,
+            ref_ids=ref_ids,
+            relevance=relevance,
         )
         relation = build_relation(
-            batch.labels, batch.ref_labels, len(batch.ref_emb), ids, batch.ref_is_query
+            batch.labels, batch.ref_labels, len(batch.ref_emb), ids, batch.ref_is_query, relevance
         )
         with torch.no_grad():
             matrix = self.distance(batch.embeddings, batch.ref_emb)
@@ -188,15 +200,13 @@ class HardNetMiner(BaseMiner):
     its own reference set (the "column" of p is then the row of p).
     """
 
-    def forward(
-        self, embeddings, labels, ref_emb=None, ref_labels=None, *, query_ids=None, ref_ids=None
-    ):
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None, **pairing):
         if ref_emb is not None:
             raise ValueError(
                 "HardNetMiner mines within the batch (both members of each pair must be anchors); "
                 "put both sets in the batch with shared labels instead of passing ref_emb"
             )
-        return super().forward(embeddings, labels, query_ids=query_ids, ref_ids=ref_ids)
+        return super().forward(embeddings, labels, **pairing)
 
     def mine(self, matrix, batch, relation):
         positives = relation.positives
@@ -308,7 +318,6 @@ class RankWindowMiner(BaseMiner):
         self.generator = generator
 
     def mine(self, matrix, batch, relation):
-        labels = batch.labels
         positives = relation.positives
         _exclude_same_label_(matrix, relation, self.distance)
         first, last = self.window
@@ -319,9 +328,9 @@ class RankWindowMiner(BaseMiner):
         uniform = torch.rand(shape, generator=self.generator, device=matrix.device)
         pick = (first - 1) + (uniform * window_size.view(-1, 1, 1)).long()
         keep = (positives.valid & (window_size > 0).unsqueeze(1)).unsqueeze(2).expand(shape)
-        anchor = torch.arange(len(labels), device=matrix.device).view(-1, 1, 1).expand(shape)
+        anchor = torch.arange(len(matrix), device=matrix.device).view(-1, 1, 1).expand(shape)
         pos = positives.index.unsqueeze(2).expand(shape)
-        neg = ranked.gather(1, pick.clamp_max(depth - 1).view(len(labels), -1)).view(shape)
+        neg = ranked.gather(1, pick.clamp_max(depth - 1).view(len(matrix), -1)).view(shape)
         return anchor[keep], pos[keep], neg[keep]
 
 

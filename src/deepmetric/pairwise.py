@@ -47,13 +47,18 @@ __all__ = [
 ]
 
 
-def check_class_labels(labels: object, num_rows: int, name: str, rows_name: str) -> Tensor:
+def check_class_labels(
+    labels: object, num_rows: int, name: str, rows_name: str, multi_hot: bool = False
+) -> Tensor:
     """`labels` as int64 class ids if it is a 1-D tensor of any integer dtype or bool with
-    `num_rows` entries; raise a TypeError or ValueError naming `name` otherwise."""
+    `num_rows` entries, or (with `multi_hot`) as a bool (N, L) label-set matrix if it is 2-D
+    of bool or 0/1 integers; raise a TypeError or ValueError naming `name` otherwise."""
     if not isinstance(labels, Tensor):
         raise TypeError(
             f"{name} must be a 1-D torch.Tensor of integer class ids, got {type(labels)!r}"
         )
+    if multi_hot and labels.dim() == 2:
+        return _check_multi_hot(labels, num_rows, name, rows_name)
     if labels.dim() != 1:
         raise ValueError(
             f"{name} must be 1-D (one class id per row), got shape {tuple(labels.shape)}"
@@ -66,6 +71,49 @@ def check_class_labels(labels: object, num_rows: int, name: str, rows_name: str)
     if len(labels) != num_rows:
         raise ValueError(f"{name} has {len(labels)} entries but {rows_name} has {num_rows} rows")
     return labels.long()
+
+
+def _check_multi_hot(labels: Tensor, num_rows: int, name: str, rows_name: str) -> Tensor:
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(
+            f"{name} is 2-D of dtype {labels.dtype}: labels are 1-D class ids or a 2-D multi-hot "
+            "(N, L) matrix of bool or 0/1 integers; use labels.bool() for label sets"
+        )
+    if len(labels) != num_rows:
+        raise ValueError(f"{name} has {len(labels)} rows but {rows_name} has {num_rows} rows")
+    if labels.dtype != torch.bool:
+        if bool(((labels != 0) & (labels != 1)).any()):
+            raise ValueError(
+                f"{name} is a multi-hot (N, L) matrix, so its entries must be 0 or 1; map "
+                "class ids to label sets first (torch.nn.functional.one_hot)"
+            )
+        labels = labels.bool()
+    return labels
+
+
+def check_relevance(relevance: object, num_query: int, num_ref: int, device) -> Tensor:
+    """`relevance` if it is an (N, M) tensor of bool or finite non-negative numbers (a pair is
+    positive where it is > 0); raise a TypeError or ValueError naming it otherwise."""
+    if not isinstance(relevance, Tensor) or relevance.dim() != 2:
+        raise TypeError(
+            "relevance must be a 2-D torch.Tensor (N, M): one row per embedding, one column per "
+            "reference row (the batch itself without ref_emb), > 0 where the pair is positive"
+        )
+    if tuple(relevance.shape) != (num_query, num_ref):
+        raise ValueError(
+            f"relevance has shape {tuple(relevance.shape)} but the batch and the reference set "
+            f"have {num_query} and {num_ref} rows; pass an ({num_query}, {num_ref}) matrix"
+        )
+    if relevance.is_complex():
+        raise TypeError("relevance must be bool, integer or floating, not complex")
+    if relevance.dtype != torch.bool:
+        if relevance.is_floating_point() and not bool(torch.isfinite(relevance).all()):
+            raise ValueError("relevance contains NaN or inf; pass finite values >= 0")
+        if bool((relevance < 0).any()):
+            raise ValueError("relevance must be >= 0 (0: not relevant, > 0: positive pair)")
+    if relevance.device != device:
+        raise ValueError(f"relevance is on {relevance.device} but embeddings on {device}")
+    return relevance
 
 
 def check_ids(
@@ -124,10 +172,13 @@ def check_pair_batch(
     labels_optional: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> tuple[CheckedBatch, tuple[Tensor, Tensor] | None]:
     """Check the inputs of a pair-based loss or miner once: the batch and its reference set
-    (upcast from half precision), labels as int64 class ids, and the item ids (`check_ids`).
-    Labels may be missing only when `labels_optional` (a loss given an indices_tuple)."""
+    (upcast from half precision), labels as int64 class ids or bool multi-hot (N, L) sets,
+    the item ids (`check_ids`) and an explicit `relevance` (`check_relevance`). Labels may
+    be missing when `labels_optional` (a loss given an indices_tuple) or with `relevance`."""
+    labels_optional = labels_optional or relevance is not None
     if labels is None and not labels_optional:
         raise ValueError("labels are required (a 1-D integer tensor, one class id per row)")
     if ref_labels is not None and ref_emb is None:
@@ -135,14 +186,21 @@ def check_pair_batch(
     batch = check_batch(embeddings, None, ref_emb, None, labels_optional=True)
     if ref_emb is not None and ref_labels is None and not labels_optional:
         raise ValueError("ref_emb needs ref_labels, one class id per reference row")
-    if labels is not None:
-        labels = check_class_labels(labels, len(batch.embeddings), "labels", "embeddings")
-    if ref_labels is not None:
-        ref_labels = check_class_labels(ref_labels, len(batch.ref_emb), "ref_labels", "ref_emb")
-    check_same_device(embeddings=embeddings, labels=labels, ref_labels=ref_labels)
     num_query, num_ref = len(batch.embeddings), len(batch.ref_emb)
+    if labels is not None:
+        labels = check_class_labels(labels, num_query, "labels", "embeddings", multi_hot=True)
+    if ref_labels is not None:
+        ref_labels = check_class_labels(ref_labels, num_ref, "ref_labels", "ref_emb", True)
+        if labels is not None and ref_labels.shape[1:] != labels.shape[1:]:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)} and ref_labels {tuple(ref_labels.shape)}"
+                ": both must be class ids (1-D) or label sets over the same L labels (N, L)"
+            )
+    check_same_device(embeddings=embeddings, labels=labels, ref_labels=ref_labels)
     device = batch.embeddings.device
     ids = check_ids(query_ids, ref_ids, num_query, num_ref, batch.ref_is_query, device)
+    if relevance is not None:
+        check_relevance(relevance, num_query, num_ref, device)
     ref_labels = labels if batch.ref_is_query else ref_labels
     return batch._replace(labels=labels, ref_labels=ref_labels), ids
 
@@ -305,17 +363,17 @@ class Relation:
         return None if excluded is None else ~excluded
 
     def positive_weights(self, rows: slice, lists: PositiveLists) -> Tensor:
-        """(R, K) weight of each listed positive: 1 for class ids, the Jaccard overlap for
-        multi-hot labels, the relevance value for a relevance matrix; 0 in invalid slots."""
+        """(R, K) float64 weight of each listed positive: 1 for class ids, the Jaccard overlap
+        for multi-hot labels, the relevance value for a relevance matrix; 0 in invalid slots."""
         if self._relevance is not None:
-            weights = self._relevance[rows].gather(1, lists.index).to(torch.get_default_dtype())
+            weights = self._relevance[rows].gather(1, lists.index).to(torch.float64)
         elif self._multi_hot is not None:
             query_hot, ref_hot = self._multi_hot
-            shared = self._overlap(rows).gather(1, lists.index)
+            shared = self._overlap(rows).gather(1, lists.index).double()
             sizes = query_hot[rows].sum(dim=1, keepdim=True) + ref_hot.sum(dim=1)[lists.index]
-            weights = shared / (sizes - shared).clamp_min(1)
+            weights = shared / (sizes.double() - shared).clamp_min(1)
         else:
-            weights = lists.valid.to(torch.get_default_dtype())
+            weights = lists.valid.to(torch.float64)
         return weights * lists.valid
 
     @property

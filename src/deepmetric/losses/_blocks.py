@@ -141,7 +141,7 @@ class PairSets:
         """(R, K) weights of the listed positives (`Relation.positive_weights`; 1 for mined)."""
         if self.relation is not None:
             return self.relation.positive_weights(rows, lists)
-        return lists.valid.to(torch.get_default_dtype())
+        return lists.valid.to(torch.float64)
 
     def negative_mask(self, rows: slice) -> Tensor:
         """(rows, M) mask of the negative pairs of the anchors in `rows`."""
@@ -310,11 +310,20 @@ def setup_pairs(
     ref_labels: Tensor | None,
     distance: BaseDistance,
     params: tuple[Tensor, ...] = (),
-    ids: tuple[Tensor | None, Tensor | None] = (None, None),
+    ids: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
 ) -> tuple[LossInputs, PairSets, Sweep]:
-    """Checked inputs, their pair sets and a sweep over their distance matrix."""
+    """Checked inputs, their pair sets and a sweep over their distance matrix; `ids` is
+    (query_ids, ref_ids, relevance)."""
+    query_ids, ref_ids, relevance = ids
     inputs = prepare_inputs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=ids[0], ref_ids=ids[1]
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        query_ids=query_ids,
+        ref_ids=ref_ids,
+        relevance=relevance,
     )
     pairs = PairSets(inputs)
     sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance, params)

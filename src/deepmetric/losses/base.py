@@ -59,11 +59,13 @@ def prepare_inputs(
     *,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> LossInputs:
     """Check a loss call's arguments once, with messages that name the argument and the fix.
 
-    Labels come back as int64; `ids` holds the checked (query_ids, ref_ids) (see
-    `deepmetric.pairwise.check_ids`).
+    Labels come back as int64 class ids (N,) or bool label sets (N, L); `ids` holds the
+    checked (query_ids, ref_ids) (see `deepmetric.pairwise.check_ids`); `relevance` (N, M),
+    when given, decides the positive pairs instead of the labels (docs/labels.md).
     """
     batch, ids = check_pair_batch(
         embeddings,
@@ -73,6 +75,7 @@ def prepare_inputs(
         labels_optional=indices_tuple is not None,
         query_ids=query_ids,
         ref_ids=ref_ids,
+        relevance=relevance,
     )
     if indices_tuple is not None:
         indices_tuple = check_indices_tuple(
@@ -87,6 +90,7 @@ def prepare_inputs(
         indices_tuple,
         batch.dtype,
         ids,
+        relevance,
     )
 
 

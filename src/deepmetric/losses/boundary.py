@@ -45,6 +45,7 @@ def ranked_list_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Ranked list loss (Wang, Hua, Kodirov, Hu, Garnier & Robertson 2019).
 
@@ -79,7 +80,13 @@ def ranked_list_loss(
     check_reduction(reduction)
     alpha = _check_ranked_list(margin, Tn, imbalance, alpha, Tp)
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        distance,
+        ids=(query_ids, ref_ids, relevance),
     )
     counts = new_counts(inputs)
     pos_boundary = alpha - margin
@@ -151,6 +158,7 @@ class RankedListLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             ranked_list_loss,
@@ -161,6 +169,7 @@ class RankedListLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             margin=self.margin,
             Tn=self.Tn,
             imbalance=self.imbalance,
@@ -188,6 +197,7 @@ def margin_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Margin loss (Wu, Manmatha, Smola & Krähenbühl 2017, "Sampling matters").
 
@@ -217,7 +227,14 @@ def margin_loss(
     check_reduction(reduction)
     _check_margin(margin, nu)
     inputs = prepare_inputs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        query_ids=query_ids,
+        ref_ids=ref_ids,
+        relevance=relevance,
     )
     beta = torch.as_tensor(beta, device=inputs.embeddings.device)
     per_class = beta.dim() > 0
@@ -260,8 +277,11 @@ def _check_margin(margin: float, nu: float) -> None:
 def _check_beta_classes(beta: Tensor, labels: Tensor | None) -> None:
     if beta.dim() != 1:
         raise ValueError(f"beta must be a number or a 1-D (num_classes,) tensor, got {beta.shape}")
-    if labels is None:
-        raise ValueError("a per-class beta needs labels (the anchor's class picks its beta)")
+    if labels is None or labels.dim() != 1:
+        raise ValueError(
+            "a per-class beta needs labels of one class id per row (the anchor's class picks "
+            "its beta); use a single beta with multi-hot labels or a relevance matrix"
+        )
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(beta)):
         raise ValueError(
             f"labels must be in [0, num_classes) = [0, {len(beta)}) to index the per-class "
@@ -336,6 +356,7 @@ class MarginLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             margin_loss,
@@ -346,6 +367,7 @@ class MarginLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             margin=self.margin,
             beta=self.beta,
             nu=self.nu,

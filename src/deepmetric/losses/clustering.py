@@ -51,6 +51,11 @@ def _labelled_inputs(
     _batch_structure_only(name, indices_tuple, ref_emb, allow_ref, ids)
     if labels is None:
         raise ValueError(f"{name} needs labels")
+    if isinstance(labels, Tensor) and labels.dim() == 2:
+        raise ValueError(
+            f"{name} needs one class id per row (1-D labels): it builds class centres or "
+            "clusters, which multi-hot label sets do not define"
+        )
     return prepare_inputs(embeddings, labels, None, ref_emb, ref_labels)
 
 
@@ -71,6 +76,7 @@ def coupled_clusters_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Coupled clusters loss (Liu, Tian, Yang, Pang & Huang 2016; survey eq. 5-6).
 
@@ -107,7 +113,7 @@ def coupled_clusters_loss(
         ref_emb,
         ref_labels,
         False,
-        (query_ids, ref_ids),
+        (query_ids, ref_ids, relevance),
     )
     x = inputs.embeddings
     _, class_of, sizes = torch.unique(inputs.labels, return_inverse=True, return_counts=True)
@@ -155,6 +161,7 @@ class CoupledClustersLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             coupled_clusters_loss,
@@ -165,6 +172,7 @@ class CoupledClustersLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             margin=self.margin,
         )
 
@@ -200,6 +208,7 @@ def facility_location_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, FacilityLocationStats]:
     """Facility location (clustering) loss (Song, Jegelka, Rathod & Murphy 2017; survey eq. 8-11).
 
@@ -240,7 +249,7 @@ def facility_location_loss(
         ref_emb,
         ref_labels,
         False,
-        (query_ids, ref_ids),
+        (query_ids, ref_ids, relevance),
     )
     x = inputs.embeddings
     _, truth = torch.unique(inputs.labels, return_inverse=True)
@@ -453,6 +462,7 @@ class FacilityLocationLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         loss, self.stats = facility_location_loss(
             embeddings,
@@ -462,6 +472,7 @@ class FacilityLocationLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             margin_multiplier=self.margin_multiplier,
             distance=self.distance,
             return_stats=True,
@@ -484,6 +495,7 @@ def deep_clustering_loss(
     reduction: str = "mean",
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor:
     """Deep clustering affinity loss (Hershey, Chen, Le Roux & Watanabe 2016).
 
@@ -516,7 +528,7 @@ def deep_clustering_loss(
         ref_emb,
         ref_labels,
         True,
-        (query_ids, ref_ids),
+        (query_ids, ref_ids, relevance),
     )
     v = distance.normalize(inputs.embeddings).double()
     r = v if inputs.ref_is_query else distance.normalize(inputs.ref_emb).double()
@@ -581,6 +593,7 @@ class DeepClusteringLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return deep_clustering_loss(
             embeddings,
@@ -590,6 +603,7 @@ class DeepClusteringLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             distance=self.distance,
             reduction=self.reduction,
         )

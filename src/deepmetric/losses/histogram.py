@@ -40,6 +40,7 @@ def histogram_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, HistogramStats]:
     """Histogram loss (Ustinova & Lempitsky 2016).
 
@@ -71,7 +72,14 @@ def histogram_loss(
     distance = CosineSimilarity() if distance is None else distance
     low, high = _check_histogram(n_bins, value_range, distance)
     inputs = prepare_inputs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        query_ids=query_ids,
+        ref_ids=ref_ids,
+        relevance=relevance,
     )
     pairs = PairSets(inputs)
     sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance)
@@ -197,6 +205,7 @@ class HistogramLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         loss, self.stats = histogram_loss(
             embeddings,
@@ -206,6 +215,7 @@ class HistogramLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             n_bins=self.n_bins,
             value_range=self.value_range,
             distance=self.distance,

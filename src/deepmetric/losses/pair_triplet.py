@@ -106,6 +106,7 @@ def contrastive_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, PairStats]:
     """Contrastive loss (Chopra et al. 2005; Hadsell et al. 2006; survey eq. 1).
 
@@ -135,7 +136,14 @@ def contrastive_loss(
     check_reduction(reduction)
     _check_contrastive_margins(pos_margin, neg_margin, power, distance)
     inputs = prepare_inputs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        query_ids=query_ids,
+        ref_ids=ref_ids,
+        relevance=relevance,
     )
     matrix = distance(inputs.embeddings, inputs.ref_emb)
     if inputs.indices_tuple is None:
@@ -290,6 +298,7 @@ def triplet_margin_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, TripletStats]:
     """Triplet margin loss (Weinberger & Saul 2009; Schroff et al. 2015; survey eq. 2).
 
@@ -326,7 +335,14 @@ def triplet_margin_loss(
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     inputs = prepare_inputs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, query_ids=query_ids, ref_ids=ref_ids
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        query_ids=query_ids,
+        ref_ids=ref_ids,
+        relevance=relevance,
     )
     dis = distance.as_dissimilarity(distance(inputs.embeddings, inputs.ref_emb))
     swap_dis = None
@@ -405,7 +421,7 @@ def _relation(inputs) -> Relation:
     """The positive and negative pairs of a loss call given labels."""
     num_ref = len(inputs.ref_emb)
     return build_relation(
-        inputs.labels, inputs.ref_labels, num_ref, inputs.ids, inputs.ref_is_query
+        inputs.labels, inputs.ref_labels, num_ref, inputs.ids, inputs.ref_is_query, inputs.relevance
     )
 
 
@@ -462,6 +478,7 @@ class ContrastiveLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             contrastive_loss,
@@ -472,6 +489,7 @@ class ContrastiveLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             pos_margin=self.pos_margin,
             neg_margin=self.neg_margin,
             power=self.power,
@@ -516,6 +534,7 @@ class TripletMarginLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             triplet_margin_loss,
@@ -526,6 +545,7 @@ class TripletMarginLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             margin=self.margin,
             swap=self.swap,
             smooth_loss=self.smooth_loss,

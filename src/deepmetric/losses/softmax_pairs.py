@@ -9,6 +9,7 @@ temperatures as small as 0.01 stay finite in float32 and memory stays O(N M) at 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -67,6 +68,7 @@ def ntxent_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """NT-Xent / InfoNCE loss (van den Oord, Li & Vinyals 2018; Chen, Kornblith, Norouzi &
     Hinton 2020).
@@ -99,7 +101,7 @@ def ntxent_loss(
         ref_labels,
         temperature,
         distance,
-        (query_ids, ref_ids),
+        (query_ids, ref_ids, relevance),
     )
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
 
@@ -117,6 +119,7 @@ def npairs_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Multi-class N-pair loss (Sohn 2016; survey eq. 4).
 
@@ -144,7 +147,14 @@ def npairs_loss(
     check_reduction(reduction)
     check_positive(l2_reg_weight, "l2_reg_weight", allow_zero=True)
     inputs, sweep, total, counts = _pairwise_softmax(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, 1.0, distance, (query_ids, ref_ids)
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        1.0,
+        distance,
+        (query_ids, ref_ids, relevance),
     )
     penalty = None
     if l2_reg_weight > 0:
@@ -161,11 +171,13 @@ def supcon_loss(
     ref_labels: Tensor | None = None,
     *,
     temperature: float = 0.1,
+    weight_positives: bool = False,
     distance: BaseDistance | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Supervised contrastive loss, L_out form (Khosla, Teterwak, Wang, Sarna, Tian, Isola,
     Maschinot, Liu & Krishnan 2020, eq. 2).
@@ -177,6 +189,10 @@ def supcon_loss(
 
     Args:
         temperature: T, > 0 (similarity units); the paper uses 0.1.
+        weight_positives: weight each positive by its overlap with the anchor, w_ip = |Y_i &
+            Y_p| / |Y_i | Y_p| (Jaccard) for multi-hot labels or the relevance value for a
+            `relevance` matrix, and average with these weights instead of 1/|P(i)| (the
+            multi-label SupCon form); no effect with class ids (every weight is 1).
         distance: default cosine similarity; a distance d enters as s = -d.
         reduction: "mean" over anchors with a positive, "nonzero_mean" or "sum".
         return_stats: also return a `StructuredStats` (terms: anchors with a positive).
@@ -190,7 +206,13 @@ def supcon_loss(
     check_reduction(reduction)
     check_positive(temperature, "temperature")
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        distance,
+        ids=(query_ids, ref_ids, relevance),
     )
     counts = new_counts(inputs)
 
@@ -199,8 +221,13 @@ def supcon_loss(
         positives = pairs.positive_rows(rows)
         has_positive = positives.count > 0
         denominator = masked_logsumexp(logits, pairs.pair_mask(rows))
-        pos_mean = (logits.gather(1, positives.index) * positives.valid).sum(dim=1)
-        pos_mean = pos_mean / positives.count.clamp_min(1)
+        if weight_positives:
+            weights = pairs.positive_weights(rows, positives).to(logits.dtype)
+        else:
+            weights = positives.valid.to(logits.dtype)
+        has_positive = has_positive & (weights.sum(dim=1) > 0)
+        pos_mean = (logits.gather(1, positives.index) * weights).sum(dim=1)
+        pos_mean = pos_mean / weights.sum(dim=1).clamp_min(torch.finfo(logits.dtype).tiny)
         safe = denominator.masked_fill(~has_positive, 0)
         terms = (safe - pos_mean).masked_fill(~has_positive, 0)
         count_terms(counts, terms, has_positive)
@@ -240,6 +267,7 @@ class NTXentLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             ntxent_loss,
@@ -250,6 +278,7 @@ class NTXentLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             temperature=self.temperature,
         )
 
@@ -292,6 +321,7 @@ class NPairsLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             npairs_loss,
@@ -302,6 +332,7 @@ class NPairsLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             l2_reg_weight=self.l2_reg_weight,
         )
 
@@ -321,9 +352,11 @@ class SupConLoss(MetricLoss):
         temperature: float = 0.1,
         distance: BaseDistance | None = None,
         reduction: str = "mean",
+        weight_positives: bool = False,
     ) -> None:
         super().__init__(CosineSimilarity() if distance is None else distance, reduction)
         self.temperature = check_positive(temperature, "temperature")
+        self.weight_positives = bool(weight_positives)
         self.stats: StructuredStats | None = None
 
     def forward(
@@ -336,6 +369,7 @@ class SupConLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             supcon_loss,
@@ -346,5 +380,7 @@ class SupConLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             temperature=self.temperature,
+            weight_positives=self.weight_positives,
         )

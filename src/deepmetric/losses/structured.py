@@ -54,6 +54,7 @@ def lifted_structure_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Lifted structured loss (Song, Xiang, Jegelka & Savarese 2016; survey eq. 3; seed 001).
 
@@ -88,7 +89,13 @@ def lifted_structure_loss(
     check_reduction(reduction)
     check_positive(neg_margin, "neg_margin", allow_zero=True)
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        distance,
+        ids=(query_ids, ref_ids, relevance),
     )
     num_rows, num_cols = len(inputs.embeddings), len(inputs.ref_emb)
     positives = pairs.positives  # (N, K): the loss needs a statistic per positive pair
@@ -218,6 +225,7 @@ class LiftedStructureLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             lifted_structure_loss,
@@ -228,6 +236,7 @@ class LiftedStructureLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             neg_margin=self.neg_margin,
             pos_margin=self.pos_margin,
             smooth=self.smooth,
@@ -253,6 +262,7 @@ def multi_similarity_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Multi-similarity loss (Wang, Han, Huang, Dong & Scott 2019).
 
@@ -280,7 +290,13 @@ def multi_similarity_loss(
     check_reduction(reduction)
     _check_multi_similarity(alpha, beta)
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        distance,
+        ids=(query_ids, ref_ids, relevance),
     )
     counts = new_counts(inputs)
 
@@ -337,6 +353,7 @@ class MultiSimilarityLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             multi_similarity_loss,
@@ -347,6 +364,7 @@ class MultiSimilarityLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             alpha=self.alpha,
             beta=self.beta,
             base=self.base,
@@ -371,6 +389,7 @@ def circle_loss(
     return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    relevance: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, StructuredStats]:
     """Circle loss, pair-label form (Sun, Cheng, Zhang, Zhang, Zheng, Wang & Wei 2020, eq. 6).
 
@@ -399,7 +418,13 @@ def circle_loss(
     check_reduction(reduction)
     _check_circle(m, gamma)
     inputs, pairs, sweep = setup_pairs(
-        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=(query_ids, ref_ids)
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        distance,
+        ids=(query_ids, ref_ids, relevance),
     )
     counts = new_counts(inputs)
 
@@ -459,6 +484,7 @@ class CircleLoss(MetricLoss):
         *,
         query_ids=None,
         ref_ids=None,
+        relevance=None,
     ):
         return self.forward_with_stats(
             circle_loss,
@@ -469,6 +495,7 @@ class CircleLoss(MetricLoss):
             ref_labels,
             query_ids=query_ids,
             ref_ids=ref_ids,
+            relevance=relevance,
             m=self.m,
             gamma=self.gamma,
         )
