@@ -60,7 +60,7 @@ from deepmetric.training.errors import (
     RunFolderError,
     TrainingDivergedError,
 )
-from deepmetric.training.run_folder import RunFolder
+from deepmetric.training.run_folder import RunFolder, read_class_names
 from deepmetric.training.trainer import (
     build_index,
     embed,
@@ -220,7 +220,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     index = _load_index(index_path)
     names_path = _names_file(index_path)
     index_names = (
-        json.loads(names_path.read_text(encoding="utf-8"))
+        read_class_names(names_path)
         if args.index and names_path.is_file()
         else run.load_class_names()
     )

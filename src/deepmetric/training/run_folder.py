@@ -31,7 +31,7 @@ from deepmetric.training.checkpoint import atomic_write
 from deepmetric.training.config import Config, config_diff, load_config
 from deepmetric.training.errors import CheckpointError, ConfigError, RunFolderError
 
-__all__ = ["MetricsLog", "RunFolder"]
+__all__ = ["MetricsLog", "RunFolder", "read_class_names"]
 
 
 @dataclass(frozen=True)
@@ -166,20 +166,7 @@ class RunFolder:
 
     def load_class_names(self) -> list[str] | None:
         """The names of class_names.json, or None for a run that has none."""
-        if not self.class_names.is_file():
-            return None
-        try:
-            names = json.loads(self.class_names.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
-            raise RunFolderError(
-                f"{self.class_names} is damaged ({error}): delete it (labels are then shown "
-                "as numbers) or copy it from a backup"
-            ) from error
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise RunFolderError(
-                f"{self.class_names} must hold a JSON list of strings: delete it or fix it"
-            )
-        return names
+        return read_class_names(self.class_names) if self.class_names.is_file() else None
 
     def write_text(self, path: Path, text: str) -> None:
         """Write ``text`` to ``path`` atomically."""
@@ -253,6 +240,20 @@ class RunFolder:
                 f"{labels.shape}, not (N, D) and (N,): write it again with deepmetric embed"
             )
         return embeddings, labels
+
+
+def read_class_names(path: Path) -> list[str]:
+    """The JSON list of class names at ``path``; a damaged file raises `RunFolderError`."""
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RunFolderError(
+            f"{path} is damaged ({error}): delete it (labels are then shown as numbers) or "
+            "write it again"
+        ) from error
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RunFolderError(f"{path} must hold a JSON list of strings: delete it or fix it")
+    return names
 
 
 class MetricsLog:
