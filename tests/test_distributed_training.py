@@ -5,6 +5,7 @@ evaluation is sharded and gathered in order, and checkpoints hold the plain modu
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,9 +18,15 @@ from deepmetric.inference import embed
 from deepmetric.training.distributed_run import (
     SyncBatchNormCPU,
     TrainingModule,
+    any_rank,
     embed_sharded,
+    is_main,
+    metrics_log,
+    restore_rng_states,
+    rng_states,
     wrap_for_training,
 )
+from deepmetric.training.run_folder import RunFolder
 
 SIZES, LABELS = [5, 3], [0, 0, 1, 1, 4, 2, 3, 3]
 
@@ -76,20 +83,36 @@ def _worker(rank, world):
             run_miner,
             list(run_loss.state_dict()) == list(reference_loss.state_dict()),
         )
+    helpers = _helpers(rank)
     model = _model().eval()
     dataset = ArrayDataset(torch.randn(11, 6, generator=torch.Generator().manual_seed(9)), [0] * 11)
     # one row per forward pass, so rounding does not depend on how rows are grouped
     sharded = embed_sharded(model.float(), dataset, batch_size=1)
-    return results, sharded, embed(model, dataset, batch_size=1)
+    return results, sharded, embed(model, dataset, batch_size=1), helpers
+
+
+def _helpers(rank):
+    """The ranks' agreement on a flag, their random states in the checkpoint, the log."""
+    torch.manual_seed(100 + rank)
+    states = rng_states()  # every rank's, in rank order
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    restore_rng_states(states)  # each rank gets its own stream back
+    restored = torch.equal(torch.rand(3), expected)
+    if rank == 1:  # not the writer: its log writes nothing, not even the folder
+        metrics_log(RunFolder("/nonexistent/run")).write({"event": "train", "step": 1})
+    return any_rank(rank == 1), any_rank(False), len(states), restored, is_main()
 
 
 def test_ddp_with_sync_batch_norm_equals_one_process():
-    for rank, (results, sharded, whole) in enumerate(run_ranks(_worker, 2, timeout=240)):
+    for rank, (results, sharded, whole, helpers) in enumerate(run_ranks(_worker, 2, timeout=240)):
         for name, (error, miner, same_keys) in results.items():
             assert error < 1e-10, (rank, name, error)
             assert miner is None  # the miner runs inside the distributed loss
             assert same_keys  # checkpoints hold the plain loss's state
         np.testing.assert_array_equal(sharded, whole)
+        assert helpers == (True, False, 2, True, rank == 0), (rank, helpers)
+    assert not Path("/nonexistent/run").exists()
 
 
 def test_single_process_is_unchanged():

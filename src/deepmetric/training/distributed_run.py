@@ -36,13 +36,20 @@ from deepmetric.distributed import (
     rank_and_world_size,
 )
 from deepmetric.inference import embed
+from deepmetric.training.checkpoint import get_rng_states, set_rng_states
 from deepmetric.training.data import LabeledSubset
+from deepmetric.training.run_folder import MetricsLog, RunFolder
 
 __all__ = [
     "Session",
     "SyncBatchNormCPU",
     "TrainingModule",
+    "any_rank",
     "embed_sharded",
+    "is_main",
+    "metrics_log",
+    "restore_rng_states",
+    "rng_states",
     "start_session",
     "wrap_for_training",
 ]
@@ -71,6 +78,69 @@ class Session:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0 (always, in a single process): the one that writes."""
+    return rank_and_world_size()[0] == 0
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on some rank (one tiny all_reduce), so that all ranks decide
+    together, e.g. to stop after a signal that reached them at different steps."""
+    _, world = rank_and_world_size()
+    if world == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=_wire())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: they write nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def metrics_log(run: RunFolder, **kwargs) -> MetricsLog | _NoLog:
+    """The run's `MetricsLog` on rank 0; a log that writes nothing on the other ranks."""
+    return MetricsLog(run, **kwargs) if is_main() else _NoLog()
+
+
+def rng_states() -> dict | list:
+    """`get_rng_states()`; with several ranks, every rank's (a list in rank order), so a
+    resumed run gives each rank back its own random streams (augmentation, dropout)."""
+    _, world = rank_and_world_size()
+    if world == 1:
+        return get_rng_states()
+    states: list = [None] * world
+    dist.all_gather_object(states, get_rng_states())
+    return states
+
+
+def restore_rng_states(states: dict | list) -> None:
+    """Restore what `rng_states` saved: this rank's entry of a list, or the one state."""
+    rank, world = rank_and_world_size()
+    if isinstance(states, list):
+        if len(states) != world:
+            raise ValueError(
+                f"the checkpoint was written by {len(states)} processes but this run has "
+                f"{world}: resume with --nproc-per-node={len(states)} (the sampler splits each "
+                "batch by the number of processes)"
+            )
+        states = states[rank]
+    set_rng_states(states)
+
+
+def _wire() -> torch.device:
+    """Where collectives take their tensors: the GPU with nccl, the CPU with gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def start_session(device: str = "auto") -> Session:
@@ -187,14 +257,16 @@ def _ddp(module: nn.Module) -> DistributedDataParallel:
 
 
 def wrap_for_training(
-    model: nn.Module, loss_fn: nn.Module, miner: nn.Module | None, mode: str = "replicated"
+    model: nn.Module, loss_fn: nn.Module, miner: nn.Module | None, mode: str | None = None
 ) -> tuple[nn.Module, nn.Module, nn.Module | None]:
     """(model, loss, miner) for one training step of this process.
 
     In a single process they come back unchanged. Under torch.distributed the model runs
-    under DDP (with sync batch norm), the loss is a `DistributedLoss` of `mode` that also
-    runs the miner on the gathered batch (so the miner returned is None), and the loss's
-    own parameters (proxies) are averaged by a DDP of their own.
+    under DDP (with sync batch norm), the loss is a `DistributedLoss` that also runs the miner
+    on the gathered batch (so the miner returned is None), and the loss's own parameters
+    (proxies) are averaged by a DDP of their own. `mode` None picks "local_anchor" for the
+    losses that support it (exact, 1/W of the loss's work per rank) and "replicated" for the
+    others.
     """
     _, world = rank_and_world_size()
     if world == 1:
@@ -207,6 +279,9 @@ def wrap_for_training(
     if synced is not model:
         raise TypeError("the model itself is a batch norm layer: wrap it in a module first")
     runner = _ddp(model)
+    if mode is None:
+        supported = getattr(loss_fn, "local_anchor_supported", False)
+        mode = "local_anchor" if supported else "replicated"
     global_loss: nn.Module = DistributedLoss(loss_fn, mode, miner=miner)
     if any(p.requires_grad for p in loss_fn.parameters()):
         global_loss = _ddp(global_loss)
@@ -230,6 +305,5 @@ def embed_sharded(
     bounds = np.linspace(0, len(dataset), world + 1).astype(np.int64)
     share = LabeledSubset(dataset, np.arange(bounds[rank], bounds[rank + 1]))
     local = embed(model, share, batch_size=batch_size, device=device, precision=precision)
-    wire = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
-    rows = all_gather_rows(torch.from_numpy(local).to(wire), sizes=np.diff(bounds).tolist())
+    rows = all_gather_rows(torch.from_numpy(local).to(_wire()), sizes=np.diff(bounds).tolist())
     return rows.cpu().numpy()
