@@ -206,7 +206,7 @@ def coupled_clusters(x, labels, distance, margin_value):
 
 
 def nmi(a, b):
-    """MI(a, b) / sqrt(H(a) H(b)) from counts, 1 if both are single clusters."""
+    """MI(a, b) / ((H(a) + H(b)) / 2) from counts, 1 if both are single clusters."""
     n = len(a)
     count = lambda items: {k: items.count(k) for k in set(items)}  # noqa: E731
     ca, cb, cab = count(a), count(b), count(list(zip(a, b, strict=True)))
@@ -214,9 +214,9 @@ def nmi(a, b):
     mi = sum(v / n * math.log(n * v / (ca[i] * cb[j])) for (i, j), v in cab.items())
     if h(ca) < 1e-12 and h(cb) < 1e-12:
         return 1.0
-    if h(ca) * h(cb) < 1e-24:
+    if h(ca) + h(cb) < 1e-12:
         return 0.0
-    return min(max(mi / math.sqrt(h(ca) * h(cb)), 0.0), 1.0)
+    return min(max(mi / ((h(ca) + h(cb)) / 2), 0.0), 1.0)
 
 
 def facility_location(x, labels, distance, gamma):

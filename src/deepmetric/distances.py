@@ -6,7 +6,9 @@ Every class maps a query set (N, D) and a reference set (M, D) to the full (N, M
 means closer (similarities), `is_metric` whether the axioms of a metric hold.
 
 Inputs are normalised to unit length only when `normalize_embeddings=True` (default off),
-except for the cosine family, which is defined on unit vectors and always normalises.
+except for the cosine family, which is defined on unit vectors and always normalises
+(`safe_normalize`: an all-zero row stays zero and passes no gradient). float16 and bfloat16
+inputs are computed in float32 and the result returned in the input dtype.
 
 Gradients are finite where a distance is zero (the diagonal, duplicate points): square roots
 go through `safe_sqrt`, whose derivative at 0 is taken as 0. The Euclidean matrix is one fused
@@ -25,7 +27,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 BLOCK_ELEMENTS = 1 << 22
@@ -252,8 +253,10 @@ class BaseDistance(nn.Module):
         same_set = ref is None or ref is query
         ref = query if ref is None else ref
         _check_same_width(query, ref)
-        query = self.normalize(query)
-        return self.compute_matrix(query, query if same_set else self.normalize(ref))
+        dtype = query.dtype
+        query = self.normalize(_upcast(query))
+        ref = query if same_set else self.normalize(_upcast(ref))
+        return self.compute_matrix(query, ref).to(dtype)
 
     def pairwise_distance(self, query: Tensor, ref: Tensor) -> Tensor:
         """The (N,) vector between row i of `query` and row i of `ref`."""
@@ -263,11 +266,14 @@ class BaseDistance(nn.Module):
                 f"pairwise_distance needs row-aligned inputs, got {query.shape[0]} and "
                 f"{ref.shape[0]} rows"
             )
-        return self.compute_pairwise(self.normalize(query), self.normalize(ref))
+        dtype = query.dtype
+        query, ref = self.normalize(_upcast(query)), self.normalize(_upcast(ref))
+        return self.compute_pairwise(query, ref).to(dtype)
 
     def normalize(self, x: Tensor) -> Tensor:
-        """Rows scaled to unit L2 norm when `normalize_embeddings` is set, else `x` unchanged."""
-        return F.normalize(x, dim=-1) if self.normalize_embeddings else x
+        """Rows scaled to unit L2 norm (`safe_normalize`) when `normalize_embeddings` is set,
+        else `x` unchanged."""
+        return safe_normalize(x) if self.normalize_embeddings else x
 
     def margin(self, closer: Tensor | float, farther: Tensor | float) -> Tensor | float:
         """How far `closer` is from being closer than `farther`: `closer - farther` for a
@@ -286,6 +292,34 @@ class BaseDistance(nn.Module):
 
     def extra_repr(self) -> str:
         return f"normalize_embeddings={self.normalize_embeddings}"
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """float16 and bfloat16 as float32 (cdist and several CPU kernels lack half support, and
+    float32 keeps the distances of nearby points); other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+NORMALIZE_EPS = 1e-12
+"""Rows with a smaller L2 norm count as zero in `safe_normalize` (the eps of F.normalize)."""
+
+
+def safe_normalize(x: Tensor) -> Tensor:
+    """Rows of `x` scaled to unit L2 norm; rows of norm <= 1e-12 map to 0 with zero gradient.
+
+    The values are those of `torch.nn.functional.normalize(x, dim=-1)` (x / max(||x||, eps)),
+    which also maps a zero row to 0. Its gradient there is 1/eps = 1e12 times the incoming
+    one, which made cosine losses return gradients of 1e10 to 1e13 on all-zero rows; here a
+    row that small is a constant zero vector, as `safe_sqrt` takes the slope of sqrt at 0 as 0.
+
+    Example:
+        >>> safe_normalize(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        tensor([[0.6000, 0.8000],
+                [0.0000, 0.0000]])
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    alive = norm > NORMALIZE_EPS
+    return torch.where(alive, x / torch.where(alive, norm, 1), 0)
 
 
 def _check_same_width(query: Tensor, ref: Tensor) -> None:
@@ -525,6 +559,7 @@ __all__ = [
     "MetricCosineDistance",
     "SquaredEuclideanDistance",
     "euclidean_matrix",
+    "safe_normalize",
     "safe_sqrt",
     "squared_euclidean_matrix",
 ]

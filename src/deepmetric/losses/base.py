@@ -20,6 +20,7 @@ Losses compute in float32 when given float16 or bfloat16 inputs and return the i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -46,7 +47,17 @@ class LossInputs(NamedTuple):
     relevance: Tensor | None = None
 
     def finish(self, loss: Tensor) -> Tensor:
-        """The loss returned to the user, in the input dtype."""
+        """The loss returned to the user, in the input dtype; a ValueError when a loss computed
+        in float32 for half-precision inputs does not fit in that dtype (never inf)."""
+        if self.dtype != loss.dtype and self.dtype in (torch.float16, torch.bfloat16):
+            largest = torch.finfo(self.dtype).max
+            value = float(loss.detach().abs().max()) if loss.numel() else 0.0
+            if math.isfinite(value) and value > largest:
+                raise ValueError(
+                    f"the loss ({value:.4g}, computed in float32) does not fit in "
+                    f"{self.dtype} (largest {largest:.4g}); scale the embeddings down (e.g. "
+                    "normalise them) or pass float32 embeddings"
+                )
         return loss.to(self.dtype)
 
 

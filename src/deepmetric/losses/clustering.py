@@ -289,9 +289,12 @@ def _entropy_sum(counts: Tensor) -> Tensor:
 
 
 def normalized_mutual_info(assignment: Tensor, truth: Tensor) -> Tensor:
-    """NMI(a, b) = MI / sqrt(H(a) H(b)) of two labelings (survey eq. 11), float64.
+    """NMI(a, b) = MI / ((H(a) + H(b)) / 2) of two labelings (survey eq. 11), float64.
 
-    1 when both put everything in one cluster, 0 when exactly one of them does.
+    The arithmetic mean of the entropies normalises, as scikit-learn's default
+    (`average_method="arithmetic"`) and `deepmetric.metrics` do, so the loss's structured
+    margin and the reported clustering metric are the same number. 1 when both put everything
+    in one cluster, 0 when exactly one of them does.
 
     Example:
         >>> float(normalized_mutual_info(torch.tensor([0, 0, 1, 1]), torch.tensor([5, 5, 7, 7])))
@@ -312,7 +315,7 @@ def _nmi_from_entropies(h_a: Tensor, h_b: Tensor, h_ab: Tensor) -> Tensor:
     eps = 1e-12
     mutual = h_a + h_b - h_ab
     both_trivial = (h_a < eps) & (h_b < eps)
-    denominator = torch.sqrt(h_a.clamp_min(0) * h_b.clamp_min(0))
+    denominator = (h_a.clamp_min(0) + h_b.clamp_min(0)) / 2
     nmi = torch.where(denominator > eps, mutual / denominator.clamp_min(eps), 0.0)
     return torch.where(both_trivial, 1.0, nmi.clamp(0, 1)).to(torch.float64)
 
