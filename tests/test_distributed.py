@@ -6,6 +6,10 @@ family and each mode it supports, with even and uneven label layouts."""
 from __future__ import annotations
 
 import copy
+import doctest
+import importlib
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +41,13 @@ FAMILIES = {
     # centres moved by the paper's rule (replicated only) and learned centres (both modes)
     "center": (lambda: losses.CenterLoss(NUM_CLASSES, DIM), None),
     "center_learned": (lambda: losses.CenterLoss(NUM_CLASSES, DIM, alpha=None), None),
+    # a margin re-estimated every 2 steps from the batch (replicated only)
+    "adaptive_margin": (
+        lambda: losses.AdditiveMarginLoss(
+            NUM_CLASSES, DIM, margin=losses.AdaptiveMargin(update_every=2)
+        ),
+        None,
+    ),
 }
 
 # Row counts per rank and the labels of the global batch (rank 0's rows first).
@@ -185,3 +196,21 @@ def test_single_process_is_the_wrapped_loss():
         for mode in supported_modes(family):
             value = DistributedLoss(loss, mode, miner=miner)(x, y)
             torch.testing.assert_close(value, expected, msg=f"{family} {mode}")
+
+
+DOCS = Path(__file__).parent.parent / "docs" / "distributed.md"
+
+
+@pytest.mark.parametrize(
+    "name", ["deepmetric.distributed", "deepmetric.memory", "deepmetric.samplers"]
+)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_docs_python_blocks_run(index):
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) == 2
+    exec(compile(blocks[index], f"docs/distributed.md block {index}", "exec"), {})

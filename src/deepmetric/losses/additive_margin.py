@@ -255,6 +255,15 @@ class AdditiveMarginLoss(ClassifierLoss):
     distances = ADDITIVE_DISTANCES
     margin = HyperParameter(_check_margin)
     scale = HyperParameter(check_positive)
+    local_anchor_reason = (
+        "an AdaptiveMargin is estimated from the distances of the rows of the call, so each "
+        "rank would estimate its own margin; use a fixed margin"
+    )
+
+    @property
+    def local_anchor_supported(self) -> bool:
+        """Only with a fixed margin: adaptive margins would differ per rank."""
+        return not isinstance(self.margin, AdaptiveMargin)
 
     def __init__(
         self,
