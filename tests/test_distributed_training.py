@@ -8,6 +8,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from distributed_harness import run_ranks
 from torch import nn
@@ -26,6 +27,7 @@ from deepmetric.training.distributed_run import (
     rng_states,
     wrap_for_training,
 )
+from deepmetric.training.errors import CheckpointError
 from deepmetric.training.run_folder import RunFolder
 
 SIZES, LABELS = [5, 3], [0, 0, 1, 1, 4, 2, 3, 3]
@@ -138,3 +140,9 @@ def test_training_module_saves_the_plain_state():
     assert list(wrapped.state_dict()) == list(model.state_dict())
     wrapped.load_state_dict(_model().state_dict())
     assert wrapped.module is model
+
+
+def test_resuming_with_another_number_of_processes_is_refused():
+    states = [rng_states(), rng_states()]  # what a 2-process run writes
+    with pytest.raises(CheckpointError, match="--nproc-per-node=2"):
+        restore_rng_states(states)

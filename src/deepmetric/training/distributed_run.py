@@ -38,6 +38,7 @@ from deepmetric.distributed import (
 from deepmetric.inference import embed
 from deepmetric.training.checkpoint import get_rng_states, set_rng_states
 from deepmetric.training.data import LabeledSubset
+from deepmetric.training.errors import CheckpointError
 from deepmetric.training.run_folder import MetricsLog, RunFolder
 
 __all__ = [
@@ -127,7 +128,7 @@ def restore_rng_states(states: dict | list) -> None:
     rank, world = rank_and_world_size()
     if isinstance(states, list):
         if len(states) != world:
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint was written by {len(states)} processes but this run has "
                 f"{world}: resume with --nproc-per-node={len(states)} (the sampler splits each "
                 "batch by the number of processes)"
