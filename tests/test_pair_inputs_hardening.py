@@ -149,3 +149,40 @@ def test_miners_take_labels_of_any_integer_dtype_and_bool(cls, dtype):
     got = cls()(x, labels.to(dtype))
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
+
+
+HYPER_PARAMETERS = [
+    (losses.ContrastiveLoss, ["pos_margin", "neg_margin", "power"]),
+    (losses.TripletMarginLoss, ["margin"]),
+    (losses.LiftedStructureLoss, ["neg_margin", "pos_margin"]),
+    (losses.MultiSimilarityLoss, ["alpha", "beta", "base"]),
+    (losses.CircleLoss, ["m", "gamma"]),
+    (losses.RankedListLoss, ["margin", "Tn", "imbalance", "alpha", "Tp"]),
+    (losses.MarginLoss, ["margin", "nu"]),
+    (losses.NTXentLoss, ["temperature"]),
+    (losses.NPairsLoss, ["l2_reg_weight"]),
+    (losses.SupConLoss, ["temperature"]),
+    (losses.HistogramLoss, ["n_bins"]),
+    (losses.CoupledClustersLoss, ["margin"]),
+    (losses.FacilityLocationLoss, ["margin_multiplier"]),
+    (miners.PairMarginMiner, ["pos_margin", "neg_margin"]),
+    (miners.TripletMarginMiner, ["margin"]),
+    (miners.MultiSimilarityMiner, ["epsilon"]),
+    (miners.DistanceWeightedMiner, ["cutoff", "nonzero_loss_cutoff"]),
+    (miners.RankWindowMiner, ["negatives_per_positive"]),
+    (distances.LpDistance, ["p", "power"]),
+]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+@pytest.mark.parametrize(
+    "cls, name",
+    [(cls, name) for cls, names in HYPER_PARAMETERS for name in names],
+    ids=lambda v: getattr(v, "__name__", v),
+)
+def test_hyper_parameters_refuse_nan_and_inf_when_set_later(cls, name, bad):
+    module = cls()
+    with pytest.raises(ValueError, match=name):
+        setattr(module, name, bad)
+    with pytest.raises(ValueError, match=name):
+        cls(**{name: bad})

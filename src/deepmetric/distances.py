@@ -29,6 +29,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from deepmetric._validation import HyperParameter, check_finite, check_positive
+
 BLOCK_ELEMENTS = 1 << 22
 """Entries per row block for matrix products: 16 MiB of float32, served from malloc's heap
 (larger arrays are mapped afresh on every allocation and pay their page faults each time)."""
@@ -335,6 +337,16 @@ def _check_same_width(query: Tensor, ref: Tensor) -> None:
         )
 
 
+def _check_order(value: float, name: str) -> float:
+    """`value` if it is a norm order > 0 (math.inf allowed, for Chebyshev); raise otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == math.inf:
+        return math.inf
+    value = check_finite(value, name)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 (math.inf for Chebyshev), got {value}")
+    return value
+
+
 class LpDistance(BaseDistance):
     """Minkowski distance raised to a power: (sum_k |a_k - b_k|^p)^(power / p).
 
@@ -348,14 +360,17 @@ class LpDistance(BaseDistance):
         normalize_embeddings: scale rows to unit length first.
     """
 
+    p = HyperParameter(_check_order)
+    power = HyperParameter(check_positive)
+
     def __init__(self, p: float = 2.0, power: float = 1.0, normalize_embeddings: bool = False):
         super().__init__(normalize_embeddings)
-        if not p > 0:
-            raise ValueError(f"p must be > 0 (math.inf for Chebyshev), got {p}")
-        if not power > 0:
-            raise ValueError(f"power must be > 0, got {power}")
-        self.p, self.power = float(p), float(power)
-        self.is_metric = self.p >= 1 and self.power == 1
+        self.p, self.power = p, power
+
+    @property
+    def is_metric(self) -> bool:
+        """A metric for p >= 1 and power = 1."""
+        return self.p >= 1 and self.power == 1
 
     def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
         if self.p == 2 and self.power == 2:

@@ -14,11 +14,19 @@ are materialised.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from deepmetric._validation import CheckedBatch, check_choice, check_positive
+from deepmetric._validation import (
+    CheckedBatch,
+    HyperParameter,
+    check_choice,
+    check_count,
+    check_finite,
+    check_positive,
+)
 from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance, RowBlocks
 from deepmetric.pairwise import Relation, build_relation, check_pair_batch
 from deepmetric.triplet_counting import fill_same_label_, triplet_runs
@@ -99,6 +107,9 @@ class PairMarginMiner(BaseMiner):
         neg_margin: negatives within this are selected (distance units).
     """
 
+    pos_margin = HyperParameter(check_finite)
+    neg_margin = HyperParameter(check_finite)
+
     def __init__(
         self,
         pos_margin: float = 0.2,
@@ -155,6 +166,8 @@ class TripletMarginMiner(BaseMiner):
         type_of_triplets: one of "all", "hard", "semihard", "easy".
     """
 
+    margin = HyperParameter(partial(check_positive, allow_zero=True))
+
     def __init__(
         self,
         margin: float = 0.2,
@@ -162,7 +175,7 @@ class TripletMarginMiner(BaseMiner):
         distance: BaseDistance | None = None,
     ) -> None:
         super().__init__(distance)
-        self.margin = check_positive(margin, "margin", allow_zero=True)
+        self.margin = margin
         self.type_of_triplets = check_choice(type_of_triplets, "type_of_triplets", TRIPLET_TYPES)
 
     def mine(self, matrix, batch, relation):
@@ -238,6 +251,9 @@ class DistanceWeightedMiner(BaseMiner):
         generator: a torch.Generator for reproducible draws.
     """
 
+    cutoff = HyperParameter(check_positive)
+    nonzero_loss_cutoff = HyperParameter(check_positive)
+
     def __init__(
         self,
         cutoff: float = 0.5,
@@ -298,6 +314,8 @@ class RankWindowMiner(BaseMiner):
         generator: a torch.Generator for reproducible draws.
     """
 
+    negatives_per_positive = HyperParameter(check_count)
+
     def __init__(
         self,
         window: tuple[int, int] = (101, 500),
@@ -311,10 +329,8 @@ class RankWindowMiner(BaseMiner):
             raise ValueError(
                 f"window must be (first, last) ranks with 1 <= first <= last, got {window}"
             )
-        if negatives_per_positive < 1:
-            raise ValueError(f"negatives_per_positive must be >= 1, got {negatives_per_positive}")
         self.window = (int(first), int(last))
-        self.negatives_per_positive = int(negatives_per_positive)
+        self.negatives_per_positive = negatives_per_positive
         self.generator = generator
 
     def mine(self, matrix, batch, relation):
@@ -388,9 +404,11 @@ class MultiSimilarityMiner(BaseMiner):
         >>> a1, p, a2, n = miner(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    epsilon = HyperParameter(partial(check_positive, allow_zero=True))
+
     def __init__(self, epsilon: float = 0.1, distance: BaseDistance | None = None) -> None:
         super().__init__(CosineSimilarity() if distance is None else distance)
-        self.epsilon = check_positive(epsilon, "epsilon", allow_zero=True)
+        self.epsilon = epsilon
 
     def mine(self, matrix, batch, relation):
         sim = matrix if self.distance.is_inverted else -matrix

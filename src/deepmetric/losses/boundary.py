@@ -8,11 +8,13 @@ other structured losses; a similarity s enters as the dissimilarity -s.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric._validation import check_positive
+from deepmetric._validation import HyperParameter, check_finite, check_interval, check_positive
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses._blocks import (
     PairSets,
@@ -130,6 +132,12 @@ class RankedListLoss(MetricLoss):
         >>> x = torch.nn.functional.normalize(torch.randn(8, 4))
         >>> loss = loss_fn(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
+
+    margin = HyperParameter(partial(check_positive, allow_zero=True))
+    Tn = HyperParameter(partial(check_positive, allow_zero=True))
+    imbalance = HyperParameter(partial(check_interval, low=0.0, high=1.0))
+    alpha = HyperParameter(check_finite)
+    Tp = HyperParameter(partial(check_positive, allow_zero=True))
 
     local_anchor_supported = True
 
@@ -313,6 +321,9 @@ class MarginLoss(MetricLoss):
         >>> loss = loss_fn(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    margin = HyperParameter(partial(check_positive, allow_zero=True))
+    nu = HyperParameter(partial(check_positive, allow_zero=True))
+
     @property
     def local_anchor_supported(self) -> bool:
         """True unless an extra term with a count of its own is added (see the reason)."""
@@ -334,7 +345,6 @@ class MarginLoss(MetricLoss):
         reduction: str = "nonzero_mean",
     ) -> None:
         super().__init__(distance, reduction)
-        _check_margin(margin, nu)
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.margin, self.nu, self.num_classes = margin, nu, num_classes

@@ -8,12 +8,13 @@ facility location losses also need the batch itself as the reference set and ref
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric._validation import check_positive
+from deepmetric._validation import HyperParameter, check_positive
 from deepmetric.distances import (
     BaseDistance,
     DotProductSimilarity,
@@ -141,6 +142,8 @@ class CoupledClustersLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    margin = HyperParameter(partial(check_positive, allow_zero=True))
+
     local_anchor_supported = False
     local_anchor_reason = "it compares each row with the centre of its class over the whole batch"
 
@@ -148,7 +151,7 @@ class CoupledClustersLoss(MetricLoss):
         self, margin: float = 1.0, distance: BaseDistance | None = None, reduction: str = "mean"
     ) -> None:
         super().__init__(SquaredEuclideanDistance() if distance is None else distance, reduction)
-        self.margin = check_positive(margin, "margin", allow_zero=True)
+        self.margin = margin
         self.stats: StructuredStats | None = None
 
     def forward(
@@ -447,12 +450,14 @@ class FacilityLocationLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    margin_multiplier = HyperParameter(partial(check_positive, allow_zero=True))
+
     local_anchor_supported = False
     local_anchor_reason = "its clustering score (medoids, NMI) is a function of the whole batch"
 
     def __init__(self, margin_multiplier: float = 1.0, distance: BaseDistance | None = None):
         super().__init__(distance)
-        self.margin_multiplier = check_positive(margin_multiplier, "margin_multiplier", True)
+        self.margin_multiplier = margin_multiplier
         self.stats: FacilityLocationStats | None = None
 
     def forward(

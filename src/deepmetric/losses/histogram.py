@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deepmetric._validation import HyperParameter, check_count
 from deepmetric.distances import BaseDistance, CosineSimilarity
 from deepmetric.losses._blocks import PairSets, Sweep
 from deepmetric.losses.base import MetricLoss, prepare_inputs
@@ -177,6 +178,8 @@ class HistogramLoss(MetricLoss):
         >>> loss_fn = HistogramLoss(n_bins=50)
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
+
+    n_bins = HyperParameter(check_count)
 
     local_anchor_supported = False
     local_anchor_reason = (

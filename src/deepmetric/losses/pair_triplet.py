@@ -9,11 +9,13 @@ inequalities are turned around, e.g. the triplet term becomes [s(a,n) - s(a,p) +
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deepmetric._validation import HyperParameter, check_finite, check_positive
 from deepmetric.distances import (
     BaseDistance,
     EuclideanDistance,
@@ -73,11 +75,20 @@ class TripletStats:
     normaliser: Tensor | None = None
 
 
+def check_power(value: float, name: str) -> float:
+    """`value` if it is a finite exponent >= 1; a ValueError naming `name` otherwise."""
+    value = check_finite(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 (1: hinge, 2: squared hinge), got {value}")
+    return value
+
+
 def _check_contrastive_margins(
     pos_margin: float, neg_margin: float, power: float, distance: BaseDistance
 ) -> None:
-    if power < 1:
-        raise ValueError(f"power must be >= 1 (1: hinge, 2: squared hinge), got {power}")
+    check_finite(pos_margin, "pos_margin")
+    check_finite(neg_margin, "neg_margin")
+    check_power(power, "power")
     if distance.is_inverted:
         if pos_margin < neg_margin:
             raise ValueError(
@@ -449,6 +460,10 @@ class ContrastiveLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    pos_margin = HyperParameter(check_finite)
+    neg_margin = HyperParameter(check_finite)
+    power = HyperParameter(check_power)
+
     local_anchor_supported = False
     local_anchor_reason = (
         "its positive and negative parts are divided by two different counts (positive pairs,"
@@ -508,6 +523,8 @@ class TripletMarginLoss(MetricLoss):
         48
     """
 
+    margin = HyperParameter(partial(check_positive, allow_zero=True))
+
     local_anchor_supported = True
 
     def __init__(
@@ -519,8 +536,6 @@ class TripletMarginLoss(MetricLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(distance, reduction)
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
         self.margin, self.swap, self.smooth_loss = margin, swap, smooth_loss
         self.stats: TripletStats | None = None
 

@@ -9,11 +9,13 @@ temperatures as small as 0.01 stay finite in float32 and memory stays O(N M) at 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric._validation import check_positive
+from deepmetric._validation import HyperParameter, check_positive
 from deepmetric.distances import (
     BaseDistance,
     CosineSimilarity,
@@ -245,6 +247,8 @@ class NTXentLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    temperature = HyperParameter(check_positive)
+
     local_anchor_supported = True
 
     def __init__(
@@ -254,7 +258,7 @@ class NTXentLoss(MetricLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(CosineSimilarity() if distance is None else distance, reduction)
-        self.temperature = check_positive(temperature, "temperature")
+        self.temperature = temperature
         self.stats: StructuredStats | None = None
 
     def forward(
@@ -291,6 +295,8 @@ class NPairsLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    l2_reg_weight = HyperParameter(partial(check_positive, allow_zero=True))
+
     @property
     def local_anchor_supported(self) -> bool:
         """True unless an extra term with a count of its own is added (see the reason)."""
@@ -308,7 +314,7 @@ class NPairsLoss(MetricLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(DotProductSimilarity() if distance is None else distance, reduction)
-        self.l2_reg_weight = check_positive(l2_reg_weight, "l2_reg_weight", allow_zero=True)
+        self.l2_reg_weight = l2_reg_weight
         self.stats: StructuredStats | None = None
 
     def forward(
@@ -345,6 +351,8 @@ class SupConLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    temperature = HyperParameter(check_positive)
+
     local_anchor_supported = True
 
     def __init__(
@@ -355,7 +363,7 @@ class SupConLoss(MetricLoss):
         weight_positives: bool = False,
     ) -> None:
         super().__init__(CosineSimilarity() if distance is None else distance, reduction)
-        self.temperature = check_positive(temperature, "temperature")
+        self.temperature = temperature
         self.weight_positives = bool(weight_positives)
         self.stats: StructuredStats | None = None
 

@@ -17,11 +17,13 @@ negative pairs to the mined ones; each mined pair counts once.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric._validation import check_positive
+from deepmetric._validation import HyperParameter, check_finite, check_positive
 from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance
 from deepmetric.losses._blocks import (
     StructuredStats,
@@ -196,6 +198,9 @@ class LiftedStructureLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    neg_margin = HyperParameter(partial(check_positive, allow_zero=True))
+    pos_margin = HyperParameter(check_finite)
+
     local_anchor_supported = False
     local_anchor_reason = (
         "lifted structure's pair term needs the negatives of both members of a positive pair,"
@@ -211,7 +216,6 @@ class LiftedStructureLoss(MetricLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(distance, reduction)
-        check_positive(neg_margin, "neg_margin", allow_zero=True)
         self.neg_margin, self.pos_margin, self.smooth = neg_margin, pos_margin, smooth
         self.stats: StructuredStats | None = None
 
@@ -328,6 +332,10 @@ class MultiSimilarityLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    alpha = HyperParameter(check_positive)
+    beta = HyperParameter(check_positive)
+    base = HyperParameter(check_finite)
+
     local_anchor_supported = True
 
     def __init__(
@@ -339,7 +347,6 @@ class MultiSimilarityLoss(MetricLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(CosineSimilarity() if distance is None else distance, reduction)
-        _check_multi_similarity(alpha, beta)
         self.alpha, self.beta, self.base = alpha, beta, base
         self.stats: StructuredStats | None = None
 
@@ -446,9 +453,16 @@ def circle_loss(
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
 
 
+def check_relaxation(value: float, name: str) -> float:
+    """`value` if it is a circle-loss margin in [0, 1); a ValueError naming `name` otherwise."""
+    value = check_finite(value, name)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1) (cosine units), got {value}")
+    return value
+
+
 def _check_circle(m: float, gamma: float) -> None:
-    if not 0 <= m < 1:
-        raise ValueError(f"m must be in [0, 1) (cosine units), got {m}")
+    check_relaxation(m, "m")
     check_positive(gamma, "gamma")
 
 
@@ -460,6 +474,9 @@ class CircleLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    m = HyperParameter(check_relaxation)
+    gamma = HyperParameter(check_positive)
+
     local_anchor_supported = True
 
     def __init__(
@@ -470,7 +487,6 @@ class CircleLoss(MetricLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(CosineSimilarity() if distance is None else distance, reduction)
-        _check_circle(m, gamma)
         self.m, self.gamma = m, gamma
         self.stats: StructuredStats | None = None
 
