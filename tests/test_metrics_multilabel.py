@@ -275,3 +275,22 @@ def test_layout_errors_name_the_argument_and_the_fix():
 def test_docstring_examples_of_the_labels_module_run():
     failures, attempted = doctest.testmod(labels_module)
     assert attempted > 0 and failures == 0
+
+
+def test_duplicates_ties_singleton_and_unlabelled_rows():
+    # Three duplicates at 0 (every distance ties), two at 1; label "c" is carried by one item
+    # only and item 4 has no label: both are skipped. Labels: a, b, c.
+    x = np.array([[0.0], [0.0], [0.0], [1.0], [1.0], [3.0]])
+    rows = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0]], bool)
+    with pytest.warns(UserWarning, match="2 of 6 queries"):
+        result = evaluate(x, rows, metrics=RETRIEVAL, k=(1, 2, 3))
+    rankings = slow_relevance_rankings(
+        x, x, lambda i, j: shares_a_label(rows[i], rows[j]), True, "euclidean"
+    )
+    expected, skipped = slow_scores(rankings, (1, 2, 3))
+    assert skipped == 2 and result["num_skipped"] == 2
+    assert_matches(result, expected)
+    # Query 0 {a}: candidates by (distance, index) 1 {a,b}, 2 {b}, 3, 4, 5 {a}: R = 2,
+    # rel = [1, 0, 0, 0, 1], so AP@R = (1/2)(1/1) and RP = 1/2.
+    assert count_relevant(rows, rows, exclude_self=True).tolist() == [2, 3, 1, 0, 0, 2]
+    assert rankings[0] == [True, False, False, False, True]
