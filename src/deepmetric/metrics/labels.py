@@ -56,7 +56,7 @@ def _binary_csr(matrix: Any, name: str, what: str) -> sparse.csr_matrix:
     if matrix.dtype.kind not in "biu":
         raise TypeError(
             f"{name} has dtype {matrix.dtype}; {what} must be booleans or 0/1 integers "
-            "(use .astype(bool))"
+            "(use .astype(bool); for one class id per row pass a 1-D array)"
         )
     matrix = sparse.csr_matrix(matrix)
     if matrix.nnz and (matrix.data.min() < 0 or matrix.data.max() > 1):
