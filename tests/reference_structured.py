@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from deepmetric.losses import _blocks
+from deepmetric import blocks
 
 
 def pair_sets(labels, ref_labels=None, indices_tuple=None):
@@ -281,7 +281,7 @@ SEEDS = [0, 1, 2]
 def block_size(request, monkeypatch):
     """Run each test with the default block size and with blocks of one or two rows."""
     if request.param == "row blocks":
-        monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 16)
+        monkeypatch.setattr(blocks, "PASS_BLOCK_ELEMENTS", 16)
     return request.param
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from reference import reduce, triplet_terms
 
+from deepmetric import blocks as blocks_module
 from deepmetric import distances as dist
 from deepmetric import miners, triplet_counting
 from deepmetric.losses import contrastive_loss, triplet_margin_loss
@@ -20,8 +21,8 @@ F64 = torch.float64
 def blocks(request, monkeypatch):
     """Run a test with the default blocks and again with blocks of a few rows."""
     if request.param == "small blocks":
-        monkeypatch.setattr(dist, "BLOCK_ELEMENTS", 40)
-        monkeypatch.setattr(dist, "PASS_BLOCK_ELEMENTS", 24)
+        monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", 40)
+        monkeypatch.setattr(blocks_module, "PASS_BLOCK_ELEMENTS", 24)
     return request.param
 
 
@@ -180,8 +181,8 @@ def test_miners_do_not_depend_on_blocks_or_counting(monkeypatch):
         ]
 
     expected = mine_all()
-    monkeypatch.setattr(dist, "BLOCK_ELEMENTS", 40)
-    monkeypatch.setattr(dist, "PASS_BLOCK_ELEMENTS", 24)
+    monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(blocks_module, "PASS_BLOCK_ELEMENTS", 24)
     monkeypatch.setattr(triplet_counting, "SEARCH_ABOVE", 0)
     for got, want in zip(mine_all(), expected, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -24,63 +24,12 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from deepmetric._validation import HyperParameter, check_finite, check_positive
-
-BLOCK_ELEMENTS = 1 << 22
-"""Entries per row block for matrix products: 16 MiB of float32, served from malloc's heap
-(larger arrays are mapped afresh on every allocation and pay their page faults each time)."""
-
-PASS_BLOCK_ELEMENTS = 1 << 20
-"""Entries per row block for chains of elementwise passes: the few arrays of a block stay in
-cache between passes."""
-
-
-def row_blocks(num_rows: int, num_cols: int, elements: int | None = None) -> Iterator[slice]:
-    """Slices of rows whose (rows, num_cols) blocks hold about `elements` entries each
-    (default BLOCK_ELEMENTS)."""
-    elements = BLOCK_ELEMENTS if elements is None else elements
-    step = max(1, elements // max(num_cols, 1))
-    for start in range(0, num_rows, step):
-        yield slice(start, min(start + step, num_rows))
-
-
-class RowBlocks:
-    """The row blocks of an (N, M) matrix, and work arrays reused from block to block.
-
-    Iterating gives the slices of `row_blocks`, of BLOCK_ELEMENTS entries, or of
-    PASS_BLOCK_ELEMENTS with `passes=True` (for chains of elementwise passes). `buffer(name,
-    like)` gives an array of the current block's shape that is the same memory in every
-    block, so each work array is allocated, and its pages faulted in, once per call instead
-    of once per block (freed arrays of a few MiB are otherwise handed back to the system by
-    malloc and mapped again).
-    """
-
-    def __init__(self, num_rows: int, num_cols: int, passes: bool = False) -> None:
-        self.num_rows, self.num_cols = num_rows, num_cols
-        elements = PASS_BLOCK_ELEMENTS if passes else BLOCK_ELEMENTS
-        self.step = max(1, elements // max(num_cols, 1))
-        self._rows = 0
-        self._buffers: dict[str, Tensor] = {}
-
-    def __iter__(self) -> Iterator[slice]:
-        for start in range(0, self.num_rows, self.step):
-            stop = min(start + self.step, self.num_rows)
-            self._rows = stop - start
-            yield slice(start, stop)
-
-    def buffer(self, name: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """The work array `name` for the current block, uninitialised, dtype of `like`."""
-        dtype = like.dtype if dtype is None else dtype
-        array = self._buffers.get(name)
-        if array is None or array.dtype != dtype:
-            shape = (min(self.step, self.num_rows), self.num_cols)
-            array = self._buffers[name] = like.new_empty(shape, dtype=dtype)
-        return array[: self._rows]
+from deepmetric.blocks import RowBlocks, backward_by_autograd
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -170,21 +119,6 @@ def _unfused_matrix(query: Tensor, ref: Tensor, root: bool, same_set: bool) -> T
     if same_set:
         squared = squared.fill_diagonal_(0)
     return safe_sqrt(squared) if root else squared
-
-
-def backward_by_autograd(function, inputs, grad_outputs) -> list[Tensor | None]:
-    """Gradients of `function()` with respect to `inputs` (None entries are skipped), with
-    their own graph: the backward of a fused autograd Function when a graph of the gradient
-    is asked for (`create_graph=True`, e.g. a gradient penalty). `function` recomputes the
-    Function's outputs from its saved inputs by plain differentiable operations."""
-    wanted = [tensor for tensor in inputs if tensor is not None]
-    with torch.enable_grad():
-        grads = iter(
-            torch.autograd.grad(
-                function(), wanted, grad_outputs, create_graph=True, allow_unused=True
-            )
-        )
-    return [None if tensor is None else next(grads) for tensor in inputs]
 
 
 def _distance_weights(grad: Tensor, block: Tensor, ctx, rows: slice, weights: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ from deepmetric._validation import (
     check_finite,
     check_positive,
 )
-from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance, RowBlocks
+from deepmetric.blocks import RowBlocks
+from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance
 from deepmetric.pairwise import Relation, build_relation, check_pair_batch
 from deepmetric.triplet_counting import fill_same_label_, triplet_runs
 from deepmetric.tuples import MinedTuple, PositiveLists, reference_key

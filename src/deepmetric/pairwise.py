@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from deepmetric._validation import CheckedBatch, check_batch, check_same_device
+from deepmetric.blocks import PASS_BLOCK_ELEMENTS, row_blocks
 from deepmetric.tuples import PositiveLists
 
 __all__ = [
@@ -205,10 +206,6 @@ def check_pair_batch(
     return batch._replace(labels=labels, ref_labels=ref_labels), ids
 
 
-ROW_BLOCK_ELEMENTS = 1 << 22
-"""Entries of a (rows, M) block when the relation is built or scanned block by block."""
-
-
 class Relation:
     """Positive and negative pairs of a batch (N rows) against its reference set (M rows).
 
@@ -310,10 +307,8 @@ class Relation:
         return query_ids[rows].unsqueeze(1) == ref_ids.unsqueeze(0)
 
     def row_blocks(self):
-        """Slices of query rows whose (rows, M) blocks hold about ROW_BLOCK_ELEMENTS entries."""
-        step = max(1, ROW_BLOCK_ELEMENTS // max(self.num_ref, 1))
-        for start in range(0, self.num_query, step):
-            yield slice(start, min(start + step, self.num_query))
+        """Slices of query rows whose (rows, M) masks are built one at a time."""
+        return row_blocks(self.num_query, self.num_ref, PASS_BLOCK_ELEMENTS)
 
     # -- what the losses and miners read ------------------------------------------------------
 

@@ -12,7 +12,7 @@ Same-label entries (the positives and, when the batch is its own reference set, 
 itself) are few per row: their contribution is computed from the (N, K) positive lists and
 subtracted, and they are overwritten by a small scatter where a per-entry value must be
 zero (`fill_same_label_`), so no (N, M) label mask is built. Work is done in blocks of anchor
-rows (`deepmetric.distances.RowBlocks`) whose work arrays are reused, so the temporaries stay
+rows (`deepmetric.blocks.RowBlocks`) whose work arrays are reused, so the temporaries stay
 bounded, cache-sized and allocated once per call for any batch size.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric.distances import RowBlocks, backward_by_autograd, row_blocks
+from deepmetric.blocks import RowBlocks, backward_by_autograd, row_blocks
 from deepmetric.pairwise import Relation
 
 __all__ = [

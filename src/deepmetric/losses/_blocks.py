@@ -1,44 +1,32 @@
-"""Row-block evaluation of the losses that live on the (N, M) distance matrix.
+"""What the losses on the (N, M) distance matrix share besides the block engine.
 
-A structured loss is a function of D = distance(embeddings, ref) and the label masks. Building
-D and every elementwise temporary of the loss at full size costs a fresh N x M buffer per
-operation (64 MB each at N = M = 4096). Here D is computed one block of anchor rows at a time;
-the loss terms of that block are evaluated and differentiated at once (autograd on
-block-sized tensors), and the gradients with respect to the embeddings, the reference set and
-any parameters are accumulated. The returned loss carries them (`Sweep.result`), so its
-backward costs one multiplication per input. Memory is O(block + N D).
+The block iteration and gradient accumulation live in `deepmetric.blocks` (`Sweep`); the
+positive and negative pairs in `deepmetric.pairwise` (`Relation`). Here: the pairs of a loss
+call (`PairSets`: from labels, label sets, relevance or mined tuples), masked reductions
+(`masked_logsumexp`, `masked_softmax`), and the reduction and stats of a swept sum
+(`finish_sum`, `StructuredStats`). `setup_pairs` checks a call and returns all three.
 
 Losses whose terms depend on other rows (a column's hardest negative, the global histogram)
 take two sweeps: `Sweep.blocks` without gradient to collect the statistics, then `Sweep.run`
 on a surrogate whose gradient equals the loss gradient, or `Sweep.run_gradient` with the
-gradient in D written out (no autograd through the loss's elementwise steps).
-
-Double backward (create_graph=True) through these losses is not supported.
+gradient in D written out. Double backward through a `Sweep` is refused (see
+`deepmetric.blocks`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from deepmetric.blocks import Sweep
 from deepmetric.distances import BaseDistance
 from deepmetric.losses.base import LossInputs, prepare_inputs
 from deepmetric.losses.reduction import reduction_normaliser
 from deepmetric.pairwise import Relation, build_relation, drop_same_items
 from deepmetric.tuples import PositiveLists, triplets_to_pairs
-
-BLOCK_ELEMENTS = 1 << 21
-
-
-def row_slices(num_rows: int, num_cols: int) -> Iterator[slice]:
-    """Slices of anchor rows whose blocks hold about BLOCK_ELEMENTS matrix entries."""
-    step = max(1, BLOCK_ELEMENTS // max(num_cols, 1))
-    for start in range(0, num_rows, step):
-        yield slice(start, min(start + step, num_rows))
 
 
 def closeness(block: Tensor, distance: BaseDistance) -> Tensor:
@@ -169,112 +157,6 @@ class PairSets:
         if self._negatives is not None:
             return self.positive_mask(rows) | self._negatives[rows]
         return self.relation.pair_mask(rows)
-
-
-class Sweep:
-    """Sum over row blocks of an objective of D[rows], with the gradients of that sum.
-
-    `run(objective)` calls `objective(block, rows)` for each block of anchor rows, where
-    `block` = distance(embeddings[rows], ref) is differentiable, and accumulates the value and
-    its gradient with respect to the embeddings, the reference set, the distance's parameters
-    and `params`. `result(value, scale)` returns `value` wired to `scale` times those gradients.
-    Without grad mode, or when nothing requires a gradient, only values are computed.
-    """
-
-    def __init__(
-        self,
-        query: Tensor,
-        ref: Tensor,
-        ref_is_query: bool,
-        distance: BaseDistance,
-        params: Sequence[Tensor] = (),
-    ) -> None:
-        self.distance = distance
-        self.num_rows, self.num_cols = len(query), len(ref)
-        inputs = [query] if ref_is_query else [query, ref]
-        extra = [p for p in (*distance.parameters(), *params) if p.requires_grad]
-        self.tracking = torch.is_grad_enabled() and (
-            any(t.requires_grad for t in inputs) or bool(extra)
-        )
-        self.targets: list[Tensor] = []
-        self.leaves: list[Tensor] = []
-        self.query, self.ref = query, ref
-        if self.tracking:
-            self.query = query.detach().requires_grad_(query.requires_grad)
-            self.ref = (
-                self.query if ref_is_query else ref.detach().requires_grad_(ref.requires_grad)
-            )
-            for original, leaf in zip(inputs, [self.query, self.ref], strict=False):
-                if original.requires_grad:
-                    self.targets.append(original)
-                    self.leaves.append(leaf)
-            self.targets += extra
-            self.leaves += extra
-        self.grads: list[Tensor] | None = None
-
-    def blocks(self) -> Iterator[tuple[slice, Tensor]]:
-        """(rows, D[rows]) for each block, without gradient (for statistics)."""
-        with torch.no_grad():
-            for rows in row_slices(self.num_rows, self.num_cols):
-                yield rows, self.distance(self.query[rows].detach(), self.ref.detach())
-
-    def run(self, objective: Callable[[Tensor, slice], Tensor]) -> Tensor:
-        """Sum of objective(D[rows], rows) over the blocks; its gradients are accumulated."""
-        total = None
-        for rows in row_slices(self.num_rows, self.num_cols):
-            with torch.set_grad_enabled(self.tracking):
-                value = objective(self.distance(self.query[rows], self.ref), rows)
-            if self.tracking and value.requires_grad:
-                self._accumulate(torch.autograd.grad(value, self.leaves, allow_unused=True))
-            value = value.detach()
-            total = value if total is None else total + value
-        return total
-
-    def run_gradient(self, block_gradient: Callable[[Tensor, slice], Tensor]) -> None:
-        """Accumulate the gradients of a loss whose gradient in D[rows] is given directly.
-
-        `block_gradient(D[rows], rows)` (called without gradient) returns dL/dD[rows]; it is
-        pulled back through the distance. Cheaper than `run` when the derivative in D is
-        known in closed form (no autograd through the loss's elementwise steps).
-        """
-        if not self.tracking:
-            return
-        for rows in row_slices(self.num_rows, self.num_cols):
-            with torch.enable_grad():
-                block = self.distance(self.query[rows], self.ref)
-            with torch.no_grad():
-                grad = block_gradient(block.detach(), rows)
-            if block.requires_grad:
-                self._accumulate(torch.autograd.grad(block, self.leaves, grad, allow_unused=True))
-
-    def _accumulate(self, grads: Sequence[Tensor | None]) -> None:
-        if self.grads is None:
-            self.grads = [torch.zeros_like(leaf) for leaf in self.leaves]
-        for acc, grad in zip(self.grads, grads, strict=True):
-            if grad is not None:
-                acc += grad
-
-    def result(self, value: Tensor, scale: float | Tensor = 1.0) -> Tensor:
-        """`value` as a loss whose gradient is `scale` times the accumulated gradients."""
-        if not self.targets:
-            return value
-        if self.grads is None:
-            self.grads = [torch.zeros_like(leaf) for leaf in self.leaves]
-        grads = [grad * scale for grad in self.grads]
-        return _WithGradients.apply(value.detach(), grads, *self.targets)
-
-
-class _WithGradients(torch.autograd.Function):
-    """Identity on a precomputed loss value; backward returns the precomputed gradients."""
-
-    @staticmethod
-    def forward(ctx, value, grads, *targets):  # noqa: D102
-        ctx.grads = grads
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):  # noqa: D102
-        return (None, None, *(grad * grad_output for grad in ctx.grads))
 
 
 def reduction_scale(reduction: str, num_terms: Tensor, num_active: Tensor) -> Tensor:

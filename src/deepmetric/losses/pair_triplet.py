@@ -16,12 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepmetric._validation import HyperParameter, check_finite, check_positive
-from deepmetric.distances import (
-    BaseDistance,
-    EuclideanDistance,
-    RowBlocks,
-    backward_by_autograd,
-)
+from deepmetric.blocks import RowBlocks, backward_by_autograd
+from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses.base import MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import (
     check_reduction,
