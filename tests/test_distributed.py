@@ -115,8 +115,16 @@ def _train_both(rank, world, family, layout, mode):
     return loss_errors, parameter_errors
 
 
-def _equivalence_worker(rank, world, cases):
-    return {case: _train_both(rank, world, *case) for case in cases}
+def _worker(rank, world, cases):
+    """Every check of this file that needs 2 processes, in one process group."""
+    gathers = _gather_worker(rank, world)
+    return gathers, {case: _train_both(rank, world, *case) for case in cases}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """The 2 ranks' results (process start-up costs seconds: one group for all checks)."""
+    return run_ranks(_worker, 2, _cases(FAMILIES), timeout=420)
 
 
 def _gather_worker(rank, world):
@@ -133,8 +141,8 @@ def _gather_worker(rank, world):
     return everyone.detach(), ids, x.grad, replicated.grad
 
 
-def test_gather_with_gradient_uneven_rows():
-    results = run_ranks(_gather_worker, 2, timeout=120)
+def test_gather_with_gradient_uneven_rows(two_ranks):
+    results = [gathers for gathers, _ in two_ranks]
     weights = torch.arange(8, dtype=torch.float64).view(4, 2)
     expected_rows = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(2.0).view(1, 2) + 10])
     for rank, (everyone, ids, grad, replicated_grad) in enumerate(results):
@@ -156,10 +164,9 @@ def _cases(families):
     ]
 
 
-def test_ddp_equals_one_process_for_every_family_and_mode():
-    cases = _cases(FAMILIES)
-    results = run_ranks(_equivalence_worker, 2, cases, timeout=420)
-    for rank, by_case in enumerate(results):
+def test_ddp_equals_one_process_for_every_family_and_mode(two_ranks):
+    assert len(two_ranks[0][1]) == len(_cases(FAMILIES)) > len(FAMILIES)
+    for rank, (_, by_case) in enumerate(two_ranks):
         for case, (loss_errors, parameter_errors) in by_case.items():
             assert max(loss_errors) < 1e-10, (rank, case, loss_errors)
             assert max(parameter_errors) < 1e-10, (rank, case, parameter_errors)
