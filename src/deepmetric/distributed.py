@@ -366,15 +366,14 @@ class DistributedLoss(nn.Module):
             total = sum(sizes)
             fresh = torch.arange(total, device=embeddings.device)
             all_ids = fresh if memory is None else memory.fresh_ids(total)
-        ref_ids = all_ids
         self.loss(
             everyone[start:stop],
             labels,
             tuples,
             ref_emb=everyone,
             ref_labels=all_labels,
-            query_ids=ref_ids[start:stop],
-            ref_ids=ref_ids,
+            query_ids=all_ids[start:stop],
+            ref_ids=all_ids,
         )
         return self._sum_over_ranks(world)
 
