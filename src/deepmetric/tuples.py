@@ -1,4 +1,6 @@
-"""Which pairs and triplets a batch holds: label masks, per-anchor positive lists, index tuples.
+"""Index tuples of pairs and triplets, and the padded per-anchor column lists.
+
+Which pairs are positive or negative is decided in `deepmetric.pairwise` (`Relation`).
 
 Index tuples follow pytorch-metric-learning: triplets are `(anchor, positive, negative)`,
 pairs are `(anchor1, positive, anchor2, negative)`; anchors index the batch, positives and
@@ -38,17 +40,8 @@ def reference_key(ref_emb: Tensor | None) -> tuple:
     )
 
 
-def label_masks(labels: Tensor, ref_labels: Tensor, ref_is_query: bool) -> tuple[Tensor, Tensor]:
-    """Dense (N, M) masks of positive pairs (same label, not the item itself) and negative pairs."""
-    same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
-    positive = same.clone()
-    if ref_is_query:
-        positive.fill_diagonal_(False)
-    return positive, ~same
-
-
 class PositiveLists(NamedTuple):
-    """Each anchor's positives as a padded (N, K) index table; K is the largest class size.
+    """Each anchor's columns (positives, or non-negatives) as a padded (N, K) index table.
 
     `index[i, j]` is a reference index where `valid[i, j]`, and 0 (a harmless placeholder for
     `gather`) elsewhere. `count[i]` is the number of valid entries of row i.
@@ -57,28 +50,6 @@ class PositiveLists(NamedTuple):
     index: Tensor
     valid: Tensor
     count: Tensor
-
-
-def positive_lists(labels: Tensor, ref_labels: Tensor, ref_is_query: bool) -> PositiveLists:
-    """Per-anchor positive lists built from labels in O(M log M + N K), never from an N x M sort."""
-    classes, class_of_ref = torch.unique(ref_labels, return_inverse=True)
-    sizes = torch.bincount(class_of_ref, minlength=len(classes))
-    width = int(sizes.max())
-    order = torch.argsort(class_of_ref, stable=True)
-    starts = torch.cumsum(sizes, 0) - sizes
-    sorted_class = class_of_ref[order]
-    rank = torch.arange(len(order), device=order.device) - starts[sorted_class]
-    members = torch.full((len(classes), width), -1, dtype=torch.long, device=labels.device)
-    members[sorted_class, rank] = order
-
-    slot = torch.searchsorted(classes, labels).clamp_max(len(classes) - 1)
-    present = classes[slot] == labels
-    index = members[slot]
-    index[~present] = -1
-    if ref_is_query:
-        index[index == torch.arange(len(labels), device=labels.device).unsqueeze(1)] = -1
-    valid = index >= 0
-    return PositiveLists(index.clamp_min(0), valid, valid.sum(dim=1))
 
 
 def check_indices_tuple(
@@ -161,9 +132,7 @@ __all__ = [
     "MinedTuple",
     "PositiveLists",
     "check_indices_tuple",
-    "label_masks",
     "pairs_to_triplets",
-    "positive_lists",
     "reference_key",
     "triplets_to_pairs",
 ]

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric._validation import HyperParameter, check_finite, check_interval, check_positive
+from deepmetric.blocks import Sweep
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses._blocks import (
     PairSets,
     StructuredStats,
-    Sweep,
     count_terms,
     finish_sum,
     masked_softmax,

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepmetric._validation import HyperParameter, check_count
+from deepmetric.blocks import Sweep
 from deepmetric.distances import BaseDistance, CosineSimilarity
-from deepmetric.losses._blocks import PairSets, Sweep
+from deepmetric.losses._blocks import PairSets, closeness
 from deepmetric.losses.base import MetricLoss, prepare_inputs
 from deepmetric.losses.reduction import zero_with_graph
 
@@ -84,37 +85,8 @@ def histogram_loss(
     )
     pairs = PairSets(inputs)
     sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance)
-    step = (high - low) / n_bins
-    device = inputs.embeddings.device
-
-    def positions(block: Tensor) -> Tensor:
-        """Each similarity's position on the node axis, in bins: 0 at low, n_bins at high."""
-        scale = 1 / step if distance.is_inverted else -1 / step
-        return torch.mul(block, scale).sub_(low / step)
-
-    def accumulate(hist: Tensor, position: Tensor, excluded: Tensor) -> None:
-        """Add each value to its two nodes with weights (1 - frac) and frac; skip `excluded`."""
-        position = position.clamp_(0, n_bins)
-        lower = position.floor().clamp_(max=n_bins - 1)
-        frac = position.sub_(lower).masked_fill_(excluded, 0).flatten()
-        index = lower.masked_fill_(excluded, n_bins + 1).to(torch.int32).flatten()
-        counts = torch.bincount(index, minlength=n_bins + 2)[: n_bins + 1].double()
-        upper = torch.bincount(index, frac, minlength=n_bins + 2)[: n_bins + 1].double()
-        hist += counts - upper
-        hist[1:] += upper[:-1]
-
-    hist_pos = torch.zeros(n_bins + 1, dtype=torch.float64, device=device)
-    hist_neg = torch.zeros_like(hist_pos)
-    num_pos = torch.zeros((), dtype=torch.long, device=device)
-    num_neg = torch.zeros_like(num_pos)
-    for rows, block in sweep.blocks():
-        positives = pairs.positive_rows(rows)
-        excluded = pairs.non_negative_mask(rows)
-        accumulate(hist_pos, positions(block.gather(1, positives.index)), ~positives.valid)
-        accumulate(hist_neg, positions(block), excluded)
-        num_pos += positives.count.sum()
-        num_neg += excluded.numel() - excluded.sum()
-
+    bins = _Bins(low, (high - low) / n_bins, n_bins, distance)
+    hist_pos, hist_neg, num_pos, num_neg = _soft_histograms(sweep, pairs, bins)
     if int(num_pos) == 0 or int(num_neg) == 0:
         loss = zero_with_graph(inputs.embeddings, inputs.ref_emb)
     else:
@@ -124,26 +96,13 @@ def histogram_loss(
             value = (density_neg * density_pos.cumsum(0)).sum()
             grad_pos, grad_neg = torch.autograd.grad(value, [density_pos, density_neg])
         dtype = inputs.embeddings.dtype
-        # d/ds of a value's share, coef[lower] (1 - frac) + coef[lower + 1] frac, is the
-        # slope of its bin; index 0 and n_bins + 1 (outside the range, or not a pair) give 0.
-        sign = 1.0 if distance.is_inverted else -1.0
-        slopes = []
-        for grad, count in ((grad_pos, num_pos), (grad_neg, num_neg)):
-            slope = (grad[1:] - grad[:-1]) * (sign / (float(count) * step))
-            slopes.append(F.pad(slope, (1, 1)).to(dtype))
-        slope_pos, slope_neg = slopes
-
-        def bin_slopes(slope: Tensor, position: Tensor, excluded: Tensor) -> Tensor:
-            """Each value's slope: bin r holds positions in (r, r + 1], found by ceil."""
-            index = position.ceil_().clamp_(0, n_bins + 1).masked_fill_(excluded, 0)
-            index = index.to(torch.int32).flatten()
-            return slope.index_select(0, index).view(position.shape)
+        slope_pos = bins.slopes(grad_pos, num_pos).to(dtype)
+        slope_neg = bins.slopes(grad_neg, num_neg).to(dtype)
 
         def block_gradient(block: Tensor, rows: slice) -> Tensor:
             positives = pairs.positive_rows(rows)
-            grad = bin_slopes(slope_neg, positions(block), pairs.non_negative_mask(rows))
-            pos_position = positions(block.gather(1, positives.index))
-            pos_grad = bin_slopes(slope_pos, pos_position, ~positives.valid)
+            grad = bins.slope_of(slope_neg, block, pairs.non_negative_mask(rows))
+            pos_grad = bins.slope_of(slope_pos, block.gather(1, positives.index), ~positives.valid)
             return grad.scatter_add_(1, positives.index, pos_grad)
 
         sweep.run_gradient(block_gradient)
@@ -152,6 +111,62 @@ def histogram_loss(
     if not return_stats:
         return loss
     return loss, HistogramStats(num_pos_pairs=num_pos, num_neg_pairs=num_neg)
+
+
+class _Bins:
+    """The node axis of the histograms: n_bins bins of width `step` from `low`, in the
+    similarity orientation (a distance d enters as s = -d)."""
+
+    def __init__(self, low: float, step: float, n_bins: int, distance: BaseDistance) -> None:
+        self.low, self.step, self.n_bins, self.distance = low, step, n_bins, distance
+
+    def positions(self, block: Tensor) -> Tensor:
+        """Each value's position on the node axis, in bins: 0 at low, n_bins at high."""
+        return closeness(block, self.distance).sub(self.low).div_(self.step)
+
+    def accumulate(self, hist: Tensor, block: Tensor, excluded: Tensor) -> None:
+        """Add each value to its two nodes with weights (1 - frac) and frac; skip `excluded`."""
+        n_bins = self.n_bins
+        position = self.positions(block).clamp_(0, n_bins)
+        lower = position.floor().clamp_(max=n_bins - 1)
+        frac = position.sub_(lower).masked_fill_(excluded, 0).flatten()
+        index = lower.masked_fill_(excluded, n_bins + 1).to(torch.int32).flatten()
+        counts = torch.bincount(index, minlength=n_bins + 2)[: n_bins + 1].double()
+        upper = torch.bincount(index, frac, minlength=n_bins + 2)[: n_bins + 1].double()
+        hist += counts - upper
+        hist[1:] += upper[:-1]
+
+    def slopes(self, grad: Tensor, count: Tensor) -> Tensor:
+        """d loss / d value for a value in each bin, from d loss / d density at the nodes:
+        the share coef[lower] (1 - frac) + coef[lower + 1] frac has the slope of its bin;
+        index 0 and n_bins + 1 (outside the range, or not a pair) give 0."""
+        sign = 1.0 if self.distance.is_inverted else -1.0  # d position / d value
+        slope = (grad[1:] - grad[:-1]) * (sign / (float(count) * self.step))
+        return F.pad(slope, (1, 1))
+
+    def slope_of(self, slope: Tensor, block: Tensor, excluded: Tensor) -> Tensor:
+        """Each value's slope: bin r holds positions in (r, r + 1], found by ceil."""
+        position = self.positions(block)
+        index = position.ceil_().clamp_(0, self.n_bins + 1).masked_fill_(excluded, 0)
+        return slope.index_select(0, index.to(torch.int32).flatten()).view(position.shape)
+
+
+def _soft_histograms(sweep: Sweep, pairs: PairSets, bins: _Bins):
+    """Sweep 1: the soft histograms of the positive and negative pairs (float64) and the
+    numbers of pairs."""
+    device = sweep.query.device
+    hist_pos = torch.zeros(bins.n_bins + 1, dtype=torch.float64, device=device)
+    hist_neg = torch.zeros_like(hist_pos)
+    num_pos = torch.zeros((), dtype=torch.long, device=device)
+    num_neg = torch.zeros_like(num_pos)
+    for rows, block in sweep.blocks():
+        positives = pairs.positive_rows(rows)
+        excluded = pairs.non_negative_mask(rows)
+        bins.accumulate(hist_pos, block.gather(1, positives.index), ~positives.valid)
+        bins.accumulate(hist_neg, block, excluded)
+        num_pos += positives.count.sum()
+        num_neg += excluded.numel() - excluded.sum()
+    return hist_pos, hist_neg, num_pos, num_neg
 
 
 def _check_histogram(

@@ -17,6 +17,7 @@ negative pairs to the mined ones; each mined pair counts once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -99,94 +100,118 @@ def lifted_structure_loss(
         distance,
         ids=(query_ids, ref_ids, relevance),
     )
-    num_rows, num_cols = len(inputs.embeddings), len(inputs.ref_emb)
     positives = pairs.positives  # (N, K): the loss needs a statistic per positive pair
-    width = positives.index.shape[1]
-    dtype = inputs.embeddings.dtype
-    device = inputs.embeddings.device
     columns = not inputs.ref_is_query
-
-    # Sweep 1: per-row (and per-column) negative statistics and the positive distances.
-    row_stat = torch.empty(num_rows, dtype=dtype, device=device)
-    row_arg = torch.zeros(num_rows, dtype=torch.long, device=device)
-    col_stat = torch.full((num_cols,), -torch.inf, dtype=dtype, device=device)
-    col_arg = torch.zeros(num_cols, dtype=torch.long, device=device)
-    pos_dis = torch.empty(num_rows, width, dtype=dtype, device=device)
-    for rows, block in sweep.blocks():
-        values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
-        index = positives.index[rows]
-        pos_dis[rows] = distance.as_dissimilarity(block.gather(1, index))
-        if smooth:
-            row_stat[rows] = masked_logsumexp(values, None)
-        else:
-            row_stat[rows], row_arg[rows] = values.max(dim=1)
-        if columns:
-            if smooth:
-                col_stat = torch.logaddexp(col_stat, masked_logsumexp(values, None, dim=0))
-            else:
-                top, arg = values.max(dim=0)
-                better = top > col_stat
-                col_arg = torch.where(better, arg + rows.start, col_arg)
-                col_stat = torch.where(better, top, col_stat)
-
-    # The loss from these statistics, and its gradient with respect to each of them.
-    valid = positives.valid
+    stats = _negative_statistics(sweep, pairs, distance, neg_margin, smooth, columns)
     with torch.enable_grad():
-        leaves = [pos_dis.requires_grad_(), row_stat.requires_grad_()]
-        if columns:
-            leaves.append(col_stat.requires_grad_())
-        side = (col_stat if columns else row_stat)[positives.index]
-        own = row_stat.unsqueeze(1).expand_as(side)
-        empty = torch.isinf(own) & torch.isinf(side)
-        own, side = own.masked_fill(empty, 0), side.masked_fill(empty, 0)
-        hardest = torch.logaddexp(own, side) if smooth else torch.maximum(own, side)
-        terms = F.relu(hardest + pos_dis - pos_margin).pow(2).masked_fill(empty | ~valid, 0)
+        leaves = stats.leaves(columns)
+        terms, valid = _lifted_terms(stats, positives, pos_margin, smooth, columns)
         loss = reduce_terms(terms, reduction, valid) / 2
         grads = torch.autograd.grad(loss, leaves) if sweep.tracking else None
     counts = torch.stack([valid.sum(), ((terms > 0) & valid).sum()])
-
     if grads is not None:
-        grad_pos, grad_row = grads[0], grads[1]
-        grad_col = grads[2] if columns else None
-        sign = -1.0 if distance.is_inverted else 1.0
-        row_safe = row_stat.masked_fill(torch.isinf(row_stat), 0).unsqueeze(1)
-        col_safe = col_stat.masked_fill(torch.isinf(col_stat), 0).unsqueeze(0)
-
-        def block_gradient(block: Tensor, rows: slice) -> Tensor:
-            """dL/dD: through the positive distances and the negative statistics."""
-            values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
-            # d stat / d D = -softmax of the values (smooth) or -1 at the argmax (hard).
-            if smooth:
-                grad = (values - row_safe[rows]).exp_().mul_(-grad_row[rows].unsqueeze(1))
-                if grad_col is not None:
-                    grad.sub_(values.sub_(col_safe).exp_().mul_(grad_col))
-            else:
-                grad = torch.zeros_like(values)
-                grad.scatter_(1, row_arg[rows].unsqueeze(1), -grad_row[rows].unsqueeze(1))
-                if grad_col is not None:
-                    inside = (col_arg >= rows.start) & (col_arg < rows.stop)
-                    cols = inside.nonzero().squeeze(1)
-                    grad.index_put_(
-                        (col_arg[cols] - rows.start, cols), -grad_col[cols], accumulate=True
-                    )
-            grad.scatter_add_(1, positives.index[rows], grad_pos[rows])
-            return grad.mul_(sign)
-
-        sweep.run_gradient(block_gradient)
+        sweep.run_gradient(
+            _lifted_block_gradient(stats, grads, pairs, distance, neg_margin, smooth, columns)
+        )
     loss = inputs.finish(sweep.result(loss.detach()))
     if not return_stats:
         return loss
     return loss, StructuredStats(num_terms=counts[0], num_active=counts[1])
 
 
+@dataclass
+class _NegativeStatistics:
+    """Per row (and, with a separate reference set, per column) the log-sum-exp (smooth) or
+    the maximum (hard) of neg_margin - D over the negatives, with the argmax, and the
+    positive distances D[i, p] as (N, K)."""
+
+    row_stat: Tensor
+    row_arg: Tensor
+    col_stat: Tensor
+    col_arg: Tensor
+    pos_dis: Tensor
+
+    def leaves(self, columns: bool) -> list[Tensor]:
+        """The statistics the loss is differentiated with respect to."""
+        leaves = [self.pos_dis.requires_grad_(), self.row_stat.requires_grad_()]
+        return leaves + [self.col_stat.requires_grad_()] if columns else leaves
+
+
+def _negative_statistics(sweep, pairs, distance, neg_margin, smooth, columns):
+    """Sweep 1 of the lifted loss: `_NegativeStatistics` of every row and column."""
+    index = pairs.positives.index
+    num_rows, num_cols = sweep.num_rows, sweep.num_cols
+    like = sweep.query
+    row_stat = like.new_empty(num_rows)
+    row_arg = torch.zeros(num_rows, dtype=torch.long, device=like.device)
+    col_stat = like.new_full((num_cols,), -torch.inf)
+    col_arg = torch.zeros(num_cols, dtype=torch.long, device=like.device)
+    pos_dis = like.new_empty(index.shape)
+    for rows, block in sweep.blocks():
+        values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
+        pos_dis[rows] = distance.as_dissimilarity(block.gather(1, index[rows]))
+        if smooth:
+            row_stat[rows] = masked_logsumexp(values, None)
+        else:
+            row_stat[rows], row_arg[rows] = values.max(dim=1)
+        if columns and smooth:
+            col_stat = torch.logaddexp(col_stat, masked_logsumexp(values, None, dim=0))
+        elif columns:
+            top, arg = values.max(dim=0)
+            better = top > col_stat
+            col_arg = torch.where(better, arg + rows.start, col_arg)
+            col_stat = torch.where(better, top, col_stat)
+    return _NegativeStatistics(row_stat.detach(), row_arg, col_stat.detach(), col_arg, pos_dis)
+
+
+def _lifted_terms(stats, positives, pos_margin, smooth, columns):
+    """[J_ij]+^2 per positive pair (N, K) from the statistics, and which slots are pairs."""
+    valid = positives.valid
+    side = (stats.col_stat if columns else stats.row_stat)[positives.index]
+    own = stats.row_stat.unsqueeze(1).expand_as(side)
+    empty = torch.isinf(own) & torch.isinf(side)
+    own, side = own.masked_fill(empty, 0), side.masked_fill(empty, 0)
+    hardest = torch.logaddexp(own, side) if smooth else torch.maximum(own, side)
+    terms = F.relu(hardest + stats.pos_dis - pos_margin).pow(2).masked_fill(empty | ~valid, 0)
+    return terms, valid
+
+
+def _lifted_block_gradient(stats, grads, pairs, distance, neg_margin, smooth, columns):
+    """dL/dD[rows] (in the distance's own orientation) through the positive distances and
+    the negative statistics: d stat / d D = -softmax of the values (smooth) or -1 at the
+    argmax (hard)."""
+    grad_pos, grad_row = grads[0], grads[1]
+    grad_col = grads[2] if columns else None
+    row_safe = stats.row_stat.masked_fill(torch.isinf(stats.row_stat), 0).unsqueeze(1)
+    col_safe = stats.col_stat.masked_fill(torch.isinf(stats.col_stat), 0).unsqueeze(0)
+    index, row_arg, col_arg = pairs.positives.index, stats.row_arg, stats.col_arg
+
+    def block_gradient(block: Tensor, rows: slice) -> Tensor:
+        values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
+        if smooth:
+            grad = (values - row_safe[rows]).exp_().mul_(-grad_row[rows].unsqueeze(1))
+            if grad_col is not None:
+                grad.sub_(values.sub_(col_safe).exp_().mul_(grad_col))
+        else:
+            grad = torch.zeros_like(values)
+            grad.scatter_(1, row_arg[rows].unsqueeze(1), -grad_row[rows].unsqueeze(1))
+            if grad_col is not None:
+                inside = (col_arg >= rows.start) & (col_arg < rows.stop)
+                cols = inside.nonzero().squeeze(1)
+                grad.index_put_(
+                    (col_arg[cols] - rows.start, cols), -grad_col[cols], accumulate=True
+                )
+        grad.scatter_add_(1, index[rows], grad_pos[rows])
+        return distance.as_dissimilarity(grad)  # d(-s)/ds = -1 for a similarity
+
+    return block_gradient
+
+
 def _margin_values(
     block: Tensor, distance: BaseDistance, neg_margin: float, negatives: Tensor
 ) -> Tensor:
     """neg_margin - D on the negative pairs, -inf elsewhere (a fresh tensor)."""
-    if distance.is_inverted:  # D = -s
-        values = block.add(neg_margin)
-    else:
-        values = torch.sub(neg_margin, block)
+    values = torch.sub(neg_margin, distance.as_dissimilarity(block))
     return values.masked_fill_(~negatives, -torch.inf)
 
 
