@@ -23,6 +23,9 @@ proxies, centres) instead of with other embeddings. They share these conventions
   switched off inside the loss and the class vectors are cast to the compute dtype, never
   the embeddings down to half), in float64 for float64 inputs, and return the input dtype;
   a loss too large for that dtype raises an error instead of returning inf.
+- Features and class vectors are normalised, where a loss does, by
+  `deepmetric.distances.safe_normalize`: the values of `F.normalize`, and an all-zero row
+  passes no gradient (F.normalize would pass 1 / eps = 1e12 times the incoming one).
 - With `return_stats=True` they also return a `ClassifierStats` (`loss_sum`, `normaliser`:
   loss == loss_sum / normaliser, so a distributed wrapper can sum both over ranks); the
   modules keep it in `stats`.
@@ -54,7 +57,12 @@ from deepmetric._validation import (
     check_labels,
     check_positive,
 )
-from deepmetric.distances import BaseDistance, CosineSimilarity, SquaredEuclideanDistance
+from deepmetric.distances import (
+    BaseDistance,
+    CosineSimilarity,
+    SquaredEuclideanDistance,
+    safe_normalize,
+)
 from deepmetric.losses.base import MetricLoss
 from deepmetric.losses.reduction import check_reduction
 
@@ -244,9 +252,9 @@ def cosine_logits(
     x: Tensor, vectors: Tensor, coefficient: float, rows: Tensor
 ) -> tuple[Tensor, Tensor]:
     """(coefficient cos(x_i, v_j)) for all i, j (N, R), and cos(x_i, v_{rows_i}) with the
-    same rows (`rows` (N,) or (k, N)), computed per row. Zero rows get F.normalize's
-    gradient."""
-    unit_x, unit_v = F.normalize(x, dim=1), F.normalize(vectors, dim=1)
+    same rows (`rows` (N,) or (k, N)), computed per row. An all-zero row is the zero vector
+    with no gradient (`deepmetric.distances.safe_normalize`, the library's policy)."""
+    unit_x, unit_v = safe_normalize(x), safe_normalize(vectors)
     logits = (unit_x * coefficient) @ unit_v.T
     return logits, (unit_x * unit_v[rows]).sum(dim=-1)
 

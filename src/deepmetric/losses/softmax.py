@@ -28,11 +28,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from deepmetric._validation import HyperParameter, check_count, check_positive
-from deepmetric.distances import BaseDistance, DotProductSimilarity
+from deepmetric.distances import BaseDistance, DotProductSimilarity, safe_normalize
 from deepmetric.losses.classifier import (
     COSINE,
     ClassifierLoss,
@@ -105,8 +104,8 @@ def normalized_softmax_loss(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
     )
     with full_precision(embeddings.device):
-        unit_w = F.normalize(batch.cast(weight), dim=1)
-        logits = (F.normalize(batch.embeddings, dim=1) / temperature) @ unit_w.T
+        unit_w = safe_normalize(batch.cast(weight))
+        logits = (safe_normalize(batch.embeddings) / temperature) @ unit_w.T
         terms = cross_entropy_terms(logits, batch.labels)
     return reduce_rows(terms, batch, reduction, return_stats)
 
@@ -181,7 +180,7 @@ def large_margin_softmax_loss(
         x, labels = batch.embeddings, batch.labels
         w = batch.cast(weight)
         if normalize_weights:
-            w = F.normalize(w, dim=1)
+            w = safe_normalize(w)
         logits = (x * scale) @ w.T
         w_target = w[labels]
         plain = (x * w_target).sum(dim=1)
