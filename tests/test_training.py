@@ -458,15 +458,15 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
     (images / "c3" / "1.png").write_bytes(good[: len(good) // 2])  # read by the first evaluation
     config = tiny(*IMAGES, f"data.path={images}", "eval.before_training=true")
     with pytest.raises(DataError, match=re.escape(str(images / "c3" / "1.png"))):
-        train(config, tmp_path / "r2", quiet=True)
-    assert not (tmp_path / "r2").exists()
+        train(config, tmp_path / "runs" / "r2", quiet=True)  # runs/ made for it, removed too
+    assert not (tmp_path / "runs").exists()
     (tmp_path / "r3" / "checkpoints").mkdir(parents=True)  # a folder the user made, with
     (tmp_path / "r3" / "checkpoints" / "mine.pt").write_text("theirs")  # files of their own
     with pytest.raises(DataError):
         train(config, tmp_path / "r3", quiet=True)
     assert [p.name for p in (tmp_path / "r3").rglob("*")] == ["checkpoints", "mine.pt"]
     (images / "c3" / "1.png").write_bytes(good)
-    assert train(config, tmp_path / "r2", quiet=True)["steps"] == 6  # the same call again
+    assert train(config, tmp_path / "runs" / "r2", quiet=True)["steps"] == 6  # the same again
 
 
 def test_run_folder_keeps_the_class_names(tmp_path):

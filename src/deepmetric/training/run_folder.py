@@ -110,15 +110,13 @@ class RunFolder:
 
     def start(self, config: Config, class_names: list[str]) -> list[Path]:
         """Write config.yaml and class_names.json of a new run; return what the run may
-        write that did not exist before (the folder itself included), for `discard`."""
+        write that did not exist before (its folder and parent folders included), for
+        `discard`."""
         self.check_new()
-        owned = [self.root] if not self.root.exists() else []
-        owned += [
-            path
-            for path in (self.config, self.class_names, self.metrics, self.tensorboard)
-            if not path.exists()
-        ]
-        owned += [] if (self.root / "checkpoints").exists() else [self.root / "checkpoints"]
+        # The folder and any parent folder the run makes (runs/ of runs/<time>), and its files.
+        owned = [folder for folder in (self.root, *self.root.parents) if not folder.exists()]
+        names = ("config.yaml", "class_names.json", "metrics.jsonl", "tensorboard", "checkpoints")
+        owned += [self.root / name for name in names if not (self.root / name).exists()]
         self.root.mkdir(parents=True, exist_ok=True)
         self.write_text(self.config, config.to_yaml())
         self.write_json(self.class_names, class_names)
@@ -155,14 +153,16 @@ class RunFolder:
         """Remove what a new run wrote before its first step (``owned``, from `start`:
         config.yaml, class_names.json, the log, and the folder if the run created it), so
         the same command can run again; files that were there before are left alone."""
+        folders = [path for path in owned if path == self.root or path in self.root.parents]
         for path in owned:
-            if path != self.root:
+            if path not in folders:
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-        if self.root in owned and self.root.is_dir() and not any(self.root.iterdir()):
-            self.root.rmdir()
+        for folder in folders:  # the run's folder first, then the parents it made
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     def load_class_names(self) -> list[str] | None:
         """The names of class_names.json, or None for a run that has none."""
