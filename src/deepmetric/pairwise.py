@@ -234,8 +234,10 @@ class Relation:
         classes: tuple[Tensor, Tensor] | None = None,
         multi_hot: tuple[Tensor, Tensor] | None = None,
         relevance: Tensor | None = None,
+        own_rows: bool = False,
     ) -> None:
         self.num_query, self.num_ref, self.ids, self.device = num_query, num_ref, ids, device
+        self.own_rows = own_rows  # the default ids of a batch against itself: arange(N)
         self._multi_hot, self._relevance = multi_hot, relevance
         self._labels = None
         self._global: dict[str, PositiveLists] = {}
@@ -257,7 +259,9 @@ class Relation:
         self._start = (torch.cumsum(sizes, 0) - sizes)[slot]
         self.num_negatives = self.num_ref - self._size
         equal_ids = 0
-        if self.ids is not None:
+        if self.own_rows:  # row i against row i: one same-item column in the row's class
+            equal_ids = 1
+        elif self.ids is not None:
             equal_ids = _check_same_item_same_label(*self.ids, labels, ref_labels)
         self.positive_count = self._size - equal_ids
 
@@ -316,13 +320,14 @@ class Relation:
         """The positive columns of the query rows in `rows`, as (R, K) lists."""
         if self._labels is None:
             return _lists(self.positive_mask(rows))
-        lists = self._class_rows(rows)
+        return self._without_same_items(self._class_rows(rows), rows)
+
+    def _without_same_items(self, lists: PositiveLists, rows: slice) -> PositiveLists:
         if self.ids is None:
             return lists
         query_ids, ref_ids = self.ids
-        same_item = ref_ids[lists.index] == query_ids[rows].unsqueeze(1)
-        valid = lists.valid & ~same_item
-        return PositiveLists(lists.index, valid, valid.sum(dim=1))
+        valid = lists.valid & (ref_ids[lists.index] != query_ids[rows].unsqueeze(1))
+        return PositiveLists(lists.index, valid, self.positive_count[rows])
 
     def non_negative_rows(self, rows: slice) -> PositiveLists:
         """The columns that are not negatives (related, or the same item) of the rows in
@@ -330,6 +335,14 @@ class Relation:
         if self._labels is None:
             return _lists(self.non_negative_mask(rows))
         return self._class_rows(rows)
+
+    def block_lists(self, rows: slice) -> tuple[PositiveLists, tuple[Tensor, Tensor]]:
+        """`positive_rows(rows)` and `same_columns(rows)` at once (one class-table read)."""
+        if self._labels is None:
+            return self.positive_rows(rows), self.same_columns(rows)
+        same = self._class_rows(rows)
+        columns = (torch.where(same.valid, same.index, same.index[:, :1]), same.count > 0)
+        return self._without_same_items(same, rows), columns
 
     def same_columns(self, rows: slice) -> tuple[Tensor, Tensor]:
         """(R, S) non-negative columns of `rows` whose invalid slots repeat a valid one, and
@@ -438,7 +451,8 @@ def build_relation(
     """
     num_query = len(labels) if relevance is None else len(relevance)
     device = (labels if relevance is None else relevance).device
-    if ids is None and ref_is_query:
+    own_rows = ids is None and ref_is_query
+    if own_rows:
         own = torch.arange(num_query, device=device)
         ids = (own, own)
     if relevance is not None:
@@ -447,7 +461,9 @@ def build_relation(
         work = torch.float32 if labels.shape[1] < 1 << 24 else torch.float64
         hot = (labels.to(work), ref_labels.to(work))
         return Relation(num_query, num_ref, ids, device, multi_hot=hot)
-    return Relation(num_query, num_ref, ids, device, classes=(labels, ref_labels))
+    return Relation(
+        num_query, num_ref, ids, device, classes=(labels, ref_labels), own_rows=own_rows
+    )
 
 
 def drop_same_items(

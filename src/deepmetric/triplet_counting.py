@@ -230,8 +230,7 @@ class AllTripletsHinge(torch.autograd.Function):
             if not bool((relation.num_negatives[rows] > 0).any()):
                 continue  # no negative in the block: no triplet
             block = dis[rows]
-            index, valid, _ = relation.positive_rows(rows)
-            columns, has_same = relation.same_columns(rows)
+            (index, valid, _), (columns, has_same) = relation.block_lists(rows)
             d_ap = block.gather(1, index)
             thresholds = d_ap + margin
             if index.shape[1] > SEARCH_ABOVE:  # many positives: sort each row's negatives
@@ -361,13 +360,12 @@ def _dense_slots(dis, swap_dis, relation, margin):
         if not bool((relation.num_negatives[rows] > 0).any()):
             continue  # no negative in the block: no triplet
         block = dis[rows]
-        positives = relation.positive_rows(rows)
+        positives, same = relation.block_lists(rows)
         # Each row's positives first, so that the slots to visit are the first `width`.
         valid = positives.valid
         first = valid.logical_not().to(torch.uint8).argsort(dim=1, stable=True)
         index, valid = positives.index.gather(1, first), valid.gather(1, first)
         d_ap = block.gather(1, index).masked_fill_(~valid, -math.inf)
-        same = relation.same_columns(rows)
         values = blocks.buffer("values", dis)
         negative = None if swap_dis is None else blocks.buffer("negative", dis)
         swap_rows = None if swap_dis is None else blocks.buffer("swap_rows", dis)
@@ -406,8 +404,7 @@ def triplet_runs(
         if not bool((relation.num_negatives[rows] > 0).any()):
             continue  # no negative in the block: no triplet
         block = dis[rows]
-        index, valid, count = relation.positive_rows(rows)
-        columns, has_same = relation.same_columns(rows)
+        (index, valid, count), (columns, has_same) = relation.block_lists(rows)
         d_ap = block.gather(1, index)
         sorted_index = index.gather(1, d_ap.masked_fill(~valid, math.inf).argsort(dim=1))
         count = count.unsqueeze(1).to(dis.dtype)

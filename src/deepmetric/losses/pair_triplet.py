@@ -219,12 +219,11 @@ class _ContrastiveSums(torch.autograd.Function):
             terms.clamp_min_(0)
             if power != 1:
                 terms.pow_(power)
-            fill_same_label_(terms, *relation.same_columns(rows), 0)
+            positives, same = relation.block_lists(rows)
+            fill_same_label_(terms, *same, 0)
             neg_sum += terms.sum()
             num_active_neg += torch.count_nonzero(terms)
-            pos_terms = _positive_terms(
-                block, relation.positive_rows(rows), pos_margin, power, sign
-            )
+            pos_terms = _positive_terms(block, positives, pos_margin, power, sign)
             pos_sum += pos_terms.sum()
             num_active_pos += torch.count_nonzero(pos_terms)
         ctx.save_for_backward(matrix)
@@ -252,8 +251,8 @@ class _ContrastiveSums(torch.autograd.Function):
             else:
                 _negative_hinge(block, neg_margin, sign, out=out).clamp_min_(0)
                 out.pow_(power - 1).mul_(-sign * power * grad_neg)
-            fill_same_label_(out, *relation.same_columns(rows), 0)
-            index, valid, _ = relation.positive_rows(rows)
+            (index, valid, _), same = relation.block_lists(rows)
+            fill_same_label_(out, *same, 0)
             with torch.enable_grad():
                 values = block.gather(1, index).requires_grad_()
                 terms = _positive_terms(values, None, pos_margin, power, sign) * valid
