@@ -464,3 +464,10 @@ def test_item_ids_are_accepted_and_checked():
     with pytest.raises(ValueError, match="ref_ids"):
         loss_fn(x, y, ref_ids=torch.arange(5))
     assert not losses.DistillationLoss.local_anchor_supported
+
+
+@pytest.mark.parametrize("name", ["diameter_factor", "initial_margin", "max_margin"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_adaptive_margin_rejects_non_finite(name, bad):
+    with pytest.raises(ValueError, match=name):
+        losses.AdaptiveMargin(**{name: bad})
