@@ -281,6 +281,7 @@ SEEDS = [0, 1, 2]
 def block_size(request, monkeypatch):
     """Run each test with the default block size and with blocks of one or two rows."""
     if request.param == "row blocks":
+        monkeypatch.setattr(blocks, "SWEEP_BLOCK_ELEMENTS", 16)
         monkeypatch.setattr(blocks, "PASS_BLOCK_ELEMENTS", 16)
     return request.param
 

@@ -5,9 +5,10 @@ kernels, the structured losses and the miners is cut into blocks of query rows, 
 their gradients are accumulated:
 
 - `row_blocks` / `RowBlocks`: slices of rows whose (rows, M) blocks hold about
-  BLOCK_ELEMENTS entries (matrix products) or PASS_BLOCK_ELEMENTS entries (chains of
-  elementwise passes, which stay in cache); `RowBlocks.buffer` reuses work arrays from block
-  to block;
+  BLOCK_ELEMENTS entries (matrix products), PASS_BLOCK_ELEMENTS entries (chains of
+  elementwise passes, which stay in cache) or SWEEP_BLOCK_ELEMENTS (a `Sweep`, whose autograd
+  keeps a few block-sized temporaries); `RowBlocks.buffer` reuses work arrays from block to
+  block;
 - `Sweep`: the sum over row blocks of an objective of D[rows] = distance(query[rows], ref),
   with its gradients with respect to the query, the reference set and any parameter
   accumulated block by block (autograd on block-sized tensors), so that a loss on the whole
@@ -25,13 +26,18 @@ create_graph with a RuntimeError, rather than return a silently wrong second der
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:  # distances import this module for their own blocks
+    from deepmetric.distances import BaseDistance
+
 __all__ = [
     "BLOCK_ELEMENTS",
     "PASS_BLOCK_ELEMENTS",
+    "SWEEP_BLOCK_ELEMENTS",
     "RowBlocks",
     "Sweep",
     "backward_by_autograd",
@@ -45,6 +51,11 @@ BLOCK_ELEMENTS = 1 << 22
 PASS_BLOCK_ELEMENTS = 1 << 20
 """Entries per row block for chains of elementwise passes: the few arrays of a block stay in
 cache between passes."""
+
+
+SWEEP_BLOCK_ELEMENTS = 1 << 21
+"""Entries per row block of a `Sweep`: autograd keeps a few block-sized temporaries of the
+loss alive at once, so blocks sit between the two sizes above."""
 
 
 def row_blocks(num_rows: int, num_cols: int, elements: int | None = None) -> Iterator[slice]:
@@ -113,6 +124,11 @@ class Sweep:
     its gradient with respect to the embeddings, the reference set, the distance's parameters
     and `params`. `result(value, scale)` returns `value` wired to `scale` times those gradients.
     Without grad mode, or when nothing requires a gradient, only values are computed.
+
+    The distance's normalisation (`distance.normalize`, e.g. the cosine family's) is applied
+    once to each set, and each block is `distance.compute_matrix` of the normalised rows: the
+    gradients are accumulated with respect to the normalised sets and passed back through
+    the normalisation once, by autograd, when the loss is differentiated.
     """
 
     def __init__(
@@ -120,11 +136,13 @@ class Sweep:
         query: Tensor,
         ref: Tensor,
         ref_is_query: bool,
-        distance: Callable[[Tensor, Tensor], Tensor],
+        distance: BaseDistance,
         params: Sequence[Tensor] = (),
     ) -> None:
         self.distance = distance
         self.num_rows, self.num_cols = len(query), len(ref)
+        query = distance.normalize(query)
+        ref = query if ref_is_query else distance.normalize(ref)
         inputs = [query] if ref_is_query else [query, ref]
         extra = [p for p in (*distance.parameters(), *params) if p.requires_grad]
         self.tracking = torch.is_grad_enabled() and (
@@ -149,15 +167,18 @@ class Sweep:
     def blocks(self) -> Iterator[tuple[slice, Tensor]]:
         """(rows, D[rows]) for each block, without gradient (for statistics)."""
         with torch.no_grad():
-            for rows in row_blocks(self.num_rows, self.num_cols, PASS_BLOCK_ELEMENTS):
-                yield rows, self.distance(self.query[rows].detach(), self.ref.detach())
+            for rows in row_blocks(self.num_rows, self.num_cols, SWEEP_BLOCK_ELEMENTS):
+                yield (
+                    rows,
+                    self.distance.compute_matrix(self.query[rows].detach(), self.ref.detach()),
+                )
 
     def run(self, objective: Callable[[Tensor, slice], Tensor]) -> Tensor:
         """Sum of objective(D[rows], rows) over the blocks; its gradients are accumulated."""
         total = None
-        for rows in row_blocks(self.num_rows, self.num_cols, PASS_BLOCK_ELEMENTS):
+        for rows in row_blocks(self.num_rows, self.num_cols, SWEEP_BLOCK_ELEMENTS):
             with torch.set_grad_enabled(self.tracking):
-                value = objective(self.distance(self.query[rows], self.ref), rows)
+                value = objective(self.distance.compute_matrix(self.query[rows], self.ref), rows)
             if self.tracking and value.requires_grad:
                 self._accumulate(torch.autograd.grad(value, self.leaves, allow_unused=True))
             value = value.detach()
@@ -173,9 +194,9 @@ class Sweep:
         """
         if not self.tracking:
             return
-        for rows in row_blocks(self.num_rows, self.num_cols, PASS_BLOCK_ELEMENTS):
+        for rows in row_blocks(self.num_rows, self.num_cols, SWEEP_BLOCK_ELEMENTS):
             with torch.enable_grad():
-                block = self.distance(self.query[rows], self.ref)
+                block = self.distance.compute_matrix(self.query[rows], self.ref)
             with torch.no_grad():
                 grad = block_gradient(block.detach(), rows)
             if block.requires_grad:

@@ -357,11 +357,17 @@ class Relation:
 
     def non_negative_mask(self, rows: slice) -> Tensor:
         """(R, M) mask of the entries that are not negative pairs."""
-        related, excluded = self._related(rows), self._excluded(rows)
+        related = self._related(rows)
+        if self._labels is not None:  # same item implies same class (checked): related
+            return related
+        excluded = self._excluded(rows)
         return related if excluded is None else related | excluded
 
     def negative_mask(self, rows: slice) -> Tensor:
         """(R, M) dense mask of the negative pairs of the rows in `rows`."""
+        if self._labels is not None:
+            labels, ref_labels = self._labels
+            return labels[rows].unsqueeze(1) != ref_labels.unsqueeze(0)
         return ~self.non_negative_mask(rows)
 
     def pair_mask(self, rows: slice) -> Tensor | None:
