@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -108,9 +108,10 @@ def prepare_inputs(
 class MetricLoss(nn.Module):
     """Base of the embedding losses: holds the distance and the reduction.
 
-    Subclasses implement `forward(embeddings, labels, indices_tuple=None, ref_emb=None,
-    ref_labels=None, *, query_ids=None, ref_ids=None)` by calling their functional form, and
-    say whether they can run in distributed local-anchor mode (`local_anchor_supported`).
+    A subclass names its functional form (`function = staticmethod(fn)`) and the attribute
+    names of its hyper-parameters (`hyper_parameters`), declared with
+    `deepmetric._validation.HyperParameter`; `forward` is then inherited. It says whether
+    it can run in distributed local-anchor mode (`local_anchor_supported`).
     """
 
     local_anchor_supported: bool = False
@@ -118,11 +119,41 @@ class MetricLoss(nn.Module):
     and `normaliser` in its stats (distributed local-anchor mode); see `local_anchor_reason`."""
     local_anchor_reason: str = "it does not report loss_sum and normaliser in its stats"
     """Why local-anchor mode is refused, when `local_anchor_supported` is False."""
+    function: ClassVar[Callable | None] = None
+    """The loss function a subclass forwards to (as `staticmethod(fn)`), with the module's
+    `hyper_parameters` (attribute names, the same as the function's keywords)."""
+    hyper_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, distance: BaseDistance | None = None, reduction: str = "mean") -> None:
         super().__init__()
         self.distance = EuclideanDistance() if distance is None else distance
         self.reduction = check_reduction(reduction)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: tuple | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        **pairing: Tensor | None,
+    ) -> Tensor:
+        """`function(embeddings, labels, indices_tuple, ref_emb, ref_labels, **pairing)` with
+        this module's hyper-parameters, distance and reduction; its stats in `self.stats`.
+        `pairing`: the keyword-only `query_ids`, `ref_ids`, `relevance` (docs/labels.md)."""
+        if self.function is None:
+            raise NotImplementedError(f"{type(self).__name__} must define forward or function")
+        values = {name: getattr(self, name) for name in self.hyper_parameters}
+        return self.forward_with_stats(
+            type(self).function,
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            **values,
+            **pairing,
+        )
 
     def forward_with_stats(self, function: Callable, *args, **hyper_parameters) -> Tensor:
         """Call a loss function with this module's distance and reduction; keep its stats."""

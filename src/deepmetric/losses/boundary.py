@@ -156,34 +156,8 @@ class RankedListLoss(MetricLoss):
         self.margin, self.Tn, self.imbalance, self.Tp = margin, Tn, imbalance, Tp
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            ranked_list_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            margin=self.margin,
-            Tn=self.Tn,
-            imbalance=self.imbalance,
-            alpha=self.alpha,
-            Tp=self.Tp,
-        )
+    function = staticmethod(ranked_list_loss)
+    hyper_parameters = ("margin", "Tn", "imbalance", "alpha", "Tp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,29 +330,5 @@ class MarginLoss(MetricLoss):
             self.register_buffer("beta", initial)
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            margin_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            margin=self.margin,
-            beta=self.beta,
-            nu=self.nu,
-        )
+    function = staticmethod(margin_loss)
+    hyper_parameters = ("margin", "beta", "nu")

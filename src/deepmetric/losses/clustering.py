@@ -154,30 +154,8 @@ class CoupledClustersLoss(MetricLoss):
         self.margin = margin
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            coupled_clusters_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            margin=self.margin,
-        )
+    function = staticmethod(coupled_clusters_loss)
+    hyper_parameters = ("margin",)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -478,32 +478,8 @@ class ContrastiveLoss(MetricLoss):
         self.pos_margin, self.neg_margin, self.power = pos_margin, neg_margin, power
         self.stats: PairStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            contrastive_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            pos_margin=self.pos_margin,
-            neg_margin=self.neg_margin,
-            power=self.power,
-        )
+    function = staticmethod(contrastive_loss)
+    hyper_parameters = ("pos_margin", "neg_margin", "power")
 
 
 class TripletMarginLoss(MetricLoss):
@@ -534,29 +510,5 @@ class TripletMarginLoss(MetricLoss):
         self.margin, self.swap, self.smooth_loss = margin, swap, smooth_loss
         self.stats: TripletStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            triplet_margin_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            margin=self.margin,
-            swap=self.swap,
-            smooth_loss=self.smooth_loss,
-        )
+    function = staticmethod(triplet_margin_loss)
+    hyper_parameters = ("margin", "swap", "smooth_loss")

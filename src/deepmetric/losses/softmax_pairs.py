@@ -261,30 +261,8 @@ class NTXentLoss(MetricLoss):
         self.temperature = temperature
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            ntxent_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            temperature=self.temperature,
-        )
+    function = staticmethod(ntxent_loss)
+    hyper_parameters = ("temperature",)
 
 
 class NPairsLoss(MetricLoss):
@@ -317,30 +295,8 @@ class NPairsLoss(MetricLoss):
         self.l2_reg_weight = l2_reg_weight
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            npairs_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            l2_reg_weight=self.l2_reg_weight,
-        )
+    function = staticmethod(npairs_loss)
+    hyper_parameters = ("l2_reg_weight",)
 
 
 class SupConLoss(MetricLoss):
@@ -367,28 +323,5 @@ class SupConLoss(MetricLoss):
         self.weight_positives = bool(weight_positives)
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            supcon_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            temperature=self.temperature,
-            weight_positives=self.weight_positives,
-        )
+    function = staticmethod(supcon_loss)
+    hyper_parameters = ("temperature", "weight_positives")

@@ -244,32 +244,8 @@ class LiftedStructureLoss(MetricLoss):
         self.neg_margin, self.pos_margin, self.smooth = neg_margin, pos_margin, smooth
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            lifted_structure_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            neg_margin=self.neg_margin,
-            pos_margin=self.pos_margin,
-            smooth=self.smooth,
-        )
+    function = staticmethod(lifted_structure_loss)
+    hyper_parameters = ("neg_margin", "pos_margin", "smooth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,32 +351,8 @@ class MultiSimilarityLoss(MetricLoss):
         self.alpha, self.beta, self.base = alpha, beta, base
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            multi_similarity_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            alpha=self.alpha,
-            beta=self.beta,
-            base=self.base,
-        )
+    function = staticmethod(multi_similarity_loss)
+    hyper_parameters = ("alpha", "beta", "base")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,28 +467,5 @@ class CircleLoss(MetricLoss):
         self.m, self.gamma = m, gamma
         self.stats: StructuredStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return self.forward_with_stats(
-            circle_loss,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            m=self.m,
-            gamma=self.gamma,
-        )
+    function = staticmethod(circle_loss)
+    hyper_parameters = ("m", "gamma")
