@@ -36,56 +36,11 @@ from torch.utils.data import Sampler
 from deepmetric import distances, losses, miners, samplers
 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("CircleLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
-    ("ContrastiveLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
     ("DistributedPKBatchSampler", "more_classes_than_exist"): (
         "H5: ValueError names none of ('classes_per_batch',): asked for 9 classes per batch but"
     ),
-    ("HistogramLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
-    ("LiftedStructureLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
-    ("MahalanobisDistance", "embedding_dim=-inf"): (
-        "H1: accepted, no ValueError naming embedding_dim"
-    ),
-    ("MahalanobisDistance", "embedding_dim=inf"): (
-        "H1: TypeError names none of ('embedding_dim',): eye() received an invalid combination "
-    ),
-    ("MahalanobisDistance", "embedding_dim=nan"): (
-        "H1: TypeError names none of ('embedding_dim',): eye() received an invalid combination "
-    ),
-    ("MarginLoss", "beta=-inf"): "H1: accepted, no ValueError naming beta",
-    ("MarginLoss", "beta=inf"): "H1: accepted, no ValueError naming beta",
-    ("MarginLoss", "beta=nan"): "H1: accepted, no ValueError naming beta",
-    ("MarginLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
-    ("MultiSimilarityLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
-    ("NPairsLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
-    ("NTXentLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
     ("PKBatchSampler", "more_classes_than_exist"): (
         "H5: ValueError names none of ('classes_per_batch',): asked for 9 classes per batch but"
-    ),
-    ("RankedListLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
-    ("SupConLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
-    ),
-    ("TripletMarginLoss", "indices_tuple_out_of_range"): (
-        "H1: IndexError: indices_tuple[2] has indices outside [0, 8); it must index the referen"
     ),
 }
 

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from deepmetric._validation import HyperParameter, check_finite, check_positive
+from deepmetric._validation import HyperParameter, check_count, check_finite, check_positive
 from deepmetric.blocks import RowBlocks, backward_by_autograd
 
 
@@ -457,9 +457,8 @@ class MahalanobisDistance(BaseDistance):
         normalize_embeddings: bool = False,
     ) -> None:
         super().__init__(normalize_embeddings)
-        rank = embedding_dim if rank is None else rank
-        if embedding_dim < 1 or rank < 1:
-            raise ValueError(f"embedding_dim and rank must be >= 1, got {embedding_dim}, {rank}")
+        embedding_dim = check_count(embedding_dim, "embedding_dim")
+        rank = embedding_dim if rank is None else check_count(rank, "rank")
         self.embedding_dim = embedding_dim
         self.squared = squared
         self.is_metric = not squared

@@ -17,6 +17,11 @@ import torch
 from torch import Tensor
 
 
+class IndicesOutOfRangeError(ValueError, IndexError):
+    """An index tuple that points outside the batch or the reference set: a ValueError (a bad
+    argument) that is also an IndexError (what indexing would have raised)."""
+
+
 class MinedTuple(tuple):
     """A tuple of index tensors plus `reference_key`, the identity of the set they index."""
 
@@ -87,7 +92,7 @@ def check_indices_tuple(
         bound = num_query if is_query else num_ref
         if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= bound):
             target = "the batch (embeddings)" if is_query else "the reference set"
-            raise IndexError(
+            raise IndicesOutOfRangeError(
                 f"indices_tuple[{position}] has indices outside [0, {bound}); "
                 f"it must index {target}"
             )
@@ -129,6 +134,7 @@ def pairs_to_triplets(
 
 
 __all__ = [
+    "IndicesOutOfRangeError",
     "MinedTuple",
     "PositiveLists",
     "check_indices_tuple",

@@ -219,6 +219,8 @@ def margin_loss(
         relevance=relevance,
     )
     beta = torch.as_tensor(beta, device=inputs.embeddings.device)
+    if not bool(torch.isfinite(beta).all()):
+        raise ValueError(f"beta must be finite (distance units), got {beta.tolist()}")
     per_class = beta.dim() > 0
     if per_class:
         _check_beta_classes(beta, inputs.labels)
@@ -323,7 +325,7 @@ class MarginLoss(MetricLoss):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.margin, self.nu, self.num_classes = margin, nu, num_classes
         shape = () if num_classes is None else (num_classes,)
-        initial = torch.full(shape, float(beta))
+        initial = torch.full(shape, check_finite(beta, "beta"))
         if learn_beta:
             self.beta = nn.Parameter(initial)
         else:
