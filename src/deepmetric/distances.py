@@ -449,6 +449,8 @@ class MahalanobisDistance(BaseDistance):
         squared: return (a - b)^T M (a - b) (default) or its square root.
     """
 
+    embedding_dim = HyperParameter(check_count)
+
     def __init__(
         self,
         embedding_dim: int,
