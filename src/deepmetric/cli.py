@@ -21,6 +21,8 @@ file or key and the fix, and exit status 2; ``--debug`` also prints the tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -54,6 +56,7 @@ from deepmetric.training.data import (
     is_run_data,
     load_split,
 )
+from deepmetric.training.distributed_run import embed_sharded, is_main, start_session
 from deepmetric.training.errors import (
     CheckpointError,
     ConfigError,
@@ -63,7 +66,6 @@ from deepmetric.training.errors import (
 from deepmetric.training.run_folder import RunFolder, read_class_names
 from deepmetric.training.trainer import (
     build_index,
-    embed,
     evaluate_embeddings,
     load_model,
     pick_device,
@@ -102,7 +104,7 @@ def _embed(model: nn.Module, config: Config, dataset: LabeledDataset) -> np.ndar
     """Embeddings as in training: the same device, batch size and autocast precision."""
     device = next(model.parameters()).device
     precision = pick_precision(config.train.precision, device)
-    return embed(
+    return embed_sharded(  # under torchrun each rank embeds a share
         model, dataset, batch_size=config.eval.batch_size, device=device, precision=precision
     )
 
@@ -195,7 +197,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
         with open(temp, "wb") as file:
             np.savez(file, embeddings=embeddings, labels=dataset.labels, class_names=names)
 
-    atomic_write(out, write)
+    if is_main():  # under torchrun rank 0 alone writes
+        atomic_write(out, write)
     print(f"wrote {embeddings.shape[0]} embeddings of width {embeddings.shape[1]} to {out}")
 
 
@@ -207,8 +210,9 @@ def cmd_index(args: argparse.Namespace) -> None:
     _refuse_overwrite(out, args.force)
     dataset = data_from_spec(args.data, split, config.data)
     index = build_index(_embed(model, config, dataset), dataset.labels, config.eval.distance)
-    atomic_write(out, index.save)
-    RunFolder(out.parent).write_json(_names_file(out), dataset.class_names)
+    if is_main():  # under torchrun rank 0 alone writes
+        atomic_write(out, index.save)
+        RunFolder(out.parent).write_json(_names_file(out), dataset.class_names)
     print(f"indexed {len(index)} items of {args.data} ({split}) in {out}")
     print(f"search it with: deepmetric search {run.root} QUERY --index {out}")
 
@@ -534,8 +538,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback); any other exception is a bug and shows its traceback.
     """
     args = _parser().parse_args(argv)
+    session = start_session()  # under torchrun: join its processes; rank 0 alone prints
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not session.is_main else None
     try:
-        args.handler(args)
+        with quiet or contextlib.nullcontext():
+            args.handler(args)
     except USER_ERRORS as error:
         if args.debug:
             traceback.print_exc()
@@ -544,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        session.close()
     return 0
 
 

@@ -33,14 +33,13 @@ from deepmetric.inference import build_index, embed, evaluate_embeddings, load_m
 from deepmetric.metrics import format_table
 from deepmetric.models import build_model
 from deepmetric.report import ImageSource, write_report
-from deepmetric.samplers import PKBatchSampler
+from deepmetric.samplers import DistributedPKBatchSampler
+from deepmetric.training import distributed_run
 from deepmetric.training.checkpoint import (
     atomic_write,
-    get_rng_states,
     load_checkpoint,
     load_state,
     save_checkpoint,
-    set_rng_states,
 )
 from deepmetric.training.components import (
     build_loss,
@@ -199,7 +198,12 @@ def train(
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     try:
-        return _train(config, RunFolder(run_dir), resume, restart, quiet, on_step)
+        session = distributed_run.start_session(config.train.device)  # torchrun's processes
+        try:
+            quiet = quiet or not session.is_main  # rank 0 alone prints and writes
+            return _train(config, RunFolder(run_dir), resume, restart, quiet, on_step)
+        finally:
+            session.close()
     finally:
         torch.set_num_threads(threads)
 
@@ -215,7 +219,7 @@ class _Parts:
     eval_set: LabeledDataset
     classes: np.ndarray
     """The training labels, sorted: a batch's labels become their positions (0..C-1)."""
-    sampler: PKBatchSampler
+    sampler: DistributedPKBatchSampler
     input_shape: tuple[int, ...]
     model: nn.Module
     loss_fn: nn.Module
@@ -236,7 +240,7 @@ class _Parts:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": asdict(state),
-            "rng": get_rng_states(),
+            "rng": distributed_run.rng_states(),
         }
 
     def restore(self, path: Path) -> TrainState:
@@ -247,12 +251,12 @@ class _Parts:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
-        set_rng_states(saved["rng"])
+        distributed_run.restore_rng_states(saved["rng"])
         return TrainState(**saved["state"])
 
     def evaluate(self) -> tuple[dict[str, float], np.ndarray]:
         """The metrics and embeddings of the evaluation split."""
-        embeddings = embed(
+        embeddings = distributed_run.embed_sharded(
             self.model,
             self.eval_set,
             batch_size=self.config.eval.batch_size,
@@ -274,14 +278,14 @@ def _train(
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     if resume:
         run.check_resume(config, restart)
-    else:
+    elif distributed_run.is_main():  # rank 0 alone touches the run folder
         run.check_new()
     parts = _build(config)  # nothing is written before the config and data proved usable
     fresh = not resume or not run.last.is_file()
     owned: list[Path] = []
-    if not resume:
+    if not resume and distributed_run.is_main():
         owned = run.start(config, parts.eval_set.class_names)
-    else:
+    elif distributed_run.is_main():
         run.reopen(parts.eval_set.class_names)
         if fresh:
             moved = run.archive_logs()
@@ -289,14 +293,14 @@ def _train(
     state, log = TrainState(), None
     try:
         if fresh:
-            log = MetricsLog(run)
+            log = distributed_run.metrics_log(run)
             if config.eval.before_training:
                 state.before, _ = parts.evaluate()
                 log.write({"event": "eval", "epoch": 0, "step": 0, **state.before})
                 say(format_table(state.before, title="before training"))
         else:
             state = parts.restore(run.last)
-            log = MetricsLog(run, resume_step=state.step)
+            log = distributed_run.metrics_log(run, resume_step=state.step)
             say(f"resumed {run.root} at epoch {state.epoch + 1}, step {state.step}")
         _loop(parts, state, log, run, say, quiet, on_step)
     except BaseException:
@@ -333,7 +337,7 @@ def _build(config: Config) -> _Parts:
             f"eval.k to values of at most {len(eval_set) - 1}"
         )
     try:
-        sampler = PKBatchSampler(
+        sampler = DistributedPKBatchSampler(
             train_set.labels,
             config.train.classes_per_batch,
             config.train.samples_per_class,
@@ -384,6 +388,8 @@ def _build(config: Config) -> _Parts:
         )
     except ValueError as error:  # torch.optim's own checks, e.g. SGD's momentum
         raise ConfigError(f"optimizer.name={config.optimizer.name}: {error}") from error
+    # torchrun: DDP, the loss over the global batch; in one process all stay as they are
+    model, loss_fn, miner = distributed_run.wrap_for_training(model, loss_fn, miner)
     total_steps = config.train.epochs * len(sampler)
     scheduler = build_scheduler(
         optimizer, config.optimizer.schedule, config.optimizer.warmup_steps, total_steps
@@ -422,7 +428,9 @@ def _loop(
 
     def save_last() -> None:
         state.seconds = time.perf_counter() - started
-        save_checkpoint(parts.checkpoint(state), run.last)
+        checkpoint = parts.checkpoint(state)  # on every rank: it gathers their random states
+        if distributed_run.is_main():
+            save_checkpoint(checkpoint, run.last)
 
     def interrupted() -> None:
         log.close()
@@ -448,7 +456,9 @@ def _loop(
                 state.step += 1
                 state.batch += 1
                 state.epoch_losses.append(loss)
-                interval_samples += len(batch)
+                interval_samples += (  # the global batch (under torchrun: all ranks')
+                    parts.sampler.classes_per_batch * parts.sampler.samples_per_class
+                )
                 progress.update()
 
                 if state.step % config.train.log_every_steps == 0:
@@ -469,10 +479,11 @@ def _loop(
                     interval_start, interval_samples = time.perf_counter(), 0
                 # Mid-epoch checkpoints; the last batch of an epoch is saved after evaluation.
                 every = config.train.checkpoint_every_steps
+                stopping = distributed_run.any_rank(stop.requested)  # all ranks stop together
                 if state.batch < len(batches):
-                    if stop.requested or (every and state.step % every == 0):
+                    if stopping or (every and state.step % every == 0):
                         save_last()
-                    if stop.requested:
+                    if stopping:
                         progress.close()
                         interrupted()
                 if on_step is not None:
@@ -480,7 +491,7 @@ def _loop(
             progress.close()
             _end_epoch(parts, state, log, run, say, started)
             save_last()
-            if stop.requested:
+            if distributed_run.any_rank(stop.requested):
                 interrupted()
     log.close()
 
@@ -552,8 +563,10 @@ def _end_epoch(
         if state.best is None or metrics[select] > state.best[select]:
             state.best, state.best_epoch = metrics, state.epoch
             state.evals_without_improvement = 0
-            save_checkpoint(parts.checkpoint(state), run.best)
-            run.save_embeddings(embeddings, parts.eval_set.labels)
+            checkpoint = parts.checkpoint(state)
+            if distributed_run.is_main():
+                save_checkpoint(checkpoint, run.best)
+                run.save_embeddings(embeddings, parts.eval_set.labels)
         else:
             state.evals_without_improvement += 1
     patience = config.train.early_stopping_patience
@@ -568,9 +581,6 @@ def _finish(
 ) -> dict[str, Any]:
     """Results of the best epoch: its embeddings, an index over them, the summary, report."""
     config = parts.config
-    embeddings, labels = run.load_embeddings()
-    index = build_index(embeddings, labels, config.eval.distance)
-    atomic_write(run.index, index.save)
     summary = {
         "before": state.before,
         "after": state.best,
@@ -580,6 +590,11 @@ def _finish(
         "device": str(parts.device),
         "precision": str(parts.precision).removeprefix("torch."),
     }
+    if not distributed_run.is_main():
+        return summary  # rank 0 writes the results
+    embeddings, labels = run.load_embeddings()
+    index = build_index(embeddings, labels, config.eval.distance)
+    atomic_write(run.index, index.save)
     run.write_json(run.summary, summary)
     if config.report.enabled:
         eval_set = parts.eval_set
