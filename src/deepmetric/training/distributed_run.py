@@ -69,11 +69,6 @@ class Session:
         """Rank 0: the process that writes the run folder and prints."""
         return self.rank == 0
 
-    def barrier(self) -> None:
-        """Wait until every rank gets here (nothing in a single process)."""
-        if self.world_size > 1:
-            dist.barrier()
-
     def close(self) -> None:
         """Leave the process group if this session joined it."""
         if self.owns_group and dist.is_initialized():
