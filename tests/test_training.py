@@ -454,10 +454,10 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
     assert not (tmp_path / "r1").exists()
 
     images = _images(tmp_path / "images")
-    good = (images / "c3" / "1.png").read_bytes()
-    (images / "c3" / "1.png").write_bytes(good[: len(good) // 2])  # read by the first evaluation
+    good = (images / "c1" / "1.png").read_bytes()  # a training class: the selection split
+    (images / "c1" / "1.png").write_bytes(good[: len(good) // 2])  # read by the first evaluation
     config = tiny(*IMAGES, f"data.path={images}", "eval.before_training=true")
-    with pytest.raises(DataError, match=re.escape(str(images / "c3" / "1.png"))):
+    with pytest.raises(DataError, match=re.escape(str(images / "c1" / "1.png"))):
         train(config, tmp_path / "runs" / "r2", quiet=True)  # runs/ made for it, removed too
     assert not (tmp_path / "runs").exists()
     (tmp_path / "r3" / "checkpoints").mkdir(parents=True)  # a folder the user made, with
@@ -465,7 +465,7 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
     with pytest.raises(DataError):
         train(config, tmp_path / "r3", quiet=True)
     assert [p.name for p in (tmp_path / "r3").rglob("*")] == ["checkpoints", "mine.pt"]
-    (images / "c3" / "1.png").write_bytes(good)
+    (images / "c1" / "1.png").write_bytes(good)
     assert train(config, tmp_path / "runs" / "r2", quiet=True)["steps"] == 6  # the same again
 
 

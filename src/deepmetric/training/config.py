@@ -64,8 +64,11 @@ class DataConfig:
     """Test classes drawn at random (seeded by data.seed); null keeps every class."""
     samples_per_class: int | None = None
     """Samples kept per class (the first ones); null keeps every sample."""
+    val_share: float = 0.2
+    """Share of the training split's classes held out as the validation split (drawn with
+    data.seed, never trained on); 0: none. Fewer than 2 held-out classes: none."""
     seed: int = 0
-    """Seed of the class subsample."""
+    """Seed of the class subsample and of the validation classes."""
     image_size: int = 32
     """image_folder: side in pixels that images are resized to."""
     image_mode: str = "L"
@@ -176,7 +179,11 @@ class EvalConfig:
     """Evaluation of the embeddings on the held-out classes (deepmetric.metrics.evaluate)."""
 
     split: str = "test"
-    """Split that is embedded and evaluated: test (unseen classes), train or all."""
+    """Split of the final evaluation (summary before/after), embeddings.npz and index.npz:
+    test (unseen classes), train or all; embedded once, after training, by the chosen model."""
+    select_split: str = "val"
+    """Split that every choice reads (best epoch, early stopping, sweeps): val (held-out
+    training classes; train when there are none), train, or test (flagged in the report)."""
     metrics: list[str] = field(
         default_factory=lambda: ["recall@k", "precision@1", "r_precision", "map@r", "nmi"]
     )
@@ -240,6 +247,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "eval.split": ("train", "test", "all"),
+    "eval.select_split": ("val", "train", "test"),
     "eval.distance": ("euclidean", "cosine"),
     "report.projection": ("pca", "tsne"),
 }
@@ -445,6 +453,8 @@ def _check_values(config: Config) -> None:
     for key, value in not_negative.items():
         if not value >= 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0 <= config.data.val_share < 1:
+        raise ConfigError(f"data.val_share must be in [0, 1), got {config.data.val_share}")
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
     if not config.model.channels:

@@ -6,6 +6,7 @@ ones and feature tables) and item by item for image folders, which read files an
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch.utils.data import Dataset
 
 from deepmetric.data import (
     ArrayDataset,
+    DataError,
     ImageFolderDataset,
     LabeledDataset,
     RandomShift,
@@ -31,6 +33,7 @@ __all__ = [
     "images_of",
     "is_run_data",
     "load_split",
+    "validation_classes",
 ]
 
 
@@ -73,29 +76,58 @@ def _draw(classes: np.ndarray, wanted: int | None, seed: int, stream: int) -> np
     return np.random.default_rng([seed, stream]).choice(classes, wanted, replace=False)
 
 
-def load_split(config: DataConfig, split: str, *, train: bool = False) -> LabeledDataset:
-    """The ``split`` ("train", "test" or "all") of the configured data set, subsampled.
+def _training_classes(config: DataConfig, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The drawn training classes and the validation classes, from the classes of the data's
+    training split: ``floor(data.val_share * C)`` classes are held out first (none when that
+    is fewer than 2), then ``data.train_classes`` of the rest are drawn."""
+    held_out = math.floor(config.val_share * len(classes))
+    if held_out < 2:
+        validation = classes[:0]
+    else:
+        validation = np.sort(
+            np.random.default_rng([config.seed, 2]).choice(classes, held_out, False)
+        )
+    rest = np.setdiff1d(classes, validation)
+    return _draw(rest, config.train_classes, config.seed, 0), validation
 
-    ``data.train_classes`` of the training classes and ``data.test_classes`` of the test
-    classes are drawn at random with ``data.seed``; "all" holds both draws, so its items
-    are those of "train" and "test" together. The first ``data.samples_per_class`` samples
-    of each class are kept. ``train`` turns augmentation on.
+
+def validation_classes(config: DataConfig) -> int:
+    """How many classes the validation split holds (0: the data has too few to hold out)."""
+    dataset = _load(config, "train", train=False)
+    return len(_training_classes(config, np.unique(dataset.labels))[1])
+
+
+def load_split(config: DataConfig, split: str, *, train: bool = False) -> LabeledDataset:
+    """The ``split`` ("train", "val", "test" or "all") of the configured data set, subsampled.
+
+    The validation classes ("val") are ``data.val_share`` of the data's training classes,
+    drawn with ``data.seed`` and never trained on; ``data.train_classes`` of the remaining
+    training classes ("train") and ``data.test_classes`` of the test classes ("test") are
+    drawn at random with ``data.seed``; "all" holds the three draws together. The first
+    ``data.samples_per_class`` samples of each class are kept. ``train`` turns augmentation
+    on. Raises `DataError` for "val" when the data has too few training classes to hold out.
     """
-    dataset = _load(config, split, train)
+    dataset = _load(
+        config, "test" if split == "test" else "train" if split == "val" else split, train
+    )
     classes = np.unique(dataset.labels)
     if split == "all":
-        if config.train_classes is None and config.test_classes is None:
+        if config.train_classes is None and config.test_classes is None and not config.val_share:
             drawn = classes
         else:
             train_rows, test_rows = open_set_split(classes)
-            drawn = np.concatenate(
-                [
-                    _draw(classes[train_rows], config.train_classes, config.seed, 0),
-                    _draw(classes[test_rows], config.test_classes, config.seed, 1),
-                ]
+            trained, validation = _training_classes(config, classes[train_rows])
+            tested = _draw(classes[test_rows], config.test_classes, config.seed, 1)
+            drawn = np.concatenate([trained, validation, tested])
+    elif split in ("train", "val"):
+        trained, validation = _training_classes(config, classes)
+        drawn = trained if split == "train" else validation
+        if split == "val" and not len(drawn):
+            raise DataError(
+                f"the training split of {config.name} has {len(classes)} classes: "
+                f"data.val_share={config.val_share:g} holds out fewer than 2, so there is no "
+                "validation split; raise data.val_share or use eval.select_split=train"
             )
-    elif split == "train":
-        drawn = _draw(classes, config.train_classes, config.seed, 0)
     else:
         drawn = _draw(classes, config.test_classes, config.seed, 1)
     keep = np.ones(len(dataset.labels), dtype=bool)

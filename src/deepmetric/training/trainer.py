@@ -1,6 +1,12 @@
 """The trainer behind `deepmetric train`, readable top to bottom: build the data, model,
 loss and optimiser; loop over P x K batches; evaluate each epoch; save.
 
+Model selection is honest: every choice made during training (the best epoch, early
+stopping) reads the metrics of ``eval.select_split``, by default the validation classes (a
+seeded share of the training classes, never trained on). The test split (``eval.split``) is
+embedded once, after the last step, by the chosen model (and by the untrained one for the
+"before" column); its embeddings are the run's ``embeddings.npz`` and ``index.npz``.
+
 Everything a run needs to continue is in ``checkpoints/last.pt``: model, loss parameters,
 optimiser, schedule, gradient scaler, the sampler's epoch and position, and the random
 generators. It is written atomically every ``train.checkpoint_every_steps`` steps and at
@@ -48,7 +54,7 @@ from deepmetric.training.components import (
     build_scheduler,
 )
 from deepmetric.training.config import Config
-from deepmetric.training.data import gather, images_of, load_split
+from deepmetric.training.data import gather, images_of, load_split, validation_classes
 from deepmetric.training.errors import ConfigError, RunFolderError, TrainingDivergedError
 from deepmetric.training.run_folder import MetricsLog, RunFolder
 
@@ -80,9 +86,9 @@ class TrainState:
     step: int = 0
     """Optimiser steps completed in total."""
     before: dict[str, float] | None = None
-    """Metrics of the untrained model."""
+    """Metrics of the untrained model on the selection split."""
     best: dict[str, float] | None = None
-    """Metrics of the best evaluation so far (by eval.select_metric)."""
+    """Selection-split metrics of the best evaluation so far (by eval.select_metric)."""
     best_epoch: int | None = None
     evals_without_improvement: int = 0
     seconds: float = 0.0
@@ -216,7 +222,11 @@ class _Parts:
     device: torch.device
     precision: torch.dtype
     train_set: LabeledDataset
+    select_split: str
+    """The split every choice reads: eval.select_split, or train where "val" has no classes."""
+    select_set: LabeledDataset
     eval_set: LabeledDataset
+    """The final split (eval.split): embedded after training only."""
     classes: np.ndarray
     """The training labels, sorted: a batch's labels become their positions (0..C-1)."""
     sampler: DistributedPKBatchSampler
@@ -227,6 +237,8 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    initial_model: dict[str, torch.Tensor]
+    """The untrained weights (the build is seeded, so a resumed run rebuilds the same)."""
 
     def checkpoint(self, state: TrainState) -> dict[str, Any]:
         """Everything a run needs to continue from ``state``."""
@@ -254,16 +266,16 @@ class _Parts:
         distributed_run.restore_rng_states(saved["rng"])
         return TrainState(**saved["state"])
 
-    def evaluate(self) -> tuple[dict[str, float], np.ndarray]:
-        """The metrics and embeddings of the evaluation split."""
+    def evaluate(self, dataset: LabeledDataset) -> tuple[dict[str, float], np.ndarray]:
+        """The metrics and embeddings of ``dataset`` (the selection or the final split)."""
         embeddings = distributed_run.embed_sharded(
             self.model,
-            self.eval_set,
+            dataset,
             batch_size=self.config.eval.batch_size,
             device=self.device,
             precision=self.precision,
         )
-        return evaluate_embeddings(embeddings, self.eval_set.labels, self.config.eval), embeddings
+        return evaluate_embeddings(embeddings, dataset.labels, self.config.eval), embeddings
 
 
 def _train(
@@ -295,9 +307,10 @@ def _train(
         if fresh:
             log = distributed_run.metrics_log(run)
             if config.eval.before_training:
-                state.before, _ = parts.evaluate()
-                log.write({"event": "eval", "epoch": 0, "step": 0, **state.before})
-                say(format_table(state.before, title="before training"))
+                state.before, _ = parts.evaluate(parts.select_set)
+                split = parts.select_split
+                log.write({"event": "eval", "split": split, "epoch": 0, "step": 0, **state.before})
+                say(format_table(state.before, title=f"before training ({split} split)"))
         else:
             state = parts.restore(run.last)
             log = distributed_run.metrics_log(run, resume_step=state.step)
@@ -322,6 +335,10 @@ def _build(config: Config) -> _Parts:
     # Data: P x K batches over the training classes; evaluation on held-out classes.
     train_set = load_split(config.data, "train", train=True)
     eval_set = load_split(config.data, config.eval.split)
+    select_split = config.eval.select_split
+    if select_split == "val" and not validation_classes(config.data):
+        select_split = "train"  # too few training classes to hold any out
+    select_set = load_split(config.data, select_split)
     classes = np.unique(train_set.labels)  # labels become 0..C-1 for classifier losses
     if config.train.classes_per_batch > len(classes):
         raise ConfigError(
@@ -330,12 +347,13 @@ def _build(config: Config) -> _Parts:
             f"{len(classes)} or fewer"
         )
     largest_k = max(config.eval.k) if "recall@k" in config.eval.metrics else 0
-    if largest_k > len(eval_set) - 1:
-        raise ConfigError(
-            f"eval.k={config.eval.k} asks for Recall@{largest_k} but the {config.eval.split} "
-            f"split has {len(eval_set)} items (each query has {len(eval_set) - 1} others): set "
-            f"eval.k to values of at most {len(eval_set) - 1}"
-        )
+    for split, dataset in ((config.eval.split, eval_set), (select_split, select_set)):
+        if largest_k > len(dataset) - 1:
+            raise ConfigError(
+                f"eval.k={config.eval.k} asks for Recall@{largest_k} but the {split} split has "
+                f"{len(dataset)} items (each query has {len(dataset) - 1} others): set eval.k "
+                f"to values of at most {len(dataset) - 1}"
+            )
     try:
         sampler = DistributedPKBatchSampler(
             train_set.labels,
@@ -390,6 +408,7 @@ def _build(config: Config) -> _Parts:
         raise ConfigError(f"optimizer.name={config.optimizer.name}: {error}") from error
     # torchrun: DDP, the loss over the global batch; in one process all stay as they are
     model, loss_fn, miner = distributed_run.wrap_for_training(model, loss_fn, miner)
+    initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     total_steps = config.train.epochs * len(sampler)
     scheduler = build_scheduler(
         optimizer, config.optimizer.schedule, config.optimizer.warmup_steps, total_steps
@@ -400,6 +419,8 @@ def _build(config: Config) -> _Parts:
         device,
         precision,
         train_set,
+        select_split,
+        select_set,
         eval_set,
         classes,
         sampler,
@@ -410,6 +431,7 @@ def _build(config: Config) -> _Parts:
         optimizer,
         scheduler,
         scaler,
+        initial_model,
     )
 
 
@@ -534,7 +556,8 @@ def _end_epoch(
     say: Callable[[str], None],
     started: float,
 ) -> None:
-    """End of an epoch: evaluate, keep the best model, decide on early stopping."""
+    """End of an epoch: evaluate the selection split, keep the best model, decide on early
+    stopping."""
     config = parts.config
     state.epoch += 1
     state.batch = 0
@@ -542,11 +565,12 @@ def _end_epoch(
     state.epoch_losses = []
     last_epoch = state.epoch == config.train.epochs
     if state.epoch % config.eval.every_epochs == 0 or last_epoch:
-        metrics, embeddings = parts.evaluate()
+        metrics, _ = parts.evaluate(parts.select_set)
         state.seconds = time.perf_counter() - started
         log.write(
             {
                 "event": "eval",
+                "split": parts.select_split,
                 "epoch": state.epoch,
                 "step": state.step,
                 "train_loss": train_loss,
@@ -566,7 +590,6 @@ def _end_epoch(
             checkpoint = parts.checkpoint(state)
             if distributed_run.is_main():
                 save_checkpoint(checkpoint, run.best)
-                run.save_embeddings(embeddings, parts.eval_set.labels)
         else:
             state.evals_without_improvement += 1
     patience = config.train.early_stopping_patience
@@ -579,11 +602,31 @@ def _end_epoch(
 def _finish(
     parts: _Parts, state: TrainState, run: RunFolder, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Results of the best epoch: its embeddings, an index over them, the summary, report."""
+    """The final evaluation, once: the chosen model (best.pt) and, for the "before" column,
+    the untrained one embed the final split (eval.split); then its embeddings, an index over
+    them, the summary and the report. The summary says which split each number comes from."""
     config = parts.config
+    before = None
+    if config.eval.before_training:
+        parts.model.load_state_dict(parts.initial_model)
+        before, _ = parts.evaluate(parts.eval_set)
+    load_state(parts.model, load_checkpoint(run.best)["model"], "model", str(run.best))
+    after, embeddings = parts.evaluate(parts.eval_set)
+    select = parts.select_split
     summary = {
-        "before": state.before,
-        "after": state.best,
+        "split": config.eval.split,
+        "before": before,
+        "after": after,
+        "selection": {
+            "split": select,
+            "asked": config.eval.select_split,
+            "metric": config.eval.select_metric,
+            "classes": len(np.unique(parts.select_set.labels)),
+            "reads_test": select == "test",
+            "before": state.before,
+            "best": state.best,
+        },
+        "train_classes": len(parts.classes),
         "best_epoch": state.best_epoch,
         "steps": state.step,
         "train_seconds": state.seconds,
@@ -592,8 +635,8 @@ def _finish(
     }
     if not distributed_run.is_main():
         return summary  # rank 0 writes the results
-    embeddings, labels = run.load_embeddings()
-    index = build_index(embeddings, labels, config.eval.distance)
+    run.save_embeddings(embeddings, parts.eval_set.labels)
+    index = build_index(embeddings, parts.eval_set.labels, config.eval.distance)
     atomic_write(run.index, index.save)
     run.write_json(run.summary, summary)
     if config.report.enabled:
