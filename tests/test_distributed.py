@@ -32,6 +32,11 @@ FAMILIES = {
     "contrastive": (lambda: losses.ContrastiveLoss(pos_margin=0.1, neg_margin=1.5), None),
     "all_triplets": (lambda: losses.TripletMarginLoss(margin=0.5), None),
     "triplet_miner": (lambda: losses.TripletMarginLoss(margin=0.5), miners.BatchHardMiner),
+    # draws at random: every rank must draw what rank 0 draws (each rank is seeded apart)
+    "triplet_random_miner": (
+        lambda: losses.TripletMarginLoss(margin=0.5),
+        lambda: miners.DistanceWeightedMiner(cutoff=0.1, nonzero_loss_cutoff=2.0),
+    ),
     "multi_similarity": (lambda: losses.MultiSimilarityLoss(), None),
     "ntxent": (lambda: losses.NTXentLoss(temperature=0.5), None),
     "lifted_structure": (lambda: losses.LiftedStructureLoss(), None),
@@ -92,12 +97,14 @@ def _train_both(rank, world, family, layout, mode):
         inputs = torch.randn(
             sum(sizes), DIM_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(step)
         )
+        torch.manual_seed(1000 * rank + step)  # the ranks' random streams differ
         opt.zero_grad()
         value = wrapped(ddp(inputs[rows]), labels[rows])
         value.backward()
         average_gradients(loss.parameters())
         opt.step()
 
+        torch.manual_seed(step)  # rank 0's stream
         reference_opt.zero_grad()
         embeddings = reference_model(inputs)
         tuples = None if miner is None else miner(embeddings, labels)
@@ -198,9 +205,11 @@ def test_single_process_is_the_wrapped_loss():
         torch.manual_seed(0)
         plain = make_loss()
         miner = None if make_miner is None else make_miner()
+        torch.manual_seed(1)  # the same draws for a miner that draws at random
         tuples = None if miner is None else miner(x, y)
         expected = plain(x, y, tuples)
         for mode in supported_modes(family):
+            torch.manual_seed(1)
             value = DistributedLoss(loss, mode, miner=miner)(x, y)
             torch.testing.assert_close(value, expected, msg=f"{family} {mode}")
 
