@@ -127,11 +127,16 @@ def test_sweep_temperature(tmp_path, capsys):
     args = ["sweep-temperature", "--quiet", "--out", str(out), "--temperatures", "0.05,1"]
     assert main([*args, *TINY]) == 0
     table = (out / "sweep.md").read_text()
-    assert table.splitlines()[0] == "| temperature | R@1 | MAP@R |"
-    assert table.splitlines()[2].startswith("| 0.05 |") and table.splitlines()[3].startswith(
-        "| 1 |"
-    )
-    assert [r["temperature"] for r in json.loads((out / "sweep.json").read_text())] == [0.05, 1.0]
+    # digits has 5 training classes, too few to hold out validation ones: selection on train
+    header = "| temperature | train R@1 | train MAP@R | test R@1 | test MAP@R |"
+    assert table.splitlines()[0] == header
+    assert table.splitlines()[2].startswith("| 0.05") and table.splitlines()[3].startswith("| 1")
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["temperature"] for r in rows] == [0.05, 1.0]
+    assert [r["selection_split"] for r in rows] == ["train", "train"]
+    best = max(rows, key=lambda r: r["selection"]["map@r"])  # chosen without the test columns
+    assert [r["chosen"] for r in rows] == [r is best for r in rows]
+    assert table.count("(chosen)") == 1
     assert table in capsys.readouterr().out
     steps = (out / "temperature-1" / "metrics.jsonl").read_text()
     assert main([*args, *TINY]) == 0  # finished runs are reused, not retrained

@@ -1,4 +1,5 @@
-"""The `deepmetric` command: train, evaluate, embed, index, search, report, sweep-temperature.
+"""The `deepmetric` command: train, evaluate, embed, index, search, report, sweep-temperature,
+benchmark, export, serve.
 
     deepmetric train                          # Kanji-Fonts-32, default recipe, a few minutes
     deepmetric train --config run.yaml train.epochs=5 loss.name=TripletMarginLoss
@@ -12,6 +13,7 @@
     deepmetric export RUN --format onnx       # the embedder as TorchScript or ONNX, checked
     deepmetric serve RUN                      # HTTP embed + search, and a page to browse
     deepmetric sweep-temperature              # normalised-softmax temperature sweep
+    deepmetric benchmark --jobs 2             # recipes x seeds, table of test MAP@R/R@1/NMI
 
 docs/cli.md describes every command, config key and file of the run folder. A bad input
 (config key or value, data, run folder file) ends the command with one line that names the
@@ -34,6 +36,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from deepmetric.benchmark import DEFAULT_RECIPES, parse_recipes, run_benchmark
+from deepmetric.benchmark import table as benchmark_table
 from deepmetric.data import (
     IMAGE_EXTENSIONS,
     ArrayDataset,
@@ -151,9 +155,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not args.quiet:
         print(f"run folder: {run_dir}", flush=True)
     summary = train(config, run_dir, resume=resume, restart=args.restart, quiet=args.quiet)
+    print(f"{summary['split']} split, measured once after training:")
     print(comparison_table(summary["before"], summary["after"]))
+    selection = summary["selection"]
+    if selection["reads_test"]:
+        print("warning: the best epoch was chosen on the test split (eval.select_split=test)")
     print(
-        f"best epoch {summary['best_epoch']}, {summary['steps']} steps, "
+        f"best epoch {summary['best_epoch']} (by {selection['metric']} on the "
+        f"{selection['split']} split), {summary['steps']} steps, "
         f"{summary['train_seconds']:.0f} s training; results in {run_dir}"
     )
 
@@ -320,9 +329,8 @@ def cmd_sweep_temperature(args: argparse.Namespace) -> None:
             f"loss.params={{temperature: {temperature}}}",
             "eval.before_training=false",
             "report.enabled=false",
-        ]  # and one evaluation, after the last epoch: no choice of epoch on the test split
-        epochs = load_config(args.config, overrides).train.epochs
-        config = load_config(args.config, [*overrides, f"eval.every_epochs={epochs}"])
+        ]
+        config = load_config(args.config, overrides)
         run = RunFolder(out / f"temperature-{temperature:g}")
         if not args.quiet:
             print(f"temperature {temperature:g}: {run.root}", flush=True)
@@ -330,19 +338,65 @@ def cmd_sweep_temperature(args: argparse.Namespace) -> None:
         # one that stopped before its first checkpoint starts again (its log kept).
         existing = run.config.is_file()
         summary = train(config, run.root, resume=existing, restart=existing, quiet=args.quiet)
-        rows.append((temperature, summary["after"]))
+        rows.append((temperature, summary))
+    # The choice reads the selection split (validation classes) only; test is reported.
+    select = rows[0][1]["selection"]
+    metric = select["metric"]
+    chosen = max(rows, key=lambda row: row[1]["selection"]["best"][metric])[0]
+    final = rows[0][1]["split"]
     table = [
-        "| temperature | R@1 | MAP@R |",
-        "| ---: | ---: | ---: |",
-        *(f"| {t:g} | {m['recall@1']:.4f} | {m['map@r']:.4f} |" for t, m in rows),
+        f"| temperature | {select['split']} R@1 | {select['split']} MAP@R "
+        f"| {final} R@1 | {final} MAP@R |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {t:g}{' (chosen)' if t == chosen else ''} "
+            f"| {s['selection']['best']['recall@1']:.4f} | {s['selection']['best']['map@r']:.4f} "
+            f"| {s['after']['recall@1']:.4f} | {s['after']['map@r']:.4f} |"
+            for t, s in rows
+        ),
     ]
-    text = "\n".join(table) + "\n"
+    note = (
+        f"Chosen by {metric} on the {select['split']} split"
+        + (" (the test split: optimistic)" if select["reads_test"] else "")
+        + f"; the {final} columns were measured once per run, after training."
+    )
+    text = "\n".join(table) + "\n\n" + note + "\n"
     RunFolder(out).write_text(out / "sweep.md", text)
     RunFolder(out).write_json(
-        out / "sweep.json", [{"temperature": t, **metrics} for t, metrics in rows]
+        out / "sweep.json",
+        [
+            {
+                "temperature": t,
+                "chosen": t == chosen,
+                "selection_split": s["selection"]["split"],
+                "selection": s["selection"]["best"],
+                "split": s["split"],
+                **s["after"],
+            }
+            for t, s in rows
+        ],
     )
     print(text, end="")
     print(f"wrote {out / 'sweep.md'} and {out / 'sweep.json'}")
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    if args.recipes is not None and not args.recipes.is_file():
+        raise ConfigError(f"--recipes {args.recipes} does not exist: pass a YAML file")
+    text = DEFAULT_RECIPES if args.recipes is None else args.recipes.read_text(encoding="utf-8")
+    if args.list:
+        print(text, end="")
+        return
+    results = run_benchmark(
+        parse_recipes(text),
+        args.seeds,
+        args.out,
+        overrides=args.overrides,
+        config_path=args.config,
+        jobs=args.jobs,
+        say=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True)),
+    )
+    print(benchmark_table(results), end="")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -371,7 +425,7 @@ def _positive(text: str) -> int:
     return value
 
 
-SPLITS = ("train", "test", "all")
+SPLITS = ("train", "val", "test", "all")
 DEBUG_HELP = "on an error, also print the traceback"
 
 
@@ -528,6 +582,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep_command.add_argument("--out", type=Path, default=Path("runs/temperature-sweep"))
     sweep_command.set_defaults(handler=cmd_sweep_temperature)
+
+    benchmark_command = commands.add_parser(
+        "benchmark",
+        help="train recipes x seeds under one protocol; table of test MAP@R, R@1, NMI",
+        description="Train each recipe (loss, miner, hyper-parameters) with each seed, the "
+        "same data, model and step budget (the key=value overrides), the best epoch chosen on "
+        "the validation classes; write OUT/benchmark.md, .json and .png (mean and std over "
+        "seeds on the test split). Finished runs are kept: run it again to continue.",
+    )
+    config_arguments(benchmark_command)
+    benchmark_command.add_argument(
+        "--recipes", type=Path, help="a YAML list of recipes (default: the built-in list)"
+    )
+    benchmark_command.add_argument(
+        "--seeds",
+        type=lambda text: [int(t) for t in text.split(",")],
+        default=[0, 1, 2],
+        help="comma-separated train.seed values (default 0,1,2)",
+    )
+    benchmark_command.add_argument(
+        "--jobs", type=_positive, default=1, help="runs trained in parallel processes"
+    )
+    benchmark_command.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    benchmark_command.add_argument(
+        "--list", action="store_true", help="print the recipes (YAML) and exit"
+    )
+    benchmark_command.set_defaults(handler=cmd_benchmark)
     return parser
 
 

@@ -128,7 +128,9 @@ def _plot_training_curves(history: Sequence[Mapping[str, Any]], path: Path) -> N
         points = [(r["epoch"], r[name]) for r in evals if name in r]
         if points:
             right.plot(*zip(*points, strict=True), "o-", label=name)
-    right.set(xlabel="epoch (0: before training)", ylabel="score", title="Evaluation", ylim=(0, 1))
+    splits = sorted({str(r["split"]) for r in evals if "split" in r})
+    title = f"Evaluation ({', '.join(splits)} split)" if splits else "Evaluation"
+    right.set(xlabel="epoch (0: before training)", ylabel="score", title=title, ylim=(0, 1))
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.legend()
     figure.tight_layout()
@@ -341,6 +343,30 @@ def _grid_html(listed: list[tuple[str, list[tuple[str, float]]]]) -> str:
     return "\n".join(rows) + "</table>"
 
 
+def _selection_html(summary: Mapping[str, Any]) -> list[str]:
+    """Which split the best epoch was chosen on; a warning when it was the test split."""
+    selection = summary.get("selection")
+    if not selection:
+        return []
+    text = (
+        f"The best epoch was chosen by {selection['metric']} on the {selection['split']} split "
+        f"({selection['classes']} classes); the table above was measured once, after training."
+    )
+    if selection["split"] != selection["asked"]:
+        text += (
+            f" eval.select_split={selection['asked']} had no classes (too few training classes "
+            "to hold a validation share out), so the training classes were used."
+        )
+    lines = [f"<p>{html.escape(text)}</p>"]
+    if selection["reads_test"]:
+        lines.append(
+            "<p><strong>Warning: the model was chosen on the test split "
+            "(eval.select_split=test), so the test metrics above are optimistic; they are "
+            "not a fair measure of unseen classes.</strong></p>"
+        )
+    return lines
+
+
 def write_report(
     folder: str | Path,
     *,
@@ -362,7 +388,8 @@ def write_report(
     Parameters:
         folder: the run folder.
         history: the records of metrics.jsonl ("train" and "eval" events).
-        summary: a dict with "before" (may be None) and "after" metrics and "best_epoch".
+        summary: a dict with "before" (may be None) and "after" metrics and "best_epoch";
+            optionally "split" (of before/after) and "selection" (as the trainer writes).
         embeddings, labels: (N, D) evaluation embeddings of the best model and their labels.
         images: maps item indices to images for the neighbour grid (None: no grid).
         class_names: the name of each label id (``class_names[label]``); None: the ids.
@@ -417,14 +444,16 @@ def write_report(
         )
 
     table = comparison_table(summary.get("before"), summary["after"])
+    split = summary.get("split", "evaluation")
     body = [
         "<h1>deepmetric training report</h1>",
         f"<p>Run folder <code>{html.escape(str(folder.resolve()))}</code>; best epoch "
         f"{summary.get('best_epoch')}; Recall@K: "
         + ", ".join(f"R@{k} {v:.3f}" for k, v in curve.items())
         + "</p>",
-        "<h2>Metrics of the evaluation split</h2>",
+        f"<h2>Metrics of the {html.escape(split)} split</h2>",
         f"<pre>{html.escape(table)}</pre>",
+        *_selection_html(summary),
     ]
     for name, caption, names in figures:
         body.append(f'<figure><img src="plots/{name}" alt="{name}"><figcaption>')

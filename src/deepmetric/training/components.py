@@ -257,7 +257,39 @@ def build_loss(
     kwargs = loss_arguments(cls, params, num_classes, embedding_dim)
     if distance is not None:
         kwargs["distance"] = build_distance(distance)
+    margin = kwargs.get("margin")
+    if margin == ADAPTIVE or (isinstance(margin, dict) and set(margin) == {ADAPTIVE}):
+        kwargs["margin"] = adaptive_margin(cls, margin)
     return cls(**kwargs)
+
+
+ADAPTIVE = "adaptive"
+"""``loss.params.margin=adaptive`` (or ``{adaptive: {update_every: 50}}``): seed 000's
+`AdaptiveMargin` schedule, for the losses that take one (AdditiveMarginLoss)."""
+
+
+def adaptive_margin(cls: type, margin: str | dict[str, Any]) -> losses.AdaptiveMargin:
+    """The `AdaptiveMargin` that ``loss.params.margin`` asks for (its keyword arguments under
+    ``adaptive``).
+
+    >>> adaptive_margin(losses.AdditiveMarginLoss, {"adaptive": {"update_every": 5}}).update_every
+    5
+    """
+    if "AdaptiveMargin" not in str(inspect.signature(cls).parameters["margin"].annotation):
+        raise ConfigError(
+            f"loss.params.margin={ADAPTIVE} but {cls.__name__} takes a number as its margin: "
+            "the adaptive margin is for AdditiveMarginLoss"
+        )
+    arguments = {} if margin == ADAPTIVE else margin[ADAPTIVE] or {}  # type: ignore[index]
+    if not isinstance(arguments, dict):
+        raise ConfigError(
+            f"loss.params.margin={{adaptive: {arguments!r}}}: give AdaptiveMargin's keyword "
+            "arguments as a mapping, e.g. {adaptive: {update_every: 50}}"
+        )
+    try:
+        return losses.AdaptiveMargin(**arguments)
+    except TypeError as error:
+        raise ConfigError(f"loss.params.margin.adaptive: {error}") from error
 
 
 def build_miner(name: str | None, params: dict[str, Any], distance: str | None) -> nn.Module | None:

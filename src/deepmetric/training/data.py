@@ -159,6 +159,11 @@ def data_from_spec(spec: str, split: str, config: DataConfig) -> LabeledDataset:
     """
     if is_run_data(spec, config):
         return load_split(config, split)
+    if split == "val":
+        raise DataError(
+            f"--split val is the validation classes of the run's own data set, not of {spec}: "
+            "use train, test or all"
+        )
     if spec in ("kanji_fonts", "digits"):
         name, path = spec, None
     elif Path(spec).is_dir():
