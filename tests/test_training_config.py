@@ -209,3 +209,30 @@ def test_any_override_gives_a_config_or_a_one_line_config_error(pairs):
         load_config(overrides=[f"{key}={value}" for key, value in pairs])
     except ConfigError as error:
         assert "\n" not in str(error) and str(error)
+
+
+def test_adaptive_margin_from_the_config():
+    from deepmetric.losses import AdaptiveMargin
+    from deepmetric.training.components import build_loss
+
+    for margin in ("adaptive", "{adaptive: {update_every: 7, diameter_factor: 1.5}}"):
+        config = load_config(
+            overrides=["loss.name=AdditiveMarginLoss", f"loss.params={{margin: {margin}}}"]
+        )
+        loss = build_loss(config.loss.name, config.loss.params, None, 10, 8)
+        assert isinstance(loss.margin, AdaptiveMargin)
+    assert loss.margin.update_every == 7 and loss.margin.diameter_factor == 1.5
+    with pytest.raises(ConfigError, match="the adaptive margin is for AdditiveMarginLoss"):
+        load_config(overrides=["loss.name=CosFaceLoss", "loss.params={margin: adaptive}"])
+    with pytest.raises(ConfigError, match="margin"):
+        load_config(
+            overrides=["loss.name=AdditiveMarginLoss", "loss.params={margin: {adaptive: {x: 1}}}"]
+        )
+
+
+def test_val_share_and_select_split_are_checked():
+    assert load_config().eval.select_split == "val" and load_config().data.val_share == 0.2
+    with pytest.raises(ConfigError, match=r"data.val_share must be in \[0, 1\)"):
+        load_config(overrides=["data.val_share=1"])
+    with pytest.raises(ConfigError, match="eval.select_split must be one of val, train, test"):
+        load_config(overrides=["eval.select_split=all"])
