@@ -89,7 +89,7 @@ DEFAULT_RECIPES = """\
   loss.params: {margin: 0.3, scale: 10.0}
 - name: additive-margin-adaptive
   loss.name: AdditiveMarginLoss
-  loss.params: {margin: adaptive, scale: 10.0}
+  loss.params: {margin: {adaptive: {update_every: 10}}, scale: 10.0}
 """
 """The default recipes: one per family (pair, triplet with a miner, multi-similarity, proxy,
 normalised softmax at three temperatures, CosFace, ArcFace) and seed 000's additive margin,
