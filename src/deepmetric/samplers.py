@@ -85,8 +85,8 @@ class PKBatchSampler(Sampler[list[int]]):
                 else ""
             )
             raise ValueError(
-                f"asked for {classes_per_batch} classes per batch but only {int(usable.sum())} "
-                f"classes have at least {samples_per_class} items{hint}"
+                f"classes_per_batch={classes_per_batch} but only {int(usable.sum())} classes "
+                f"have at least {samples_per_class} items: lower classes_per_batch{hint}"
             )
         keep = usable[class_of_item]
         remap = np.cumsum(usable) - 1
