@@ -118,7 +118,7 @@ def test_help_lists_every_key_with_its_default():
     for section in dataclasses.fields(Config):
         for key in dataclasses.fields(getattr(Config(), section.name)):
             assert f"{section.name}.{key.name}=" in text
-    assert "train.epochs=4" in text and "The K values of Recall@K." in text
+    assert "train.epochs=2" in text and "The K values of Recall@K." in text
 
 
 def test_diff_lists_changed_keys():

@@ -58,8 +58,9 @@ class DataConfig:
     """kanji_fonts (bundled), digits (scikit-learn), image_folder or feature_table."""
     path: str | None = None
     """The folder (image_folder) or table file (feature_table); unused for bundled sets."""
-    train_classes: int | None = 300
-    """Train classes drawn at random (seeded by data.seed); null keeps every class."""
+    train_classes: int | None = None
+    """Train classes drawn at random (seeded by data.seed) from those not held out for
+    validation; null keeps every class."""
     test_classes: int | None = 300
     """Test classes drawn at random (seeded by data.seed); null keeps every class."""
     samples_per_class: int | None = None
@@ -150,7 +151,7 @@ class OptimizerConfig:
 class TrainConfig:
     """The training loop: batches, epochs, precision, checkpoints, seeds."""
 
-    epochs: int = 4
+    epochs: int = 2
     """Passes over the training set."""
     classes_per_batch: int = 64
     """P: classes per batch."""
