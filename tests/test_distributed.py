@@ -31,6 +31,8 @@ NUM_CLASSES, DIM_IN, DIM = 5, 6, 4
 FAMILIES = {
     "contrastive": (lambda: losses.ContrastiveLoss(pos_margin=0.1, neg_margin=1.5), None),
     "all_triplets": (lambda: losses.TripletMarginLoss(margin=0.5), None),
+    # a "sum" reduction: each rank's normaliser is 1, and so is the global one
+    "all_triplets_sum": (lambda: losses.TripletMarginLoss(margin=0.5, reduction="sum"), None),
     "triplet_miner": (lambda: losses.TripletMarginLoss(margin=0.5), miners.BatchHardMiner),
     # draws at random: every rank must draw what rank 0 draws (each rank is seeded apart)
     "triplet_random_miner": (
@@ -230,3 +232,11 @@ def test_docs_python_blocks_run(index):
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
     assert len(blocks) == 2
     exec(compile(blocks[index], f"docs/distributed.md block {index}", "exec"), {})
+
+
+def test_tuples_mined_outside_the_wrapper_are_refused():
+    x, y = torch.randn(8, 4), torch.arange(8) // 2
+    tuples = miners.BatchHardMiner()(x, y)
+    with pytest.raises(ValueError, match="miner=") as error:
+        DistributedLoss(losses.TripletMarginLoss())(x, y, tuples)
+    assert "indices_tuple" in str(error.value)

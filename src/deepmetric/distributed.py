@@ -280,6 +280,12 @@ def check_mode(loss: nn.Module, mode: str) -> str:
     return mode
 
 
+def _reduction(loss: nn.Module) -> str:
+    """The reduction of a loss, looking through a cross-batch memory wrapper."""
+    inner = getattr(loss, "loss", loss)
+    return getattr(inner, "reduction", "mean")
+
+
 def _takes_class_vectors(loss: nn.Module) -> bool:
     """Whether the loss compares embeddings with its own class vectors (proxies, class
     weights), not with other rows: such a loss needs no gather in local-anchor mode."""
@@ -335,9 +341,22 @@ class DistributedLoss(nn.Module):
         self.loss, self.miner, self.group = loss, miner, group
         self.mode = check_mode(loss, mode)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indices_tuple: None = None,
+        *,
+        ids: Tensor | None = None,
+    ) -> Tensor:
         """The global batch's loss. `ids` (optional, one integer per row, e.g. dataset
-        indices) mark rows that are the same item; they are never paired."""
+        indices) mark rows that are the same item; they are never paired. Tuples mined on
+        one rank's rows would index the wrong set: give the miner to the wrapper instead."""
+        if indices_tuple is not None:
+            raise ValueError(
+                "indices_tuple mined on one rank's rows cannot index the global batch: pass "
+                "the miner as DistributedLoss(loss, mode, miner=...) and call it without tuples"
+            )
         check_mode(self.loss, self.mode)
         check_labels(labels, len(embeddings))
         if ids is not None:
@@ -394,7 +413,9 @@ class DistributedLoss(nn.Module):
         return self._sum_over_ranks(world)
 
     def _sum_over_ranks(self, world: int) -> Tensor:
-        """L = sum_r S_r / sum_r z_r from the wrapped loss's stats; differentiable as W L_r."""
+        """L = sum_r S_r / sum_r z_r from the wrapped loss's stats; differentiable as W L_r.
+
+        A "sum" reduction divides by 1 on every rank, so its normaliser is 1, not W."""
         stats = self.loss.stats
         loss_sum = stats.loss_sum
         totals = torch.stack(
@@ -403,6 +424,8 @@ class DistributedLoss(nn.Module):
         if world > 1:
             dist.all_reduce(totals, group=self.group)
         total, normaliser = totals.to(loss_sum.dtype).unbind()
+        if _reduction(self.loss) == "sum":
+            normaliser = torch.ones_like(normaliser)
         normaliser = normaliser.clamp_min(1)
         local = loss_sum * (world / normaliser)
         return local + (total / normaliser - local).detach()
