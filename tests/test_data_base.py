@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -109,34 +104,6 @@ def test_transform_errors() -> None:
         RandomAffine(scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="std must be positive"):
         Normalize([0.0], [0.0])
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "deepmetric.data",
-        "deepmetric.data.base",
-        "deepmetric.data.digits",
-        "deepmetric.data.feature_table",
-        "deepmetric.data.image_folder",
-        "deepmetric.data.kanji_fonts",
-        "deepmetric.data.transforms",
-    ],
-)
-def test_docstring_examples(name: str) -> None:
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
-
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
-
-
-@pytest.mark.parametrize(
-    "index", range(len(re.findall(r"```python\n", DOCS.read_text(encoding="utf-8"))))
-)
-def test_docs_code_blocks_run(index: int) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
-    exec(compile(blocks[index], f"docs/data.md block {index}", "exec"), {})
 
 
 def test_class_names_name_every_label_id() -> None:

@@ -6,10 +6,6 @@ family and each mode it supports, with even and uneven label layouts."""
 from __future__ import annotations
 
 import copy
-import doctest
-import importlib
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -214,24 +210,6 @@ def test_single_process_is_the_wrapped_loss():
             torch.manual_seed(1)
             value = DistributedLoss(loss, mode, miner=miner)(x, y)
             torch.testing.assert_close(value, expected, msg=f"{family} {mode}")
-
-
-DOCS = Path(__file__).parent.parent / "docs" / "distributed.md"
-
-
-@pytest.mark.parametrize(
-    "name", ["deepmetric.distributed", "deepmetric.memory", "deepmetric.samplers"]
-)
-def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
-
-@pytest.mark.parametrize("index", range(2))
-def test_docs_python_blocks_run(index):
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 2
-    exec(compile(blocks[index], f"docs/distributed.md block {index}", "exec"), {})
 
 
 def test_tuples_mined_outside_the_wrapper_are_refused():

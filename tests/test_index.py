@@ -3,8 +3,6 @@ approximate kinds, faiss-free fallback, save/load round trips and input errors."
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import json
 import pickle
 
@@ -220,11 +218,6 @@ def test_accepts_torch_tensors():
     assert found.indices.ravel().tolist() == [1, 0, 1]
 
 
-def test_docstring_examples_run():
-    failures, _ = doctest.testmod(index_module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert failures == 0
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_search_after_a_second_add_sees_every_vector(backend):
     # Integer data forces the exact tie path, which caches the reference; a later add must
@@ -386,13 +379,3 @@ def test_multi_hot_labels_round_trip(tmp_path):
     found = NeighbourIndex.load(path).search(x[:5], 3)
     assert found.labels.shape == (5, 3, 4)
     np.testing.assert_array_equal(found.labels, rows[found.indices])
-
-
-@pytest.mark.parametrize(
-    "module", ["deepmetric.neighbours", "deepmetric.index_backends", "deepmetric.index_file"]
-)
-def test_docstring_examples_of_the_index_modules_run(module):
-    failures, attempted = doctest.testmod(
-        importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE
-    )
-    assert attempted > 0 and failures == 0

@@ -4,8 +4,6 @@ adaptive margin, param_groups, the numerics at the edges and the input checks.""
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import logging
 import math
 
@@ -615,12 +613,6 @@ def test_functional_shape_checks():
         center_loss(x, y, weight=p, bias=torch.zeros(2, dtype=torch.float64), centers=p)
     with pytest.raises(ValueError, match="alpha"):
         update_centers(p.detach().clone(), x, y, alpha=2.0)
-
-
-@pytest.mark.parametrize("name", ["deepmetric.losses.proxy", "deepmetric.losses.additive_margin"])
-def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_margins_are_not_degrees():

@@ -4,8 +4,6 @@ numerics at the edges (cos = +-1, large scales, bf16 autocast) and the input che
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import math
 
 import pytest
@@ -532,9 +530,3 @@ def test_functional_checks_arguments():
         large_margin_softmax_loss(x, y, weight=w, lambda_=-1.0)
     with pytest.raises(ValueError, match="num_classes=2"):
         arcface_loss(x, torch.full_like(y, 3), weight=w[:2])
-
-
-@pytest.mark.parametrize("name", ["deepmetric.losses.softmax", "deepmetric.losses.param_groups"])
-def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

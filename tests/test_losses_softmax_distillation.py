@@ -3,9 +3,6 @@ over rows and classes): logits (survey eq. 18) and similarity rows."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,10 +190,3 @@ def test_bf16_and_large_logits_are_finite():
         torch.randn(6, 4, requires_grad=True), teacher_emb=torch.randn(6, 9), temperature=0.001
     )
     assert bool(torch.isfinite(sim_loss))
-
-
-def test_docstring_examples():
-    result = doctest.testmod(
-        importlib.import_module("deepmetric.losses.distillation"), optionflags=doctest.ELLIPSIS
-    )
-    assert result.attempted > 0 and result.failed == 0

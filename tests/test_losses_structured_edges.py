@@ -4,9 +4,6 @@ multi-similarity miner, and the docstring examples."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
 import reference_structured as ref
 import torch
@@ -290,23 +287,6 @@ def test_miner_and_loss_must_share_the_reference_set():
         multi_similarity_loss(x, y, mined)
     with pytest.raises(ValueError, match="epsilon"):
         MultiSimilarityMiner(epsilon=-1)
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        "deepmetric.losses.structured",
-        "deepmetric.losses.boundary",
-        "deepmetric.losses.softmax_pairs",
-        "deepmetric.losses.histogram",
-        "deepmetric.losses.clustering",
-        "deepmetric.miners",
-    ],
-)
-def test_docstring_examples_run(module):
-    module = importlib.import_module(module)
-    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,6 @@ the pretty table and the documentation examples."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -128,32 +123,3 @@ def test_float16_torch_embeddings_are_accepted():
     x, y = clustered()
     half = evaluate(torch.from_numpy(x).half(), torch.from_numpy(y), metrics=("recall@1",))
     assert 0.0 <= half["recall@1"] <= 1.0
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        "deepmetric.metrics",
-        "deepmetric.metrics.retrieval",
-        "deepmetric.metrics.knn",
-        "deepmetric.metrics.clustering",
-        "deepmetric.metrics.verification",
-        "deepmetric.metrics.diagnostics",
-        "deepmetric.metrics.table",
-        "deepmetric.metrics.evaluation",
-    ],
-)
-def test_docstring_examples_run(module):
-    failures, _ = doctest.testmod(
-        importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE
-    )
-    assert failures == 0
-
-
-DOC = Path(__file__).parent.parent / "docs" / "metrics.md"
-DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-
-
-@pytest.mark.parametrize("block", range(len(DOC_BLOCKS)))
-def test_docs_code_blocks_run(block):
-    exec(compile(DOC_BLOCKS[block], f"docs/metrics.md block {block}", "exec"), {})

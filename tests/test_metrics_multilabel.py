@@ -3,7 +3,6 @@ references written from the definitions (loops over queries, references and labe
 
 from __future__ import annotations
 
-import doctest
 import warnings
 
 import numpy as np
@@ -270,11 +269,6 @@ def test_layout_errors_name_the_argument_and_the_fix():
         evaluate(x, relevance=np.ones((6, 6), bool), average="macro")
     with pytest.raises(ValueError, match="query_labels is required"):
         evaluate(x)
-
-
-def test_docstring_examples_of_the_labels_module_run():
-    failures, attempted = doctest.testmod(labels_module)
-    assert attempted > 0 and failures == 0
 
 
 def test_duplicates_ties_singleton_and_unlabelled_rows():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -82,8 +80,6 @@ def test_comparison_table():
     assert "num_queries" not in text
     assert "recall@1  0.4000  0.8000" in text
     assert comparison_table(None, {"map@r": 0.5}).splitlines()[0].split() == ["metric", "after"]
-    result = doctest.testmod(deepmetric.report)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_report_shows_class_names(tmp_path):

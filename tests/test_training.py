@@ -7,8 +7,6 @@ last checkpoint, and require the same weights, metrics and log.
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import json
 import os
 import re
@@ -328,14 +326,6 @@ def test_models_shapes_and_normalisation():
         cnn(torch.randn(3, 32))
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet", (1, 8, 8), 8)
-
-
-@pytest.mark.parametrize(
-    "name", ["deepmetric.models", "deepmetric.training.config", "deepmetric.training"]
-)
-def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # Faults that must not lose work, and component filling that the user controls (issue 10).
