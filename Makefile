@@ -23,5 +23,12 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
+# The loss, miner and evaluation benchmarks at the sizes the docs quote (long-running;
+# each script's docstring says what it measures and how to run one case).
 bench: $(STAMP)
-	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_issue2_pair_triplet_miners.py --sizes 1024 4096
+	$(PY) benchmarks/bench_structured.py --sizes 1024 4096
+	$(PY) benchmarks/bench_proxy.py --sizes 1024 4096
+	$(PY) benchmarks/bench_label_layouts.py --sizes 4096
+	$(PY) benchmarks/bench_distributed.py --batch 1024 --worlds 1 2 4
+	$(PY) benchmarks/bench_metrics.py --sizes 10000

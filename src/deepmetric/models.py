@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "ConvEmbedder", "MLPEmbedder", "build_model"]
+__all__ = ["ConvEmbedder", "MLPEmbedder", "build_model"]
 
 
 def _check_width(value: int, name: str) -> int:
@@ -121,9 +121,6 @@ class ConvEmbedder(nn.Module):
         return F.normalize(embeddings, dim=1) if self.normalize else embeddings
 
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLPEmbedder, "cnn": ConvEmbedder}
-
-
 def build_model(
     name: str,
     input_shape: Sequence[int],
@@ -152,4 +149,4 @@ def build_model(
                 f"{tuple(input_shape)}: use model.name=mlp for feature vectors"
             )
         return ConvEmbedder(input_shape[0], embedding_dim, channels, normalize)
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    raise ValueError(f"unknown model {name!r}; choose one of ['cnn', 'mlp']")
