@@ -19,9 +19,11 @@ from deepmetric.losses.additive_margin import (
 )
 from deepmetric.losses.base import MetricLoss
 from deepmetric.losses.boundary import MarginLoss, RankedListLoss, margin_loss, ranked_list_loss
+from deepmetric.losses.classifier import ClassifierStats
 from deepmetric.losses.clustering import (
     CoupledClustersLoss,
     DeepClusteringLoss,
+    DeepClusteringStats,
     FacilityLocationLoss,
     FacilityLocationStats,
     coupled_clusters_loss,
@@ -46,6 +48,7 @@ from deepmetric.losses.param_groups import param_groups
 from deepmetric.losses.proxy import (
     CenterLoss,
     ProxyAnchorLoss,
+    ProxyAnchorStats,
     ProxyNCALoss,
     center_loss,
     proxy_anchor_loss,
@@ -98,6 +101,7 @@ __all__ = [
     "AdditiveMarginStats",
     "ArcFaceLoss",
     "CenterLoss",
+    "ClassifierStats",
     "CosFaceLoss",
     "DistillationLoss",
     "HeatedUpSoftmaxLoss",
@@ -106,6 +110,7 @@ __all__ = [
     "MarginEstimate",
     "NormalizedSoftmaxLoss",
     "ProxyAnchorLoss",
+    "ProxyAnchorStats",
     "ProxyNCALoss",
     "SphereFaceLoss",
     "additive_margin_loss",
@@ -123,6 +128,7 @@ __all__ = [
     "CircleLoss",
     "CoupledClustersLoss",
     "DeepClusteringLoss",
+    "DeepClusteringStats",
     "FacilityLocationLoss",
     "FacilityLocationStats",
     "HistogramLoss",

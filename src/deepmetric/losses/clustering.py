@@ -470,6 +470,18 @@ class FacilityLocationLoss(MetricLoss):
 # Deep clustering affinity loss
 
 
+@dataclass(frozen=True)
+class DeepClusteringStats:
+    """What a `deep_clustering_loss` call reports: `loss == loss_sum / normaliser`.
+
+    loss_sum: ||V R^T - Y Y_r^T||_F^2 (float64, with grad).
+    normaliser: the number of affinity entries N M for reduction="mean", 1 for "sum".
+    """
+
+    loss_sum: Tensor
+    normaliser: int
+
+
 def deep_clustering_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -479,10 +491,11 @@ def deep_clustering_loss(
     *,
     distance: BaseDistance | None = None,
     reduction: str = "mean",
+    return_stats: bool = False,
     query_ids: Tensor | None = None,
     ref_ids: Tensor | None = None,
     relevance: Tensor | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, DeepClusteringStats]:
     """Deep clustering affinity loss (Hershey, Chen, Le Roux & Watanabe 2016).
 
         L = ||V V^T - Y Y^T||_F^2 = ||V^T V||_F^2 - 2 ||V^T Y||_F^2 + ||Y^T Y||_F^2
@@ -498,6 +511,7 @@ def deep_clustering_loss(
             not inner products and are refused.
         reduction: "mean" (divided by the number of entries N M) or "sum" (the Frobenius
             norm of the paper).
+        return_stats: also return a `DeepClusteringStats`.
 
     Example:
         >>> x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -532,10 +546,12 @@ def deep_clustering_loss(
         torch.bincount(v_class, minlength=num).double()
         * torch.bincount(r_class, minlength=num).double()
     ).sum()
-    loss = gram.sum() - 2 * (v_sums * r_sums).sum() + label_part
-    if reduction == "mean":
-        loss = loss / (len(v) * len(r))
-    return inputs.finish(loss.to(inputs.embeddings.dtype))
+    loss_sum = gram.sum() - 2 * (v_sums * r_sums).sum() + label_part
+    normaliser = len(v) * len(r) if reduction == "mean" else 1
+    loss = inputs.finish((loss_sum / normaliser).to(inputs.embeddings.dtype))
+    if not return_stats:
+        return loss
+    return loss, DeepClusteringStats(loss_sum=loss_sum, normaliser=normaliser)
 
 
 def _check_deep_clustering(distance: BaseDistance, reduction: str) -> None:
@@ -554,6 +570,8 @@ def _check_deep_clustering(distance: BaseDistance, reduction: str) -> None:
 class DeepClusteringLoss(MetricLoss):
     """Deep clustering affinity loss module; see `deep_clustering_loss` for the formula.
 
+    `stats` holds the `DeepClusteringStats` of the last call.
+
     Example:
         >>> from deepmetric.distances import CosineSimilarity
         >>> loss_fn = DeepClusteringLoss(distance=CosineSimilarity())
@@ -568,28 +586,6 @@ class DeepClusteringLoss(MetricLoss):
     def __init__(self, distance: BaseDistance | None = None, reduction: str = "mean") -> None:
         super().__init__(DotProductSimilarity() if distance is None else distance, reduction)
         _check_deep_clustering(self.distance, reduction)
+        self.stats: DeepClusteringStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        return deep_clustering_loss(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            distance=self.distance,
-            reduction=self.reduction,
-        )
+    function = staticmethod(deep_clustering_loss)
