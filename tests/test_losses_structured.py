@@ -88,6 +88,31 @@ def test_lifted_separated_batch_is_zero():
     assert float(lifted_structure_loss(x, y, neg_margin=1.0)) < 1e-6
 
 
+@pytest.mark.usefixtures("block_size")
+@pytest.mark.parametrize("layout", ["one class", "two classes"])
+@pytest.mark.parametrize("smooth", [True, False])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_lifted_one_and_two_class_layouts(layout, smooth, with_ref):
+    """Large classes (every row's positives span the batch): the statistics are gathered per
+    block of rows, never as an (N, K) table; values and gradients match the loop reference."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    y = torch.zeros(12, dtype=torch.long) if layout == "one class" else torch.arange(12) % 2
+    r = torch.randn(7, 3, generator=gen, dtype=torch.float64) if with_ref else None
+    ry = torch.tensor([0, 1, 0, 0, 1, 0, 0]) if with_ref else None
+    pos, neg = ref.pair_sets(y, ry)
+
+    def slow(x, *r):
+        dis = ref.as_matrix(EuclideanDistance(), x, *r)
+        return ref.lifted(dis, pos, neg, 2.0, 0.1, smooth, same_set=not with_ref)
+
+    def fast(x, *r):
+        refs = {"ref_emb": r[0], "ref_labels": ry} if r else {}
+        return lifted_structure_loss(x, y, neg_margin=2.0, pos_margin=0.1, smooth=smooth, **refs)
+
+    assert_same(fast, slow, *((x, r) if with_ref else (x,)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-similarity loss
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import all_triplets, is_positive, triplet_category
 
+from deepmetric import blocks as miners_blocks
 from deepmetric import distances as dist
 from deepmetric import miners
 
@@ -89,6 +90,42 @@ def test_hardnet_miner_takes_the_nearest_negative_of_either_member():
         assert d[f, n] == expected.get((f, s), expected.get((s, f)))
     with pytest.raises(ValueError, match="within the batch"):
         miners.HardNetMiner()(x, y, x.clone(), y)
+
+
+@pytest.mark.parametrize("layout", ["one class", "two classes", "long tail"])
+@pytest.mark.parametrize("distance", [dist.EuclideanDistance(), dist.CosineSimilarity()])
+@pytest.mark.parametrize("block_rows", [None, 1])
+def test_hardest_miners_with_large_classes(layout, distance, block_rows, monkeypatch):
+    """Batch-hard and HardNet read each block of rows' own positive lists (never a global
+    (N, K) table): with one class, two classes or a long tail, in one block or in blocks of
+    one row, they match loops over the pairs."""
+    if block_rows:
+        monkeypatch.setattr(miners_blocks, "PASS_BLOCK_ELEMENTS", 13 * block_rows)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(13, 3, dtype=F64, generator=gen)
+    y = {
+        "one class": torch.zeros(13, dtype=torch.long),
+        "two classes": torch.arange(13) % 2,
+        "long tail": torch.tensor([0] * 8 + [1] * 3 + [2, 3]),
+    }[layout]
+    d = distance.as_dissimilarity(distance(x))
+    positives = {a: [j for j in range(13) if is_positive(y, y, a, j, True)] for a in range(13)}
+    negatives = {a: [j for j in range(13) if y[j] != y[a]] for a in range(13)}
+    expected = {
+        (a, max(positives[a], key=lambda j: d[a, j]), min(negatives[a], key=lambda j: d[a, j]))
+        for a in range(13)
+        if positives[a] and negatives[a]
+    }
+    assert as_set(miners.BatchHardMiner(distance=distance)(x, y)) == expected
+    nearest = {a: min((d[a, j], j) for j in negatives[a]) for a in range(13) if negatives[a]}
+    expected = set()
+    for a in nearest:
+        for p in positives[a]:
+            first, second = (p, a) if nearest[p][0] < nearest[a][0] else (a, p)
+            expected.add((first, second, nearest[first][1]))
+    mined = miners.HardNetMiner(distance=distance)(x, y)
+    assert as_set(mined) == expected
+    assert len(mined[0]) == sum(len(positives[a]) for a in nearest)
 
 
 def test_distance_weighted_miner_follows_inverse_density():

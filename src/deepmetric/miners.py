@@ -197,10 +197,14 @@ class BatchHardMiner(BaseMiner):
     """
 
     def mine(self, matrix, batch, relation):
-        positives = relation.positives
-        hardest_positive = _farthest_positive(matrix, positives, self.distance.is_inverted)
-        _, hardest_negative = _nearest_negative(matrix, relation, self.distance)
-        has_both = (positives.count > 0) & (relation.num_negatives > 0)
+        hardest_positive = torch.zeros(len(matrix), dtype=torch.long, device=matrix.device)
+        hardest_negative = torch.zeros_like(hardest_positive)
+        for rows in RowBlocks(*matrix.shape, passes=True):
+            positives, same = relation.block_lists(rows)
+            dis = self.distance.as_dissimilarity(matrix[rows])
+            hardest_positive[rows] = _farthest_positive(dis, positives)
+            hardest_negative[rows] = _nearest_negative(dis, same)[1]
+        has_both = (relation.positive_count > 0) & (relation.num_negatives > 0)
         anchors = has_both.nonzero(as_tuple=True)[0]
         return anchors, hardest_positive[anchors], hardest_negative[anchors]
 
@@ -223,17 +227,30 @@ class HardNetMiner(BaseMiner):
         return super().forward(embeddings, labels, **pairing)
 
     def mine(self, matrix, batch, relation):
-        positives = relation.positives
-        nearest_value, nearest = _nearest_negative(matrix, relation, self.distance)
-        nearest_value = self.distance.as_dissimilarity(nearest_value)
-        anchor = _row_numbers(positives.index).expand_as(positives.valid)[positives.valid]
-        pos = positives.index[positives.valid]
-        keep = torch.isfinite(nearest_value[anchor])
-        anchor, pos = anchor[keep], pos[keep]
-        from_positive = nearest_value[pos] < nearest_value[anchor]
-        first = torch.where(from_positive, pos, anchor)
-        second = torch.where(from_positive, anchor, pos)
-        return first, second, nearest[first]
+        nearest_value = matrix.new_empty(len(matrix))
+        nearest = torch.zeros(len(matrix), dtype=torch.long, device=matrix.device)
+        blocks = RowBlocks(*matrix.shape, passes=True)
+        for rows in blocks:
+            dis = self.distance.as_dissimilarity(matrix[rows])
+            same = relation.same_columns(rows)
+            nearest_value[rows], nearest[rows] = _nearest_negative(dis, same)
+        # one triplet per positive pair whose anchor has a negative (and then so does the
+        # positive, which shares its labels); written block by block into the output
+        size = int(relation.positive_count[torch.isfinite(nearest_value)].sum())
+        first, second, negative = (nearest.new_empty(size) for _ in range(3))
+        start = 0
+        for rows in blocks:
+            positives = relation.positive_rows(rows)
+            keep = positives.valid & torch.isfinite(nearest_value[rows]).unsqueeze(1)
+            anchor = _row_numbers(positives.index).add_(rows.start).expand_as(keep)[keep]
+            pos = positives.index[keep]
+            from_positive = nearest_value[pos] < nearest_value[anchor]
+            stop = start + len(pos)
+            torch.where(from_positive, pos, anchor, out=first[start:stop])
+            torch.where(from_positive, anchor, pos, out=second[start:stop])
+            torch.index_select(nearest, 0, first[start:stop], out=negative[start:stop])
+            start = stop
+        return first, second, negative
 
 
 class DistanceWeightedMiner(BaseMiner):
@@ -364,21 +381,20 @@ def _exclude_same_label_(matrix: Tensor, relation: Relation, distance: BaseDista
     return fill_same_label_(matrix, columns, has_same, farthest)
 
 
-def _nearest_negative(
-    matrix: Tensor, relation: Relation, distance: BaseDistance
-) -> tuple[Tensor, Tensor]:
-    """Each anchor's nearest negative: (raw value, column); +-inf where there is none.
+def _nearest_negative(dis: Tensor, same: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Each row's nearest negative in a block of dissimilarities (smaller is closer), given
+    the block's `Relation.same_columns`: (value, column), +inf where there is none.
 
-    Overwrites the entries of `matrix` that are not negatives; ties go to the lowest column.
+    Overwrites the entries of `dis` that are not negatives; ties go to the lowest column.
     """
-    _exclude_same_label_(matrix, relation, distance)
-    return matrix.max(dim=1) if distance.is_inverted else matrix.min(dim=1)
+    fill_same_label_(dis, *same, math.inf)
+    return dis.min(dim=1)
 
 
-def _farthest_positive(matrix: Tensor, positives: PositiveLists, inverted: bool) -> Tensor:
-    """Each anchor's farthest positive column (lowest column on ties; 0 where none)."""
-    values = matrix.gather(1, positives.index)
-    values = -values if inverted else values
+def _farthest_positive(dis: Tensor, positives: PositiveLists) -> Tensor:
+    """Each row's farthest positive column in a block of dissimilarities (lowest column on
+    ties; 0 where none)."""
+    values = dis.gather(1, positives.index)
     slot = values.masked_fill(~positives.valid, -math.inf).argmax(dim=1, keepdim=True)
     return positives.index.gather(1, slot).squeeze(1)
 

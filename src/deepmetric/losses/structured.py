@@ -36,7 +36,7 @@ from deepmetric.losses._blocks import (
     setup_pairs,
 )
 from deepmetric.losses.base import MetricLoss
-from deepmetric.losses.reduction import check_reduction, reduce_terms
+from deepmetric.losses.reduction import check_reduction
 
 # ---------------------------------------------------------------------------------------------
 # Lifted structured loss
@@ -100,18 +100,16 @@ def lifted_structure_loss(
         distance,
         ids=(query_ids, ref_ids, relevance),
     )
-    positives = pairs.positives  # (N, K): the loss needs a statistic per positive pair
     columns = not inputs.ref_is_query
     stats = _negative_statistics(sweep, pairs, distance, neg_margin, smooth, columns)
-    with torch.enable_grad():
-        leaves = stats.leaves(columns)
-        terms, valid = _lifted_terms(stats, positives, pos_margin, smooth, columns)
-        loss = reduce_terms(terms, reduction, valid) / 2
-        grads = torch.autograd.grad(loss, leaves) if sweep.tracking else None
-    counts = torch.stack([valid.sum(), ((terms > 0) & valid).sum()])
-    if grads is not None:
+    total, counts, grad_row, grad_col = _lifted_sums(stats, sweep, pairs, distance, pos_margin)
+    count = counts[1 if reduction == "nonzero_mean" else 0].clamp_min(1).to(total.dtype)
+    scale = 0.5 / (torch.ones_like(count) if reduction == "sum" else count)
+    loss = total * scale
+    if sweep.tracking:
+        grads = (grad_row * scale, grad_col * scale)
         sweep.run_gradient(
-            _lifted_block_gradient(stats, grads, pairs, distance, neg_margin, smooth, columns)
+            _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos_margin)
         )
     loss = inputs.finish(sweep.result(loss.detach()))
     if not return_stats:
@@ -122,34 +120,38 @@ def lifted_structure_loss(
 @dataclass
 class _NegativeStatistics:
     """Per row (and, with a separate reference set, per column) the log-sum-exp (smooth) or
-    the maximum (hard) of neg_margin - D over the negatives, with the argmax, and the
-    positive distances D[i, p] as (N, K)."""
+    the maximum (hard) of neg_margin - D over the negatives, with the argmax: O(N + M)."""
 
     row_stat: Tensor
     row_arg: Tensor
     col_stat: Tensor
     col_arg: Tensor
-    pos_dis: Tensor
+    smooth: bool
+    columns: bool
 
-    def leaves(self, columns: bool) -> list[Tensor]:
-        """The statistics the loss is differentiated with respect to."""
-        leaves = [self.pos_dis.requires_grad_(), self.row_stat.requires_grad_()]
-        return leaves + [self.col_stat.requires_grad_()] if columns else leaves
+    def terms(self, positives, pos_dis: Tensor, pos_margin: float, own, side) -> Tensor:
+        """[J_ij]+^2 (R, K) of the listed positive pairs of a block of rows, from their distances
+        `pos_dis` and the statistics `own` (R,) of the rows and `side` (the row or column
+        statistics, indexed by the positives' columns)."""
+        side = side[positives.index]
+        own = own.unsqueeze(1).expand_as(side)
+        empty = torch.isinf(own) & torch.isinf(side)
+        own, side = own.masked_fill(empty, 0), side.masked_fill(empty, 0)
+        hardest = torch.logaddexp(own, side) if self.smooth else torch.maximum(own, side)
+        terms = F.relu(hardest + pos_dis - pos_margin).pow(2)
+        return terms.masked_fill(empty | ~positives.valid, 0)
 
 
 def _negative_statistics(sweep, pairs, distance, neg_margin, smooth, columns):
     """Sweep 1 of the lifted loss: `_NegativeStatistics` of every row and column."""
-    index = pairs.positives.index
     num_rows, num_cols = sweep.num_rows, sweep.num_cols
     like = sweep.query
     row_stat = like.new_empty(num_rows)
     row_arg = torch.zeros(num_rows, dtype=torch.long, device=like.device)
     col_stat = like.new_full((num_cols,), -torch.inf)
     col_arg = torch.zeros(num_cols, dtype=torch.long, device=like.device)
-    pos_dis = like.new_empty(index.shape)
     for rows, block in sweep.blocks():
         values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
-        pos_dis[rows] = distance.as_dissimilarity(block.gather(1, index[rows]))
         if smooth:
             row_stat[rows] = masked_logsumexp(values, None)
         else:
@@ -161,34 +163,55 @@ def _negative_statistics(sweep, pairs, distance, neg_margin, smooth, columns):
             better = top > col_stat
             col_arg = torch.where(better, arg + rows.start, col_arg)
             col_stat = torch.where(better, top, col_stat)
-    return _NegativeStatistics(row_stat.detach(), row_arg, col_stat.detach(), col_arg, pos_dis)
+    return _NegativeStatistics(
+        row_stat.detach(), row_arg, col_stat.detach(), col_arg, smooth, columns
+    )
 
 
-def _lifted_terms(stats, positives, pos_margin, smooth, columns):
-    """[J_ij]+^2 per positive pair (N, K) from the statistics, and which slots are pairs."""
-    valid = positives.valid
-    side = (stats.col_stat if columns else stats.row_stat)[positives.index]
-    own = stats.row_stat.unsqueeze(1).expand_as(side)
-    empty = torch.isinf(own) & torch.isinf(side)
-    own, side = own.masked_fill(empty, 0), side.masked_fill(empty, 0)
-    hardest = torch.logaddexp(own, side) if smooth else torch.maximum(own, side)
-    terms = F.relu(hardest + stats.pos_dis - pos_margin).pow(2).masked_fill(empty | ~valid, 0)
-    return terms, valid
+def _lifted_sums(stats, sweep, pairs, distance, pos_margin):
+    """Sweep 2 of the lifted loss, one block of rows at a time (positive lists of the block
+    only, never an (N, K) table): the sum of the terms, (number of terms, number of non-zero
+    terms), and the gradients of the sum with respect to the row and column statistics."""
+    row_leaf = stats.row_stat.clone().requires_grad_(sweep.tracking)
+    col_leaf = stats.col_stat.clone().requires_grad_(sweep.tracking) if stats.columns else row_leaf
+    leaves = [row_leaf, col_leaf] if stats.columns else [row_leaf]
+    total = sweep.query.new_zeros(())
+    counts = torch.zeros(2, dtype=torch.long, device=total.device)
+    grads = [torch.zeros_like(leaf) for leaf in leaves]
+    for rows, block in sweep.blocks():
+        positives = pairs.positive_rows(rows)
+        pos_dis = distance.as_dissimilarity(block.gather(1, positives.index))
+        with torch.enable_grad():
+            terms = stats.terms(positives, pos_dis, pos_margin, row_leaf[rows], col_leaf)
+            block_total = terms.sum()
+            if sweep.tracking:
+                for acc, grad in zip(grads, torch.autograd.grad(block_total, leaves), strict=True):
+                    acc += grad
+        total += block_total.detach()
+        counts += torch.stack([positives.valid.sum(), ((terms > 0) & positives.valid).sum()])
+    return total, counts, grads[0], grads[-1]
 
 
-def _lifted_block_gradient(stats, grads, pairs, distance, neg_margin, smooth, columns):
-    """dL/dD[rows] (in the distance's own orientation) through the positive distances and
-    the negative statistics: d stat / d D = -softmax of the values (smooth) or -1 at the
-    argmax (hard)."""
-    grad_pos, grad_row = grads[0], grads[1]
-    grad_col = grads[2] if columns else None
+def _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos_margin):
+    """Sweep 3: dL/dD[rows] (in the distance's own orientation) through the positive
+    distances (recomputed for the block) and the negative statistics: d stat / d D =
+    -softmax of the values (smooth) or -1 at the argmax (hard)."""
+    grad_row, grad_col = grads
+    grad_col = grad_col if stats.columns else None
     row_safe = stats.row_stat.masked_fill(torch.isinf(stats.row_stat), 0).unsqueeze(1)
     col_safe = stats.col_stat.masked_fill(torch.isinf(stats.col_stat), 0).unsqueeze(0)
-    index, row_arg, col_arg = pairs.positives.index, stats.row_arg, stats.col_arg
+    row_arg, col_arg = stats.row_arg, stats.col_arg
+    side = stats.col_stat if stats.columns else stats.row_stat
 
     def block_gradient(block: Tensor, rows: slice) -> Tensor:
+        positives = pairs.positive_rows(rows)
+        with torch.enable_grad():
+            pos_dis = distance.as_dissimilarity(block.gather(1, positives.index))
+            pos_dis.requires_grad_()
+            terms = stats.terms(positives, pos_dis, pos_margin, stats.row_stat[rows], side)
+            (grad_pos,) = torch.autograd.grad(terms.sum(), pos_dis)
         values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
-        if smooth:
+        if stats.smooth:
             grad = (values - row_safe[rows]).exp_().mul_(-grad_row[rows].unsqueeze(1))
             if grad_col is not None:
                 grad.sub_(values.sub_(col_safe).exp_().mul_(grad_col))
@@ -201,7 +224,7 @@ def _lifted_block_gradient(stats, grads, pairs, distance, neg_margin, smooth, co
                 grad.index_put_(
                     (col_arg[cols] - rows.start, cols), -grad_col[cols], accumulate=True
                 )
-        grad.scatter_add_(1, index[rows], grad_pos[rows])
+        grad.scatter_add_(1, positives.index, grad_pos * scale)
         return distance.as_dissimilarity(grad)  # d(-s)/ds = -1 for a similarity
 
     return block_gradient
