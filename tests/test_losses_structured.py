@@ -17,6 +17,7 @@ from deepmetric.distances import (
     MahalanobisDistance,
     SquaredEuclideanDistance,
 )
+from deepmetric.losses import structured
 from deepmetric.losses.boundary import MarginLoss, RankedListLoss, margin_loss, ranked_list_loss
 from deepmetric.losses.histogram import HistogramLoss, histogram_loss
 from deepmetric.losses.structured import (
@@ -92,9 +93,11 @@ def test_lifted_separated_batch_is_zero():
 @pytest.mark.parametrize("layout", ["one class", "two classes"])
 @pytest.mark.parametrize("smooth", [True, False])
 @pytest.mark.parametrize("with_ref", [False, True])
-def test_lifted_one_and_two_class_layouts(layout, smooth, with_ref):
+def test_lifted_one_and_two_class_layouts(layout, smooth, with_ref, monkeypatch):
     """Large classes (every row's positives span the batch): the statistics are gathered per
-    block of rows, never as an (N, K) table; values and gradients match the loop reference."""
+    block of rows, never as an (N, K) table, and the positive lists read one row at a time
+    here; values and gradients match the loop reference."""
+    monkeypatch.setattr(structured, "LIST_CHUNK_ELEMENTS", 1)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(12, 3, generator=gen, dtype=torch.float64)
     y = torch.zeros(12, dtype=torch.long) if layout == "one class" else torch.arange(12) % 2

@@ -41,6 +41,9 @@ from deepmetric.losses.reduction import check_reduction
 # ---------------------------------------------------------------------------------------------
 # Lifted structured loss
 
+LIST_CHUNK_ELEMENTS = 1 << 18
+"""Entries (rows x M) per chunk of rows whose positive lists the lifted loss reads at once."""
+
 
 def lifted_structure_loss(
     embeddings: Tensor,
@@ -178,18 +181,30 @@ def _lifted_sums(stats, sweep, pairs, distance, pos_margin):
     total = sweep.query.new_zeros(())
     counts = torch.zeros(2, dtype=torch.long, device=total.device)
     grads = [torch.zeros_like(leaf) for leaf in leaves]
-    for rows, block in sweep.blocks():
-        positives = pairs.positive_rows(rows)
-        pos_dis = distance.as_dissimilarity(block.gather(1, positives.index))
-        with torch.enable_grad():
-            terms = stats.terms(positives, pos_dis, pos_margin, row_leaf[rows], col_leaf)
-            block_total = terms.sum()
-            if sweep.tracking:
-                for acc, grad in zip(grads, torch.autograd.grad(block_total, leaves), strict=True):
-                    acc += grad
-        total += block_total.detach()
-        counts += torch.stack([positives.valid.sum(), ((terms > 0) & positives.valid).sum()])
+    for block_rows, block in sweep.blocks():
+        for rows, part in _list_chunks(block_rows, block):
+            positives = pairs.positive_rows(rows)
+            pos_dis = distance.as_dissimilarity(part.gather(1, positives.index))
+            with torch.enable_grad():
+                terms = stats.terms(positives, pos_dis, pos_margin, row_leaf[rows], col_leaf)
+                chunk_total = terms.sum()
+                if sweep.tracking:
+                    for acc, grad in zip(
+                        grads, torch.autograd.grad(chunk_total, leaves), strict=True
+                    ):
+                        acc += grad
+            total += chunk_total.detach()
+            counts += torch.stack([positives.valid.sum(), ((terms > 0) & positives.valid).sum()])
     return total, counts, grads[0], grads[-1]
+
+
+def _list_chunks(rows: slice, block: Tensor):
+    """(rows, block rows) in chunks of rows whose (R, K) positive lists, at most (R, M), stay
+    a few MiB: the lists and their terms' graph are made per chunk, not per sweep block."""
+    step = max(1, LIST_CHUNK_ELEMENTS // max(block.shape[1], 1))
+    for start in range(0, rows.stop - rows.start, step):
+        stop = min(start + step, rows.stop - rows.start)
+        yield slice(rows.start + start, rows.start + stop), block[start:stop]
 
 
 def _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos_margin):
@@ -204,12 +219,6 @@ def _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos
     side = stats.col_stat if stats.columns else stats.row_stat
 
     def block_gradient(block: Tensor, rows: slice) -> Tensor:
-        positives = pairs.positive_rows(rows)
-        with torch.enable_grad():
-            pos_dis = distance.as_dissimilarity(block.gather(1, positives.index))
-            pos_dis.requires_grad_()
-            terms = stats.terms(positives, pos_dis, pos_margin, stats.row_stat[rows], side)
-            (grad_pos,) = torch.autograd.grad(terms.sum(), pos_dis)
         values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
         if stats.smooth:
             grad = (values - row_safe[rows]).exp_().mul_(-grad_row[rows].unsqueeze(1))
@@ -224,7 +233,16 @@ def _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos
                 grad.index_put_(
                     (col_arg[cols] - rows.start, cols), -grad_col[cols], accumulate=True
                 )
-        grad.scatter_add_(1, positives.index, grad_pos * scale)
+        for chunk, part in _list_chunks(rows, block):
+            positives = pairs.positive_rows(chunk)
+            with torch.enable_grad():
+                pos_dis = distance.as_dissimilarity(part.gather(1, positives.index))
+                pos_dis.requires_grad_()
+                own = stats.row_stat[chunk]
+                terms = stats.terms(positives, pos_dis, pos_margin, own, side)
+                (grad_pos,) = torch.autograd.grad(terms.sum(), pos_dis)
+            offset = chunk.start - rows.start
+            grad[offset : offset + len(part)].scatter_add_(1, positives.index, grad_pos * scale)
         return distance.as_dissimilarity(grad)  # d(-s)/ds = -1 for a similarity
 
     return block_gradient
