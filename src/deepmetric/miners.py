@@ -38,11 +38,13 @@ class BaseMiner(nn.Module):
     """Base of the miners: checks the inputs, computes the distance matrix without gradients,
     and tags the result with the reference set it indexes.
 
-    Subclasses implement `mine(matrix, batch, relation)`, where `matrix` is the raw (N, M)
-    output of `self.distance`, `batch` the checked inputs and `relation` the positive and
-    negative pairs (`deepmetric.pairwise.Relation`: labels, and the keyword-only `query_ids` /
-    `ref_ids` of rows that are the same item and never paired). `mine` owns `matrix` and may
-    overwrite it (the miners below do, to avoid (N, M) copies).
+    Subclasses implement `mine(matrix, batch, relation)`, where `matrix` is the (N, M) output
+    of `self.distance` turned so that smaller means closer (`BaseDistance.as_dissimilarity`:
+    a similarity s enters as -s, so no miner branches on the orientation), `batch` the
+    checked inputs and `relation` the positive and negative pairs
+    (`deepmetric.pairwise.Relation`: labels, and the keyword-only `query_ids` / `ref_ids` of
+    rows that are the same item and never paired). `mine` owns `matrix` and may overwrite
+    it (the miners below do, to avoid (N, M) copies).
     """
 
     def __init__(self, distance: BaseDistance | None = None) -> None:
@@ -79,7 +81,7 @@ class BaseMiner(nn.Module):
             batch.labels, batch.ref_labels, len(batch.ref_emb), ids, batch.ref_is_query, relevance
         )
         with torch.no_grad():
-            matrix = self.distance(batch.embeddings, batch.ref_emb)
+            matrix = self.distance.as_dissimilarity(self.distance(batch.embeddings, batch.ref_emb))
             tuples = self.mine(matrix, batch, relation)
         return MinedTuple(tuples, reference_key(ref_emb))
 
@@ -122,16 +124,17 @@ class PairMarginMiner(BaseMiner):
 
     def mine(self, matrix, batch, relation):
         positives = relation.positives
-        values = matrix.gather(1, positives.index)
-        violated = positives.valid & (self.distance.margin(values, self.pos_margin) > 0)
+        pos_margin, neg_margin = (
+            self.distance.as_dissimilarity(m) for m in (self.pos_margin, self.neg_margin)
+        )
+        violated = positives.valid & (matrix.gather(1, positives.index) > pos_margin)
         anchor1 = _row_numbers(positives.index).expand_as(violated)[violated]
         columns, has_same = relation.same_columns(slice(0, relation.num_query))
         anchor2, negative = [], []
-        compare = torch.gt if self.distance.is_inverted else torch.lt
         blocks = RowBlocks(*matrix.shape, passes=True)
         for rows in blocks:
             near = blocks.buffer("near", matrix, torch.bool)
-            compare(matrix[rows], self.neg_margin, out=near)
+            torch.lt(matrix[rows], neg_margin, out=near)
             fill_same_label_(near, columns[rows], has_same[rows], False)
             row, column = near.nonzero(as_tuple=True)
             anchor2.append(row + rows.start)
@@ -144,8 +147,7 @@ class AllTripletsMiner(BaseMiner):
     small batches or offline lists; losses compute the all-triplets case without it."""
 
     def mine(self, matrix, batch, relation):
-        dis = self.distance.as_dissimilarity(matrix)
-        return triplet_runs(dis, relation, None, None)
+        return triplet_runs(matrix, relation, None, None)
 
 
 TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
@@ -186,8 +188,7 @@ class TripletMarginMiner(BaseMiner):
             "semihard": (0.0, self.margin),
             "easy": (self.margin, None),
         }[self.type_of_triplets]
-        dis = self.distance.as_dissimilarity(matrix)
-        return triplet_runs(dis, relation, lower, upper)
+        return triplet_runs(matrix, relation, lower, upper)
 
 
 class BatchHardMiner(BaseMiner):
@@ -201,9 +202,8 @@ class BatchHardMiner(BaseMiner):
         hardest_negative = torch.zeros_like(hardest_positive)
         for rows in RowBlocks(*matrix.shape, passes=True):
             positives, same = relation.block_lists(rows)
-            dis = self.distance.as_dissimilarity(matrix[rows])
-            hardest_positive[rows] = _farthest_positive(dis, positives)
-            hardest_negative[rows] = _nearest_negative(dis, same)[1]
+            hardest_positive[rows] = _farthest_positive(matrix[rows], positives)
+            hardest_negative[rows] = _nearest_negative(matrix[rows], same)[1]
         has_both = (relation.positive_count > 0) & (relation.num_negatives > 0)
         anchors = has_both.nonzero(as_tuple=True)[0]
         return anchors, hardest_positive[anchors], hardest_negative[anchors]
@@ -231,9 +231,8 @@ class HardNetMiner(BaseMiner):
         nearest = torch.zeros(len(matrix), dtype=torch.long, device=matrix.device)
         blocks = RowBlocks(*matrix.shape, passes=True)
         for rows in blocks:
-            dis = self.distance.as_dissimilarity(matrix[rows])
             same = relation.same_columns(rows)
-            nearest_value[rows], nearest[rows] = _nearest_negative(dis, same)
+            nearest_value[rows], nearest[rows] = _nearest_negative(matrix[rows], same)
         # one triplet per positive pair whose anchor has a negative (and then so does the
         # positive, which shares its labels); written block by block into the output
         size = int(relation.positive_count[torch.isfinite(nearest_value)].sum())
@@ -353,10 +352,11 @@ class RankWindowMiner(BaseMiner):
 
     def mine(self, matrix, batch, relation):
         positives = relation.positives
-        _exclude_same_label_(matrix, relation, self.distance)
+        columns, has_same = relation.same_columns(slice(0, relation.num_query))
+        fill_same_label_(matrix, columns, has_same, math.inf)
         first, last = self.window
         depth = min(last, matrix.shape[1])
-        ranked_value, ranked = matrix.topk(depth, dim=1, largest=self.distance.is_inverted)
+        ranked_value, ranked = matrix.topk(depth, dim=1, largest=False)
         window_size = (torch.isfinite(ranked_value).sum(dim=1) - (first - 1)).clamp_min(0)
         shape = (*positives.index.shape, self.negatives_per_positive)
         uniform = torch.rand(shape, generator=self.generator, device=matrix.device)
@@ -371,14 +371,6 @@ class RankWindowMiner(BaseMiner):
 def _row_numbers(table: Tensor) -> Tensor:
     """(N, 1) row indices of an (N, K) table."""
     return torch.arange(len(table), device=table.device).unsqueeze(1)
-
-
-def _exclude_same_label_(matrix: Tensor, relation: Relation, distance: BaseDistance) -> Tensor:
-    """Overwrite the entries that are not negatives with the farthest value (+inf, -inf for
-    similarities)."""
-    columns, has_same = relation.same_columns(slice(0, relation.num_query))
-    farthest = -math.inf if distance.is_inverted else math.inf
-    return fill_same_label_(matrix, columns, has_same, farthest)
 
 
 def _nearest_negative(dis: Tensor, same: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -428,13 +420,13 @@ class MultiSimilarityMiner(BaseMiner):
         self.epsilon = epsilon
 
     def mine(self, matrix, batch, relation):
-        sim = matrix if self.distance.is_inverted else -matrix
+        # on the dissimilarity d = -s: s + eps > s_p  <=>  d - eps < d_p (exactly, in floats)
         every = slice(0, len(matrix))
         positive, negative = relation.positive_mask(every), relation.negative_mask(every)
-        hardest_pos = sim.masked_fill(~positive, math.inf).amin(dim=1, keepdim=True)
-        hardest_neg = sim.masked_fill(~negative, -math.inf).amax(dim=1, keepdim=True)
-        keep_neg = negative & (sim + self.epsilon > hardest_pos)
-        keep_pos = positive & (sim - self.epsilon < hardest_neg)
+        hardest_pos = matrix.masked_fill(~positive, -math.inf).amax(dim=1, keepdim=True)
+        hardest_neg = matrix.masked_fill(~negative, math.inf).amin(dim=1, keepdim=True)
+        keep_neg = negative & (matrix - self.epsilon < hardest_pos)
+        keep_pos = positive & (matrix + self.epsilon > hardest_neg)
         return (*keep_pos.nonzero(as_tuple=True), *keep_neg.nonzero(as_tuple=True))
 
     def extra_repr(self) -> str:
