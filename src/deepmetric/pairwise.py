@@ -398,6 +398,12 @@ class Relation:
             self._global["positives"] = self.positive_rows(slice(0, self.num_query))
         return self._global["positives"]
 
+    @property
+    def from_class_ids(self) -> bool:
+        """Whether the positives come from class ids, whose lists are as wide as the largest
+        class of the rows (multi-hot labels and relevance: as wide as a row's positives)."""
+        return self._labels is not None
+
     def num_pairs(self) -> Tensor:
         """(N,) number of pairs (positive or negative) of each query row."""
         return self.positive_count + self.num_negatives

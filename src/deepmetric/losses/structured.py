@@ -182,7 +182,7 @@ def _lifted_sums(stats, sweep, pairs, distance, pos_margin):
     counts = torch.zeros(2, dtype=torch.long, device=total.device)
     grads = [torch.zeros_like(leaf) for leaf in leaves]
     for block_rows, block in sweep.blocks():
-        for rows, part in _list_chunks(block_rows, block):
+        for rows, part in _list_chunks(pairs, block_rows, block):
             positives = pairs.positive_rows(rows)
             pos_dis = distance.as_dissimilarity(part.gather(1, positives.index))
             with torch.enable_grad():
@@ -198,10 +198,15 @@ def _lifted_sums(stats, sweep, pairs, distance, pos_margin):
     return total, counts, grads[0], grads[-1]
 
 
-def _list_chunks(rows: slice, block: Tensor):
-    """(rows, block rows) in chunks of rows whose (R, K) positive lists, at most (R, M), stay
-    a few MiB: the lists and their terms' graph are made per chunk, not per sweep block."""
-    step = max(1, LIST_CHUNK_ELEMENTS // max(block.shape[1], 1))
+def _list_chunks(pairs, rows: slice, block: Tensor):
+    """(rows, block rows) in chunks of rows whose (R, K) positive lists stay a few MiB: the
+    lists and their terms' graph are made per chunk, not per sweep block. K is the chunk's
+    largest positive count (the class size), M for multi-hot labels, relevance, mined pairs."""
+    if pairs.relation is not None and pairs.relation.from_class_ids:
+        width = int(pairs.relation.positive_count[rows].max()) + 1
+    else:
+        width = block.shape[1]
+    step = max(1, LIST_CHUNK_ELEMENTS // width)
     for start in range(0, rows.stop - rows.start, step):
         stop = min(start + step, rows.stop - rows.start)
         yield slice(rows.start + start, rows.start + stop), block[start:stop]
@@ -233,7 +238,7 @@ def _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos
                 grad.index_put_(
                     (col_arg[cols] - rows.start, cols), -grad_col[cols], accumulate=True
                 )
-        for chunk, part in _list_chunks(rows, block):
+        for chunk, part in _list_chunks(pairs, rows, block):
             positives = pairs.positive_rows(chunk)
             with torch.enable_grad():
                 pos_dis = distance.as_dissimilarity(part.gather(1, positives.index))
