@@ -100,11 +100,13 @@ def bad_inputs(tmp_path_factory, run) -> dict[str, tuple[subprocess.CompletedPro
         str(first / "class_00" / "0.png"),
     )
     late = _image_folder(tmp / "late", 4, 3, 8)
-    _truncate(late / "class_03" / "2.png")  # a test item: read in the evaluation before step 1
-    name = "truncated image (test)"
+    # An item of the selection split (the 2 training classes: too few to hold validation
+    # classes out), read in the evaluation before step 1; test items are read after training.
+    _truncate(late / "class_01" / "2.png")
+    name = "truncated image (evaluation)"
     cases[name] = (
         train_args(name, "data.name=image_folder", f"data.path={late}", *images),
-        str(late / "class_03" / "2.png"),
+        str(late / "class_01" / "2.png"),
     )
     table = tmp / "table.csv"
     rows = [f"{i % 3},{i % 5},bird{i % 4}" for i in range(24)]
@@ -174,7 +176,7 @@ def _pipes() -> dict:
 CASES = [
     "empty image folder",
     "truncated image (train)",
-    "truncated image (test)",
+    "truncated image (evaluation)",
     "csv without label column",
     "unknown config key",
     "distance the loss cannot use",
