@@ -190,7 +190,7 @@ def _distributed_case(rank, mode, with_ids):
     errors = []
     for x, labels, ids in _batches(5, rows=sum(SIZES), seed=3):
         opt.zero_grad()
-        value = wrapped(ddp(x[rows]), labels[rows], ids[rows] if with_ids else None)
+        value = wrapped(ddp(x[rows]), labels[rows], ids=ids[rows] if with_ids else None)
         value.backward()
         opt.step()
         reference_opt.zero_grad()
