@@ -125,7 +125,7 @@ def test_diff_lists_changed_keys():
     old, new = load_config(), load_config(overrides=["train.epochs=9", "loss.params.temperature=1"])
     assert config_diff(old, new) == [
         "loss.params: {'temperature': 0.1} -> {'temperature': 1}",
-        "train.epochs: 4 -> 9",
+        "train.epochs: 2 -> 9",
     ]
     assert config_diff(old, load_config()) == []
 
