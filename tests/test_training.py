@@ -154,10 +154,11 @@ def test_ctrl_c_saves_at_the_step_and_resumes_identically(tmp_path, uninterrupte
         if state.step == 7:
             os.kill(os.getpid(), signal.SIGINT)
 
+    handler = signal.getsignal(signal.SIGINT)  # SIG_IGN when started in the background
     with pytest.raises(KeyboardInterrupt):
         train(tiny(*RESUMABLE), run, quiet=True, on_step=interrupt)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 8
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
     train(tiny(*RESUMABLE), run, resume=True, quiet=True)
     _assert_same_run(uninterrupted, run)
 
