@@ -37,7 +37,6 @@ from torch import nn
 from deepmetric.data import ArrayDataset, LabeledDataset, load_image
 from deepmetric.index import NeighbourIndex
 from deepmetric.metrics import evaluate
-from deepmetric.models import build_model
 
 if TYPE_CHECKING:
     from deepmetric.training.config import Config, EvalConfig
@@ -107,21 +106,14 @@ def load_model(
     another shape raises `CheckpointError` naming each tensor that does not fit.
     """
     from deepmetric.training.checkpoint import load_checkpoint, load_state
+    from deepmetric.training.components import build_model_from_config
     from deepmetric.training.config import load_config
 
     checkpoint = load_checkpoint(path)
     if config is None:
         config = load_config(base=checkpoint["config"])
     input_shape = tuple(checkpoint["input_shape"])
-    model = build_model(
-        config.model.name,
-        input_shape,
-        config.model.embedding_dim,
-        hidden_dims=config.model.hidden_dims,
-        channels=config.model.channels,
-        normalize=config.model.normalize,
-        dropout=config.model.dropout,
-    )
+    model = build_model_from_config(config.model, input_shape)
     load_state(model, checkpoint["model"], "model", str(path))
     return model.eval(), config, input_shape
 

@@ -11,19 +11,24 @@ import pkgutil
 import re
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from deepmetric import distances, losses, miners
 from deepmetric.losses.param_groups import param_groups
+from deepmetric.models import build_model
 from deepmetric.training.errors import ConfigError
+
+if TYPE_CHECKING:  # config.py imports this module
+    from deepmetric.training.config import ModelConfig
 
 __all__ = [
     "build_distance",
     "build_loss",
     "build_miner",
+    "build_model_from_config",
     "build_optimizer",
     "build_scheduler",
     "check_components",
@@ -233,6 +238,20 @@ def check_components(
             miner_distance,
             lambda: build_miner(miner, miner_params, miner_distance),
         )
+
+
+def build_model_from_config(model: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
+    """The embedder that the ``model`` section of a config describes, for inputs of
+    ``input_shape`` (one item, without the batch dimension)."""
+    return build_model(
+        model.name,
+        input_shape,
+        model.embedding_dim,
+        hidden_dims=model.hidden_dims,
+        channels=model.channels,
+        normalize=model.normalize,
+        dropout=model.dropout,
+    )
 
 
 def build_distance(name: str | None) -> distances.BaseDistance | None:

@@ -37,7 +37,6 @@ from tqdm import tqdm
 from deepmetric.data import LabeledDataset
 from deepmetric.inference import build_index, embed, evaluate_embeddings, load_model
 from deepmetric.metrics import format_table
-from deepmetric.models import build_model
 from deepmetric.report import ImageSource, write_report
 from deepmetric.samplers import DistributedPKBatchSampler
 from deepmetric.training import distributed_run
@@ -50,6 +49,7 @@ from deepmetric.training.checkpoint import (
 from deepmetric.training.components import (
     build_loss,
     build_miner,
+    build_model_from_config,
     build_optimizer,
     build_scheduler,
 )
@@ -369,15 +369,7 @@ def _build(config: Config) -> _Parts:
     # Model, loss (its proxies or class weights have their own learning rate), miner,
     # optimiser, schedule and the gradient scaler of fp16.
     try:
-        model = build_model(
-            config.model.name,
-            input_shape,
-            config.model.embedding_dim,
-            hidden_dims=config.model.hidden_dims,
-            channels=config.model.channels,
-            normalize=config.model.normalize,
-            dropout=config.model.dropout,
-        ).to(device)
+        model = build_model_from_config(config.model, input_shape).to(device)
     except ValueError as error:
         raise ConfigError(f"model: {error}") from error
     try:
