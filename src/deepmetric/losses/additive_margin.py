@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,19 +18,19 @@ from torch import Tensor
 from deepmetric._validation import HyperParameter, check_count, check_positive
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses.classifier import (
+    NOT_SIMILARITY,
     ClassifierLoss,
     ClassifierStats,
     any_distance,
     check_class_batch,
     check_non_negative,
+    checked,
     cosine_coefficient,
     cosine_logits,
     cross_entropy_terms,
     full_precision,
-    init_class_vectors,
     reduce_rows,
 )
-from deepmetric.losses.reduction import check_reduction
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class AdditiveMarginStats(ClassifierStats):
     margin: float
 
 
+@checked(ADDITIVE_DISTANCES, margin=check_non_negative, scale=check_positive)
 def additive_margin_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -85,10 +87,6 @@ def additive_margin_loss(
         >>> additive_margin_loss(x, y, centers=c, margin=0.5, scale=4.0) > 0
         tensor(True)
     """
-    distance = ADDITIVE_DISTANCES.resolve(distance, "additive_margin_loss")
-    check_reduction(reduction)
-    margin = check_non_negative(margin, "margin")
-    scale = check_positive(scale, "scale")
     batch = check_class_batch(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, len(centers), centers=centers
     )
@@ -104,7 +102,7 @@ def additive_margin_loss(
             logits = dissimilarity * -scale
             target = (dissimilarity.gather(1, column) + margin) * -scale
         terms = cross_entropy_terms(logits.scatter_(1, column, target), labels)
-        loss, stats = reduce_rows(terms, batch, reduction, True)
+        loss, stats = reduce_rows(terms, batch.dtype, reduction, True)
     if not return_stats:
         return loss
     with torch.no_grad():
@@ -223,6 +221,20 @@ class AdaptiveMargin:
         )
 
 
+class _Margin(HyperParameter):
+    """`AdditiveMarginLoss.margin`: a number >= 0 (distance units) or an `AdaptiveMargin`,
+    which measures class diameters and so needs the loss's distance to be a distance."""
+
+    def __set__(self, instance: object, value: Any) -> None:
+        if isinstance(value, AdaptiveMargin) and not NOT_SIMILARITY.accepts(instance.distance):
+            raise ValueError(
+                "an AdaptiveMargin measures class diameters, which needs a distance, not a "
+                f"similarity ({type(instance.distance).__name__}); use e.g. EuclideanDistance "
+                "or MetricCosineDistance"
+            )
+        super().__set__(instance, value)
+
+
 def _check_margin(value: object, name: str) -> float | AdaptiveMargin:
     return value if isinstance(value, AdaptiveMargin) else check_non_negative(value, name)
 
@@ -252,9 +264,7 @@ class AdditiveMarginLoss(ClassifierLoss):
 
     function = staticmethod(additive_margin_loss)
     class_vectors = ("centers",)
-    distances = ADDITIVE_DISTANCES
-    margin = HyperParameter(_check_margin)
-    scale = HyperParameter(check_positive)
+    margin: float | AdaptiveMargin = _Margin(_check_margin)  # the constructor's annotation
     local_anchor_reason = (
         "an AdaptiveMargin is estimated from the distances of the rows of the call, so each "
         "rank would estimate its own margin; use a fixed margin"
@@ -264,25 +274,6 @@ class AdditiveMarginLoss(ClassifierLoss):
     def local_anchor_supported(self) -> bool:
         """Only with a fixed margin: adaptive margins would differ per rank."""
         return not isinstance(self.margin, AdaptiveMargin)
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float | AdaptiveMargin = 0.0,
-        scale: float = 1.0,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, reduction)
-        if isinstance(margin, AdaptiveMargin) and self.distance.is_inverted:
-            raise ValueError(
-                "an AdaptiveMargin measures class diameters, which needs a distance, not a "
-                f"similarity ({type(self.distance).__name__}); use e.g. EuclideanDistance "
-                "or MetricCosineDistance"
-            )
-        self.margin, self.scale = margin, scale
-        self.centers = init_class_vectors(num_classes, embedding_size)
 
     @property
     def current_margin(self) -> float:

@@ -30,9 +30,21 @@ proxies, centres) instead of with other embeddings. They share these conventions
   loss == loss_sum / normaliser, so a distributed wrapper can sum both over ranks); the
   modules keep it in `stats`.
 
-A module is thin by construction: a `ClassifierLoss` subclass names its functional form
-(`function`), declares each hyper-parameter once as a `HyperParameter` (checked whenever it
-is set) and assigns them in `__init__`; the call, the stats and the repr come from here.
+Thin by construction: each hyper-parameter is declared once, on the function, by
+`@checked(<distance rule>, name=<check>, ...)`; the decorator runs these checks (and the
+distance rule and the reduction check) on every call, so the body trusts its arguments. A
+`ClassifierLoss` subclass names its function and its class vectors:
+
+    class CosFaceLoss(ClassifierLoss):
+        function = staticmethod(cosface_loss)
+        class_vectors = ("weight",)
+
+and gets, from the function, a `HyperParameter` for each of its hyper-parameters (checked
+by the same check whenever it is set), its distance rule, and a constructor
+`(num_classes, embedding_size, <the function's hyper-parameters and defaults>,
+distance=None, reduction="mean")` that stores them and makes the class vectors. A module
+whose constructor differs from its function (a schedule, a buffer, a flag) writes its own
+`__init__`; the call, the stats and the repr come from here.
 """
 
 from __future__ import annotations
@@ -154,6 +166,51 @@ def cosine_coefficient(distance: BaseDistance, scale: float) -> float | None:
 
 
 # ---------------------------------------------------------------- checked calls
+
+Check = Callable[[Any, str], Any]
+"""`check(value, name)`: the value to use, or an error naming `name` (deepmetric._validation)."""
+
+
+def checked(
+    distances: DistanceRule | None = None, **checks: Check
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a loss function's checks once, where the function is defined.
+
+    On every call, before the body runs: `distance` is resolved by the `distances` rule (its
+    default for None; an error naming `distance` for one the loss cannot use), `reduction`
+    is checked, and each keyword named in `checks` is replaced by `check(value, name)` (its
+    default too). The body then trusts these arguments. The rule and the checks stay on the
+    function as `distances` and `checks`, from which `ClassifierLoss` builds its module form.
+
+    Example:
+        >>> @checked(COSINE, scale=check_positive)
+        ... def scaled(embeddings, *, scale=1.0, distance=None, reduction="mean"):
+        ...     return embeddings * scale
+        >>> scaled(torch.ones(1), scale=2)
+        tensor([2.])
+        >>> scaled(torch.ones(1), scale=-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: scale must be > 0, got -1.0
+    """
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        keywords = inspect.signature(function).parameters
+        defaults = {name: keywords[name].default for name in (*checks, "reduction")}
+
+        @functools.wraps(function)
+        def checked_call(*args: Any, **kwargs: Any) -> Any:
+            if distances is not None:
+                kwargs["distance"] = distances.resolve(kwargs.get("distance"), function.__name__)
+            check_reduction(kwargs.get("reduction", defaults["reduction"]))
+            for name, check in checks.items():
+                kwargs[name] = check(kwargs.get(name, defaults[name]), name)
+            return function(*args, **kwargs)
+
+        checked_call.distances, checked_call.checks = distances, checks  # type: ignore[attr-defined]
+        return checked_call
+
+    return decorate
 
 
 class ClassBatch(NamedTuple):
@@ -320,11 +377,11 @@ def finish(loss: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def reduce_rows(
-    terms: Tensor, batch: ClassBatch, reduction: str, return_stats: bool
+    terms: Tensor, dtype: torch.dtype, reduction: str, return_stats: bool
 ) -> Tensor | tuple[Tensor, ClassifierStats]:
-    """Reduce per-row terms; the loss in the input dtype, and its stats if asked."""
+    """Reduce per-row terms; the loss in `dtype` (the input's), and its stats if asked."""
     stats = sum_terms(terms, reduction)
-    loss = finish(stats.loss_sum / stats.normaliser, batch.dtype)
+    loss = finish(stats.loss_sum / stats.normaliser, dtype)
     return (loss, stats) if return_stats else loss
 
 
@@ -343,19 +400,22 @@ def _check_ids(query_ids: object, ref_ids: object, embeddings: Tensor) -> None:
         check_labels(query_ids, len(embeddings), "query_ids")
 
 
-_NOT_HYPER = ("distance", "reduction", "return_stats")
-
-
 class ClassifierLoss(MetricLoss):
     """Base of the losses with learnable class vectors (proxies, class weights, centres).
 
-    A subclass sets `function` (its functional form), `class_vectors` (the names of its
-    tensors that the function takes by keyword), `distances` (a `DistanceRule`) and declares
-    its hyper-parameters as `HyperParameter`s. Every keyword-only argument of `function`
-    that the class has as an attribute is passed from it on each call; `update` runs after
-    each training-mode call (schedules, centre updates). `stats` holds the stats of the
-    last call. The call takes the keyword-only `query_ids` of every loss (checked; no effect,
-    since rows are compared with class vectors, never with each other).
+    A subclass sets `function` (its functional form, decorated with `checked`) and
+    `class_vectors` (the names of its tensors that the function takes by keyword). From the
+    function it gets its distance rule (`distances`), a `HyperParameter` for each checked
+    keyword of the function that the class does not define itself (a class defines one
+    itself to accept more than the function, or as a property computed from its state, e.g.
+    a schedule's current value), and, unless it writes its own `__init__`, the constructor
+    `(num_classes, embedding_size, <the function's hyper-parameters with their defaults>,
+    distance=None, reduction="mean")`, which stores them and makes each class vector with
+    `class_vector_rows()` rows. Each call passes the class vectors and the function's
+    hyper-parameters from the module's attributes; `update` runs after each training-mode
+    call (schedules, centre updates). `stats` holds the stats of the last call. The call
+    takes the keyword-only `query_ids` of every loss (checked; no effect, since rows are
+    compared with class vectors, never with each other).
 
     Args:
         num_classes: C, the number of classes; labels must lie in [0, C).
@@ -368,6 +428,7 @@ class ClassifierLoss(MetricLoss):
     distances: ClassVar[DistanceRule] = COSINE
     local_anchor_supported: ClassVar[bool] = True
     passed: ClassVar[tuple[str, ...]] = ()
+    """The function's hyper-parameters, passed from the module's attributes on each call."""
     hyper_parameters: ClassVar[tuple[str, ...]] = ()
 
     num_classes = HyperParameter(check_count)
@@ -381,26 +442,25 @@ class ClassifierLoss(MetricLoss):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        declared = (
+        if "function" in vars(cls):
+            cls.distances, cls.passed = cls.function.distances, tuple(cls.function.checks)
+            for name, check in cls.function.checks.items():
+                if not hasattr(cls, name):
+                    descriptor = HyperParameter(check)
+                    descriptor.__set_name__(cls, name)
+                    setattr(cls, name, descriptor)
+            if "__init__" not in vars(cls):
+                cls.__init__ = _stores_arguments(cls)  # type: ignore[method-assign]
+        declared = (  # per class, the function's hyper-parameters first, in its order
             name
             for klass in reversed(cls.__mro__)
-            for name, value in vars(klass).items()
-            if isinstance(value, HyperParameter)
+            for name in (*vars(klass).get("passed", ()), *vars(klass))
         )
         cls.hyper_parameters = tuple(
             name
             for name in dict.fromkeys(declared)
-            if isinstance(inspect.getattr_static(cls, name), HyperParameter)
+            if isinstance(inspect.getattr_static(cls, name, None), HyperParameter)
         )
-        if "function" in vars(cls):
-            parameters = inspect.signature(cls.function).parameters.values()
-            cls.passed = tuple(
-                p.name
-                for p in parameters
-                if p.kind is p.KEYWORD_ONLY
-                and p.name not in (*cls.class_vectors, *_NOT_HYPER)
-                and hasattr(cls, p.name)
-            )
 
     def __init__(
         self,
@@ -412,6 +472,10 @@ class ClassifierLoss(MetricLoss):
         super().__init__(self.distances.resolve(distance, type(self).__name__), reduction)
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.stats: ClassifierStats | None = None
+
+    def class_vector_rows(self) -> int:
+        """The rows of each class vector the constructor makes: one per class."""
+        return self.num_classes
 
     def function_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `function` for the next call."""
@@ -449,3 +513,44 @@ class ClassifierLoss(MetricLoss):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.hyper_parameters)
+
+
+def _stores_arguments(cls: type[ClassifierLoss]) -> Callable[..., None]:
+    """The constructor of a `ClassifierLoss` subclass whose arguments are its function's:
+    `(num_classes, embedding_size, <hyper-parameters>, distance=None, reduction="mean")`,
+    each hyper-parameter with the function's default and annotation (or the class's, where
+    the class annotates it). It stores every argument (its `HyperParameter` checks it) and
+    makes each class vector with `init_class_vectors`."""
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    own_annotations = inspect.get_annotations(cls)
+    keywords = inspect.signature(cls.function).parameters
+    hyper = [
+        keywords[name].replace(
+            kind=positional, annotation=own_annotations.get(name, keywords[name].annotation)
+        )
+        for name in cls.passed
+    ]
+    base = inspect.signature(ClassifierLoss.__init__)
+    *self_and_sizes, distance, reduction = base.parameters.values()
+    signature = base.replace(parameters=[*self_and_sizes, *hyper, distance, reduction])
+
+    def __init__(self: ClassifierLoss, *args: Any, **kwargs: Any) -> None:
+        arguments = signature.bind(self, *args, **kwargs)
+        arguments.apply_defaults()
+        values = arguments.arguments
+        ClassifierLoss.__init__(
+            self,
+            values["num_classes"],
+            values["embedding_size"],
+            values["distance"],
+            values["reduction"],
+        )
+        for parameter in hyper:
+            setattr(self, parameter.name, values[parameter.name])
+        for name in cls.class_vectors:
+            setattr(self, name, init_class_vectors(self.class_vector_rows(), self.embedding_size))
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"Store the arguments (see `{cls.__name__}`) and make the class vectors."
+    return __init__

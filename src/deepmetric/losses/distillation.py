@@ -24,10 +24,11 @@ from deepmetric._validation import (
 from deepmetric.distances import BaseDistance, CosineSimilarity
 from deepmetric.losses.classifier import (
     ClassifierStats,
+    any_distance,
     check_range,
-    finish,
+    checked,
     full_precision,
-    sum_terms,
+    reduce_rows,
     very_negative,
 )
 from deepmetric.losses.reduction import check_reduction
@@ -50,14 +51,6 @@ def _soft_kl(
     return temperature**2 * kl
 
 
-def _reduce(
-    terms: Tensor, reduction: str, dtype: torch.dtype, return_stats: bool
-) -> Tensor | tuple[Tensor, ClassifierStats]:
-    stats = sum_terms(terms, reduction)
-    loss = finish(stats.loss_sum / stats.normaliser, dtype)
-    return (loss, stats) if return_stats else loss
-
-
 def _reject_tuples(indices_tuple: object, ref_labels: object) -> None:
     if indices_tuple is not None or ref_labels is not None:
         raise ValueError(
@@ -66,6 +59,7 @@ def _reject_tuples(indices_tuple: object, ref_labels: object) -> None:
         )
 
 
+@checked(temperature=check_positive, hard_label_weight=check_weight)
 def distillation_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -106,9 +100,6 @@ def distillation_loss(
     _reject_tuples(indices_tuple, ref_labels)
     if ref_emb is not None:
         raise ValueError("ref_emb applies to similarity distillation only, not to logits")
-    check_reduction(reduction)
-    temperature = check_positive(temperature, "temperature")
-    hard_label_weight = check_weight(hard_label_weight, "hard_label_weight")
     check_embeddings(embeddings)
     check_embeddings(teacher_logits, "teacher_logits")
     check_same_device(embeddings=embeddings, teacher_logits=teacher_logits)
@@ -129,9 +120,10 @@ def distillation_loss(
         if hard_label_weight > 0:
             hard = F.cross_entropy(student, labels, reduction="none")
             terms = (1 - hard_label_weight) * terms + hard_label_weight * hard
-        return _reduce(terms, reduction, dtype, return_stats)
+        return reduce_rows(terms, dtype, reduction, return_stats)
 
 
+@checked(any_distance(CosineSimilarity), temperature=check_positive)
 def similarity_distillation_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -176,10 +168,7 @@ def similarity_distillation_loss(
     _reject_tuples(indices_tuple, ref_labels)
     if labels is not None:
         check_labels(labels, len(embeddings))
-    distance = CosineSimilarity() if distance is None else distance
     teacher_distance = distance if teacher_distance is None else teacher_distance
-    check_reduction(reduction)
-    temperature = check_positive(temperature, "temperature")
     _check_similarity_inputs(embeddings, ref_emb, teacher_emb, teacher_ref_emb)
     dtype = embeddings.dtype
     with full_precision(embeddings.device):
@@ -196,7 +185,7 @@ def similarity_distillation_loss(
             terms = student_sim.sum(dim=1) * 0
         else:
             terms = _soft_kl(student_sim, teacher_sim, temperature, leave_out)
-        return _reduce(terms, reduction, dtype, return_stats)
+        return reduce_rows(terms, dtype, reduction, return_stats)
 
 
 def _check_similarity_inputs(embeddings, ref_emb, teacher_emb, teacher_ref_emb) -> None:
@@ -266,8 +255,8 @@ class DistillationLoss(nn.Module):
         "the teacher's outputs are keyword arguments (teacher_emb) that a distributed "
         "wrapper does not gather or split; compute it on each rank's rows and average"
     )
-    temperature = HyperParameter(check_positive)
-    hard_label_weight = HyperParameter(check_weight)
+    temperature = HyperParameter(distillation_loss.checks["temperature"])
+    hard_label_weight = HyperParameter(distillation_loss.checks["hard_label_weight"])
     reduction = HyperParameter(lambda value, name: check_reduction(value))
 
     def __init__(

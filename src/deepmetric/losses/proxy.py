@@ -27,6 +27,7 @@ from deepmetric.losses.classifier import (
     check_flag,
     check_non_negative,
     check_range,
+    checked,
     cosine_coefficient,
     cosine_logits,
     cross_entropy_terms,
@@ -37,7 +38,6 @@ from deepmetric.losses.classifier import (
     sum_terms,
     very_negative,
 )
-from deepmetric.losses.reduction import check_reduction
 
 ASSIGNMENTS = ("static", "dynamic")
 check_assignment = functools.partial(check_choice, choices=ASSIGNMENTS)
@@ -53,6 +53,13 @@ def _logsumexp_middle(values: Tensor) -> Tensor:
     return (values - top).exp().sum(dim=1).log() + top.squeeze(1)
 
 
+@checked(
+    NCA_DISTANCES,
+    softmax_scale=check_positive,
+    proxies_per_class=check_count,
+    assignment=check_assignment,
+    exclude_positive=check_flag,
+)
 def proxy_nca_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -105,12 +112,7 @@ def proxy_nca_loss(
         >>> proxy_nca_loss(x, y, proxies=p, exclude_positive=False) > 0
         tensor(True)
     """
-    distance = NCA_DISTANCES.resolve(distance, "proxy_nca_loss")
-    check_reduction(reduction)
-    scale = check_positive(softmax_scale, "softmax_scale")
-    per_class = check_count(proxies_per_class, "proxies_per_class")
-    check_assignment(assignment, "assignment")
-    check_flag(exclude_positive, "exclude_positive")
+    per_class = proxies_per_class
     if proxies.shape[0] % per_class:
         raise ValueError(
             f"proxies has {proxies.shape[0]} rows, not a multiple of proxies_per_class={per_class}"
@@ -120,14 +122,16 @@ def proxy_nca_loss(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, num_classes, proxies=proxies
     )
     with full_precision(embeddings.device):
-        logits, own_logits = _proxy_logits(batch, batch.cast(proxies), per_class, distance, scale)
+        logits, own_logits = _proxy_logits(
+            batch, batch.cast(proxies), per_class, distance, softmax_scale
+        )
         if num_classes == 1:  # no negatives: zero terms that keep the graph
             terms = logits.sum(dim=1) * 0
         else:
             terms = _nca_terms(
                 logits, own_logits, batch.labels, per_class, assignment, exclude_positive
             )
-    return reduce_rows(terms, batch, reduction, return_stats)
+    return reduce_rows(terms, batch.dtype, reduction, return_stats)
 
 
 def _proxy_logits(batch, proxies: Tensor, per_class: int, distance: BaseDistance, scale: float):
@@ -187,6 +191,7 @@ class ProxyAnchorStats:
     negative: ClassifierStats
 
 
+@checked(COSINE, margin=check_cosine_margin, alpha=check_positive)
 def proxy_anchor_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -226,10 +231,6 @@ def proxy_anchor_loss(
         >>> proxy_anchor_loss(x, y, proxies=p) > 0
         tensor(True)
     """
-    COSINE.resolve(distance, "proxy_anchor_loss")
-    check_reduction(reduction)
-    margin = check_cosine_margin(margin, "margin")
-    alpha = check_positive(alpha, "alpha")
     num_classes = proxies.shape[0]
     batch = check_class_batch(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, num_classes, proxies=proxies
@@ -252,6 +253,7 @@ def proxy_anchor_loss(
     return (loss, stats) if return_stats else loss
 
 
+@checked(NOT_SIMILARITY, center_weight=check_non_negative)
 def center_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -293,9 +295,6 @@ def center_loss(
         >>> center_loss(x, y, weight=w, bias=b, centers=c, center_weight=0.01) > 0
         tensor(True)
     """
-    distance = NOT_SIMILARITY.resolve(distance, "center_loss")
-    check_reduction(reduction)
-    center_weight = check_non_negative(center_weight, "center_weight")
     if centers.shape != weight.shape:
         raise ValueError(
             f"centers has shape {tuple(centers.shape)} but weight has {tuple(weight.shape)}; "
@@ -314,7 +313,7 @@ def center_loss(
         logits = F.linear(x, batch.cast(weight), None if bias is None else batch.cast(bias))
         pulled = distance.pairwise_distance(x, batch.cast(centers)[labels])
         terms = cross_entropy_terms(logits, labels) + (center_weight / 2) * pulled
-    return reduce_rows(terms, batch, reduction, return_stats)
+    return reduce_rows(terms, batch.dtype, reduction, return_stats)
 
 
 @torch.no_grad()
@@ -376,27 +375,10 @@ class ProxyNCALoss(ClassifierLoss):
 
     function = staticmethod(proxy_nca_loss)
     class_vectors = ("proxies",)
-    distances = NCA_DISTANCES
-    softmax_scale = HyperParameter(check_positive)
-    proxies_per_class = HyperParameter(check_count)
-    assignment = HyperParameter(check_assignment)
-    exclude_positive = HyperParameter(check_flag)
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        softmax_scale: float = 1.0,
-        proxies_per_class: int = 1,
-        assignment: str = "static",
-        exclude_positive: bool = True,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, reduction)
-        self.softmax_scale, self.proxies_per_class = softmax_scale, proxies_per_class
-        self.assignment, self.exclude_positive = assignment, exclude_positive
-        self.proxies = init_class_vectors(num_classes * proxies_per_class, embedding_size)
+    def class_vector_rows(self) -> int:
+        """k C proxies: row j C + c is proxy j of class c."""
+        return self.num_classes * self.proxies_per_class
 
 
 class ProxyAnchorLoss(ClassifierLoss):
@@ -424,21 +406,6 @@ class ProxyAnchorLoss(ClassifierLoss):
         "each proxy's two terms are log-sum-exps over all samples of the batch, so one "
         "rank's rows do not give a share of the loss that sums over ranks"
     )
-    margin = HyperParameter(check_cosine_margin)
-    alpha = HyperParameter(check_positive)
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float = 0.1,
-        alpha: float = 32.0,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, reduction)
-        self.margin, self.alpha = margin, alpha
-        self.proxies = init_class_vectors(num_classes, embedding_size)
 
 
 class CenterLoss(ClassifierLoss):
@@ -467,8 +434,6 @@ class CenterLoss(ClassifierLoss):
 
     function = staticmethod(center_loss)
     class_vectors = ("weight", "bias", "centers")
-    distances = NOT_SIMILARITY
-    center_weight = HyperParameter(check_non_negative)
     alpha = HyperParameter(_check_optional_rate)
     local_anchor_reason = (
         "with alpha, the centres move by the paper's rule from the rows of the call, so each "

@@ -41,6 +41,7 @@ from deepmetric.losses.classifier import (
     check_flag,
     check_non_negative,
     check_range,
+    checked,
     cosine_logits,
     cross_entropy_terms,
     full_precision,
@@ -48,7 +49,6 @@ from deepmetric.losses.classifier import (
     reduce_rows,
     with_target,
 )
-from deepmetric.losses.reduction import check_reduction
 
 COS_EPS = 1e-7
 """cos(theta) is clamped to [-1 + COS_EPS, 1 - COS_EPS] where sin(theta) is needed."""
@@ -62,6 +62,7 @@ check_cosine_margin = check_range(0, 1, "cosine units")
 check_angle_margin = check_range(0, math.pi / 2, "radians")
 
 
+@checked(COSINE, temperature=check_positive)
 def normalized_softmax_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -97,9 +98,6 @@ def normalized_softmax_loss(
         >>> normalized_softmax_loss(x, y, weight=w, temperature=0.1).shape
         torch.Size([])
     """
-    COSINE.resolve(distance, "normalized_softmax_loss")
-    check_reduction(reduction)
-    temperature = check_positive(temperature, "temperature")
     batch = check_class_batch(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
     )
@@ -107,7 +105,7 @@ def normalized_softmax_loss(
         unit_w = safe_normalize(batch.cast(weight))
         logits = (safe_normalize(batch.embeddings) / temperature) @ unit_w.T
         terms = cross_entropy_terms(logits, batch.labels)
-    return reduce_rows(terms, batch, reduction, return_stats)
+    return reduce_rows(terms, batch.dtype, reduction, return_stats)
 
 
 def _chebyshev_psi(cos: Tensor, margin: int) -> Tensor:
@@ -123,6 +121,13 @@ def _chebyshev_psi(cos: Tensor, margin: int) -> Tensor:
     return (1 - 2 * (k % 2)) * current - 2 * k
 
 
+@checked(
+    DOT_PRODUCT,
+    margin=check_count,
+    scale=check_positive,
+    normalize_weights=check_flag,
+    lambda_=check_non_negative,
+)
 def large_margin_softmax_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -167,12 +172,6 @@ def large_margin_softmax_loss(
         >>> large_margin_softmax_loss(x, y, weight=w, margin=2) > 0
         tensor(True)
     """
-    DOT_PRODUCT.resolve(distance, "large_margin_softmax_loss")
-    check_reduction(reduction)
-    margin = check_count(margin, "margin")
-    scale = check_positive(scale, "scale")
-    check_flag(normalize_weights, "normalize_weights")
-    lambda_ = check_non_negative(lambda_, "lambda_")
     batch = check_class_batch(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
     )
@@ -188,9 +187,10 @@ def large_margin_softmax_loss(
         cos = plain / norms.clamp_min(torch.finfo(x.dtype).tiny)
         target = (lambda_ * plain + norms * _chebyshev_psi(cos, margin)) / (1 + lambda_)
         terms = cross_entropy_terms(with_target(logits, labels, scale * target), labels)
-    return reduce_rows(terms, batch, reduction, return_stats)
+    return reduce_rows(terms, batch.dtype, reduction, return_stats)
 
 
+@checked(COSINE, margin=check_cosine_margin, scale=check_positive)
 def cosface_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -227,10 +227,6 @@ def cosface_loss(
         >>> cosface_loss(x, y, weight=w, margin=0.35, scale=30.0) > 0
         tensor(True)
     """
-    COSINE.resolve(distance, "cosface_loss")
-    check_reduction(reduction)
-    margin = check_cosine_margin(margin, "margin")
-    scale = check_positive(scale, "scale")
     batch = check_class_batch(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
     )
@@ -238,9 +234,10 @@ def cosface_loss(
         logits, cos = cosine_logits(batch.embeddings, batch.cast(weight), scale, batch.labels)
         logits = with_target(logits, batch.labels, scale * (cos - margin))
         terms = cross_entropy_terms(logits, batch.labels)
-    return reduce_rows(terms, batch, reduction, return_stats)
+    return reduce_rows(terms, batch.dtype, reduction, return_stats)
 
 
+@checked(COSINE, margin=check_angle_margin, scale=check_positive, easy_margin=check_flag)
 def arcface_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -281,11 +278,6 @@ def arcface_loss(
         >>> arcface_loss(x, y, weight=w, margin=0.5, scale=30.0) > 0
         tensor(True)
     """
-    COSINE.resolve(distance, "arcface_loss")
-    check_reduction(reduction)
-    margin = check_angle_margin(margin, "margin")
-    scale = check_positive(scale, "scale")
-    check_flag(easy_margin, "easy_margin")
     batch = check_class_batch(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
     )
@@ -301,7 +293,7 @@ def arcface_loss(
                 cos > math.cos(math.pi - margin), shifted, cos - margin * math.sin(margin)
             )
         terms = cross_entropy_terms(with_target(logits, batch.labels, scale * target), batch.labels)
-    return reduce_rows(terms, batch, reduction, return_stats)
+    return reduce_rows(terms, batch.dtype, reduction, return_stats)
 
 
 class NormalizedSoftmaxLoss(ClassifierLoss):
@@ -324,19 +316,6 @@ class NormalizedSoftmaxLoss(ClassifierLoss):
 
     function = staticmethod(normalized_softmax_loss)
     class_vectors = ("weight",)
-    temperature = HyperParameter(check_positive)
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        temperature: float = 0.05,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, reduction)
-        self.temperature = temperature
-        self.weight = init_class_vectors(num_classes, embedding_size)
 
 
 class _CountsSteps:
@@ -480,10 +459,6 @@ class LargeMarginSoftmaxLoss(_CountsSteps, ClassifierLoss):
 
     function = staticmethod(large_margin_softmax_loss)
     class_vectors = ("weight",)
-    distances = DOT_PRODUCT
-    margin = HyperParameter(check_count)
-    scale = HyperParameter(check_positive)
-    normalize_weights = HyperParameter(check_flag)
     lambda_schedule = HyperParameter(_check_schedule)
 
     def __init__(
@@ -508,8 +483,7 @@ class LargeMarginSoftmaxLoss(_CountsSteps, ClassifierLoss):
         """lambda for the next call (0 without a schedule)."""
         return 0.0 if self.lambda_schedule is None else self.lambda_schedule(self.num_steps)
 
-    def function_arguments(self) -> dict:
-        return {**super().function_arguments(), "lambda_": self.current_lambda}
+    lambda_ = current_lambda  # the function's keyword, read from the schedule on each call
 
     def update(self, embeddings: Tensor, labels: Tensor) -> None:
         """Advance the lambda annealing by one iteration."""
@@ -568,21 +542,6 @@ class CosFaceLoss(ClassifierLoss):
 
     function = staticmethod(cosface_loss)
     class_vectors = ("weight",)
-    margin = HyperParameter(check_cosine_margin)
-    scale = HyperParameter(check_positive)
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float = 0.35,
-        scale: float = 64.0,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, reduction)
-        self.margin, self.scale = margin, scale
-        self.weight = init_class_vectors(num_classes, embedding_size)
 
 
 class ArcFaceLoss(ClassifierLoss):
@@ -606,20 +565,3 @@ class ArcFaceLoss(ClassifierLoss):
 
     function = staticmethod(arcface_loss)
     class_vectors = ("weight",)
-    margin = HyperParameter(check_angle_margin)
-    scale = HyperParameter(check_positive)
-    easy_margin = HyperParameter(check_flag)
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float = 0.5,
-        scale: float = 64.0,
-        easy_margin: bool = False,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, reduction)
-        self.margin, self.scale, self.easy_margin = margin, scale, easy_margin
-        self.weight = init_class_vectors(num_classes, embedding_size)
