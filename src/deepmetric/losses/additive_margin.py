@@ -30,6 +30,7 @@ from deepmetric.losses.classifier import (
     cross_entropy_terms,
     full_precision,
     reduce_rows,
+    with_target,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,16 +93,15 @@ def additive_margin_loss(
     )
     with full_precision(embeddings.device):
         x, labels, centers = batch.embeddings, batch.labels, batch.cast(centers)
-        column = labels.unsqueeze(1)
         coefficient = cosine_coefficient(distance, scale)
         if coefficient is not None:  # logits -s d(z, c_i) up to a per-row constant
             logits, own = cosine_logits(x, centers, coefficient, labels)
-            target = coefficient * own.unsqueeze(1) - scale * margin
+            target = coefficient * own - scale * margin
         else:
             dissimilarity = distance.as_dissimilarity(distance(x, centers))
             logits = dissimilarity * -scale
-            target = (dissimilarity.gather(1, column) + margin) * -scale
-        terms = cross_entropy_terms(logits.scatter_(1, column, target), labels)
+            target = (dissimilarity.gather(1, labels.unsqueeze(1)) + margin) * -scale
+        terms = cross_entropy_terms(with_target(logits, labels, target), labels)
         loss, stats = reduce_rows(terms, batch.dtype, reduction, True)
     if not return_stats:
         return loss

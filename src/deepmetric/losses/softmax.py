@@ -24,7 +24,9 @@ cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m), with cos(theta) clamped 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,7 @@ from deepmetric._validation import HyperParameter, check_count, check_positive
 from deepmetric.distances import BaseDistance, DotProductSimilarity, safe_normalize
 from deepmetric.losses.classifier import (
     COSINE,
+    ClassBatch,
     ClassifierLoss,
     ClassifierStats,
     DistanceRule,
@@ -231,9 +234,7 @@ def cosface_loss(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
     )
     with full_precision(embeddings.device):
-        logits, cos = cosine_logits(batch.embeddings, batch.cast(weight), scale, batch.labels)
-        logits = with_target(logits, batch.labels, scale * (cos - margin))
-        terms = cross_entropy_terms(logits, batch.labels)
+        terms = _cosine_margin_terms(batch, weight, scale, lambda cos: cos - margin)
     return reduce_rows(terms, batch.dtype, reduction, return_stats)
 
 
@@ -281,19 +282,31 @@ def arcface_loss(
     batch = check_class_batch(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, len(weight), weight=weight
     )
+    target = functools.partial(_arcface_target, margin=margin, easy_margin=easy_margin)
     with full_precision(embeddings.device):
-        logits, cos = cosine_logits(batch.embeddings, batch.cast(weight), scale, batch.labels)
-        cos = cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
-        sin = (1 - cos * cos).sqrt()
-        shifted = cos * math.cos(margin) - sin * math.sin(margin)
-        if easy_margin:
-            target = torch.where(cos > 0, shifted, cos)
-        else:
-            target = torch.where(
-                cos > math.cos(math.pi - margin), shifted, cos - margin * math.sin(margin)
-            )
-        terms = cross_entropy_terms(with_target(logits, batch.labels, scale * target), batch.labels)
+        terms = _cosine_margin_terms(batch, weight, scale, target)
     return reduce_rows(terms, batch.dtype, reduction, return_stats)
+
+
+def _arcface_target(cos: Tensor, margin: float, easy_margin: bool) -> Tensor:
+    """cos(theta + m) from cos(theta) (no acos), with ArcFace's fallbacks where theta + m
+    would pass pi (cos(theta) - m sin(m)) or, with `easy_margin`, where theta > pi / 2
+    (cos(theta))."""
+    cos = cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    sin = (1 - cos * cos).sqrt()
+    shifted = cos * math.cos(margin) - sin * math.sin(margin)
+    if easy_margin:
+        return torch.where(cos > 0, shifted, cos)
+    return torch.where(cos > math.cos(math.pi - margin), shifted, cos - margin * math.sin(margin))
+
+
+def _cosine_margin_terms(
+    batch: ClassBatch, weight: Tensor, scale: float, target: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Per-row cross-entropy over the logits s cos(x_i, w_j), with the true class's logit
+    s target(cos(x_i, w_y)): the target logit is all that a cosine margin changes."""
+    logits, cos = cosine_logits(batch.embeddings, batch.cast(weight), scale, batch.labels)
+    return cross_entropy_terms(with_target(logits, batch.labels, scale * target(cos)), batch.labels)
 
 
 class NormalizedSoftmaxLoss(ClassifierLoss):
