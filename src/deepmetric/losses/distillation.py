@@ -287,34 +287,29 @@ class DistillationLoss(nn.Module):
         teacher_emb: Tensor,
         teacher_ref_emb: Tensor | None = None,
     ) -> Tensor:
-        common = {"temperature": self.temperature, "reduction": self.reduction}
         if self.distance is None:
             if teacher_ref_emb is not None:
                 raise ValueError("ref_emb / teacher_ref_emb apply to similarity mode only")
-            loss, self.stats = distillation_loss(
-                embeddings,
-                labels,
-                indices_tuple,
-                ref_emb,
-                ref_labels,
-                teacher_logits=teacher_emb,
-                hard_label_weight=self.hard_label_weight,
-                return_stats=True,
-                **common,
-            )
-            return loss
-        loss, self.stats = similarity_distillation_loss(
+            function = distillation_loss
+            teacher = {"teacher_logits": teacher_emb, "hard_label_weight": self.hard_label_weight}
+        else:
+            function = similarity_distillation_loss
+            teacher = {
+                "teacher_emb": teacher_emb,
+                "teacher_ref_emb": teacher_ref_emb,
+                "distance": self.distance,
+                "teacher_distance": self.teacher_distance,
+            }
+        loss, self.stats = function(
             embeddings,
             labels,
             indices_tuple,
             ref_emb,
             ref_labels,
-            teacher_emb=teacher_emb,
-            teacher_ref_emb=teacher_ref_emb,
-            distance=self.distance,
-            teacher_distance=self.teacher_distance,
+            temperature=self.temperature,
+            reduction=self.reduction,
             return_stats=True,
-            **common,
+            **teacher,
         )
         return loss
 
