@@ -178,9 +178,10 @@ def checked(
 
     On every call, before the body runs: `distance` is resolved by the `distances` rule (its
     default for None; an error naming `distance` for one the loss cannot use), `reduction`
-    is checked, and each keyword named in `checks` is replaced by `check(value, name)` (its
-    default too). The body then trusts these arguments. The rule and the checks stay on the
-    function as `distances` and `checks`, from which `ClassifierLoss` builds its module form.
+    is checked, and each keyword named in `checks` that the caller passes is replaced by
+    `check(value, name)` (the defaults are the author's). The body then trusts these
+    arguments. The rule and the checks stay on the function as `distances` and `checks`,
+    from which `ClassifierLoss` builds its module form.
 
     Example:
         >>> @checked(COSINE, scale=check_positive)
@@ -195,16 +196,15 @@ def checked(
     """
 
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
-        keywords = inspect.signature(function).parameters
-        defaults = {name: keywords[name].default for name in (*checks, "reduction")}
-
         @functools.wraps(function)
         def checked_call(*args: Any, **kwargs: Any) -> Any:
             if distances is not None:
                 kwargs["distance"] = distances.resolve(kwargs.get("distance"), function.__name__)
-            check_reduction(kwargs.get("reduction", defaults["reduction"]))
+            if "reduction" in kwargs:
+                check_reduction(kwargs["reduction"])
             for name, check in checks.items():
-                kwargs[name] = check(kwargs.get(name, defaults[name]), name)
+                if name in kwargs:
+                    kwargs[name] = check(kwargs[name], name)
             return function(*args, **kwargs)
 
         checked_call.distances, checked_call.checks = distances, checks  # type: ignore[attr-defined]
