@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_issue2_pair_triplet_miners import clustered  # noqa: E402
-from harness import forward_only, measure, pair_floor, pk_labels  # noqa: E402
+from harness import measure, pair_floor, pk_labels  # noqa: E402
 
 from deepmetric import losses, miners  # noqa: E402
 
@@ -58,52 +59,16 @@ LAYOUTS = {
 }
 
 
-def contrastive(x, y):
-    return losses.contrastive_loss(x, y)
+def _loss(function, options, x, y):
+    """`function(x, y, **options)`, the loss alone when it comes with its stats."""
+    loss = function(x, y, **options)
+    return loss[0] if isinstance(loss, tuple) else loss
 
 
-def triplet(x, y):
-    return losses.triplet_margin_loss(x, y, return_stats=True)[0]
-
-
-def triplet_smooth(x, y):
-    return losses.triplet_margin_loss(x, y, smooth_loss=True)
-
-
-def lifted(x, y):
-    return losses.lifted_structure_loss(x, y)
-
-
-def multi_similarity(x, y):
-    return losses.multi_similarity_loss(x, y)
-
-
-def circle(x, y):
-    return losses.circle_loss(x, y)
-
-
-def ranked_list(x, y):
-    return losses.ranked_list_loss(x, y)
-
-
-def margin(x, y):
-    return losses.margin_loss(x, y)
-
-
-def ntxent(x, y):
-    return losses.ntxent_loss(x, y)
-
-
-def supcon(x, y):
-    return losses.supcon_loss(x, y)
-
-
-def npairs(x, y):
-    return losses.npairs_loss(x, y)
-
-
-def histogram(x, y):
-    return losses.histogram_loss(x, y)
+def loss_case(function, **options):
+    """A case that calls the loss `function` with `options` (a picklable partial: each case
+    runs in a spawned process)."""
+    return partial(_loss, function, options)
 
 
 def _single(y):
@@ -111,64 +76,45 @@ def _single(y):
     return y.long().argmax(dim=1) if y.dim() == 2 else y
 
 
-@forward_only
-def batch_hard(x, y):
-    return miners.BatchHardMiner()(clustered(x, _single(y)), y)
+class MinerCase:
+    """A forward-only case that mines the clustered embeddings with `miner_class(**options)`
+    (and a generator seeded with 0 when `seeded`); an instance, not a function, so that it
+    reaches the spawned process with its `forward_only` mark."""
 
+    forward_only = True
 
-@forward_only
-def hardnet(x, y):
-    return miners.HardNetMiner()(clustered(x, _single(y)), y)
+    def __init__(self, miner_class, seeded: bool = False, **options) -> None:
+        self.miner_class, self.seeded, self.options = miner_class, seeded, options
 
-
-@forward_only
-def semihard(x, y):
-    return miners.TripletMarginMiner(0.2, "semihard")(clustered(x, _single(y)), y)
-
-
-@forward_only
-def distance_weighted(x, y):
-    generator = torch.Generator().manual_seed(0)
-    return miners.DistanceWeightedMiner(generator=generator)(clustered(x, _single(y)), y)
-
-
-@forward_only
-def rank_window(x, y):
-    generator = torch.Generator().manual_seed(0)
-    miner = miners.RankWindowMiner(window=(101, 500), generator=generator)
-    return miner(clustered(x, _single(y)), y)
-
-
-@forward_only
-def pair_margin(x, y):
-    return miners.PairMarginMiner()(clustered(x, _single(y)), y)
-
-
-@forward_only
-def ms_miner(x, y):
-    return miners.MultiSimilarityMiner()(clustered(x, _single(y)), y)
+    def __call__(self, x, y):
+        options = self.options
+        if self.seeded:
+            options = {**options, "generator": torch.Generator().manual_seed(0)}
+        return self.miner_class(**options)(clustered(x, _single(y)), y)
 
 
 CASES = {
-    "contrastive": contrastive,
-    "triplet (all, hinge, stats)": triplet,
-    "triplet (all, soft-plus)": triplet_smooth,
-    "lifted structure": lifted,
-    "multi-similarity": multi_similarity,
-    "circle": circle,
-    "ranked list": ranked_list,
-    "margin": margin,
-    "NT-Xent": ntxent,
-    "SupCon": supcon,
-    "N-pairs": npairs,
-    "histogram": histogram,
-    "miner: batch-hard [fwd]": batch_hard,
-    "miner: HardNet [fwd]": hardnet,
-    "miner: semihard [fwd]": semihard,
-    "miner: distance-weighted [fwd]": distance_weighted,
-    "miner: rank window [fwd]": rank_window,
-    "miner: pair margin [fwd]": pair_margin,
-    "miner: multi-similarity [fwd]": ms_miner,
+    "contrastive": loss_case(losses.contrastive_loss),
+    "triplet (all, hinge, stats)": loss_case(losses.triplet_margin_loss, return_stats=True),
+    "triplet (all, soft-plus)": loss_case(losses.triplet_margin_loss, smooth_loss=True),
+    "lifted structure": loss_case(losses.lifted_structure_loss),
+    "multi-similarity": loss_case(losses.multi_similarity_loss),
+    "circle": loss_case(losses.circle_loss),
+    "ranked list": loss_case(losses.ranked_list_loss),
+    "margin": loss_case(losses.margin_loss),
+    "NT-Xent": loss_case(losses.ntxent_loss),
+    "SupCon": loss_case(losses.supcon_loss),
+    "N-pairs": loss_case(losses.npairs_loss),
+    "histogram": loss_case(losses.histogram_loss),
+    "miner: batch-hard [fwd]": MinerCase(miners.BatchHardMiner),
+    "miner: HardNet [fwd]": MinerCase(miners.HardNetMiner),
+    "miner: semihard [fwd]": MinerCase(
+        miners.TripletMarginMiner, margin=0.2, type_of_triplets="semihard"
+    ),
+    "miner: distance-weighted [fwd]": MinerCase(miners.DistanceWeightedMiner, seeded=True),
+    "miner: rank window [fwd]": MinerCase(miners.RankWindowMiner, seeded=True, window=(101, 500)),
+    "miner: pair margin [fwd]": MinerCase(miners.PairMarginMiner),
+    "miner: multi-similarity [fwd]": MinerCase(miners.MultiSimilarityMiner),
 }
 
 

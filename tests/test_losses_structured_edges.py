@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import reference_structured as ref
 import torch
-from reference_structured import assert_same, batch
+from reference_structured import assert_same, batch, block_size  # noqa: F401
 
 from deepmetric.distances import CosineSimilarity, DotProductSimilarity, EuclideanDistance
 from deepmetric.losses.boundary import MarginLoss, margin_loss, ranked_list_loss
@@ -297,3 +297,46 @@ def test_mined_pairs_need_no_labels(name):
     x, y, _, _ = batch(3)
     mined = MultiSimilarityMiner(epsilon=0.5)(x, y)
     torch.testing.assert_close(LOSSES[name](x, None, mined), LOSSES[name](x, y, mined))
+
+
+# Losses whose first derivative is the gradient of the loss itself (circle and ranked list
+# treat their pair weights as constants in backpropagation, as their papers do, so their
+# "gradient" is not the derivative of any one function and has no numerical second derivative
+# to check against).
+TWICE_DIFFERENTIABLE = [
+    "lifted",
+    "lifted hard",
+    "multi-similarity",
+    "margin",
+    "ntxent",
+    "npairs",
+    "supcon",
+    "histogram",
+]
+
+
+@pytest.mark.usefixtures("block_size")
+@pytest.mark.parametrize("name", TWICE_DIFFERENTIABLE)
+@pytest.mark.parametrize("with_ref", [False, True], ids=["batch", "ref_emb"])
+def test_swept_losses_have_second_derivatives(name, with_ref):
+    """One double-backward policy (deepmetric.blocks): under create_graph the sweep replays
+    the loss by plain differentiable steps, so a gradient penalty is exact (gradgradcheck)."""
+    x, y, r, ry = batch(3, n=7, dim=3, num_ref=6 if with_ref else 0)
+    inputs = (x.requires_grad_(),) if r is None else (x.requires_grad_(), r.requires_grad_())
+    extra = {"distance": CosineSimilarity()} if name in ("histogram",) else {}
+
+    def loss(a, b=None):
+        return LOSSES[name](a, y, ref_emb=b, ref_labels=ry, **extra)
+
+    assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+@pytest.mark.usefixtures("block_size")
+@pytest.mark.parametrize("name", ["circle", "ranked list"])
+def test_constant_weight_losses_keep_their_gradient_under_create_graph(name):
+    x, y, _, _ = batch(4, n=7, dim=3)
+    x.requires_grad_()
+    (plain,) = torch.autograd.grad(LOSSES[name](x, y), x)
+    (with_graph,) = torch.autograd.grad(LOSSES[name](x, y), x, create_graph=True)
+    assert with_graph.requires_grad
+    torch.testing.assert_close(with_graph, plain)

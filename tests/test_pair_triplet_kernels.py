@@ -23,6 +23,7 @@ def blocks(request, monkeypatch):
     if request.param == "small blocks":
         monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", 40)
         monkeypatch.setattr(blocks_module, "PASS_BLOCK_ELEMENTS", 24)
+        monkeypatch.setattr(blocks_module, "SWEEP_BLOCK_ELEMENTS", 30)
     return request.param
 
 
@@ -246,9 +247,29 @@ def test_fused_euclidean_has_second_derivatives():
     ids=["contrastive", "contrastive-squared-hinge", "hinge", "soft-plus", "swap"],
 )
 def test_losses_have_second_derivatives(loss):
-    """A gradient penalty works: the fused backward falls back to differentiable steps."""
+    """A gradient penalty works: the backward replays the loss by differentiable steps."""
     x, y = batch(n=10, classes=3, seed=10)
     x = x.detach().clone()
     x[4] += 0.1  # no duplicate points: the distance is not differentiable at 0
     x.requires_grad_()
     assert torch.autograd.gradgradcheck(lambda a: loss(a, y), (x,))
+
+
+@pytest.mark.parametrize("root", [True, False], ids=["euclidean", "squared"])
+def test_row_blocks_of_a_set_against_itself_match_the_whole_matrix(root):
+    """`compute_block` with `same_set`: exact zeros at (i, rows.start + i), and the same
+    values and gradients as the rows of the whole matrix."""
+    distance = dist.EuclideanDistance() if root else dist.SquaredEuclideanDistance()
+    x = points_with_duplicates().requires_grad_()
+    weights = torch.randn(9, 9, dtype=F64, generator=torch.Generator().manual_seed(2))
+    whole = distance.compute_matrix(x, x)
+    (expected,) = torch.autograd.grad((whole[3:7] * weights[3:7]).sum(), x)
+    block = distance.compute_block(x, x, slice(3, 7), True)
+    assert torch.equal(block.diagonal(3), torch.zeros(4, dtype=F64))
+    torch.testing.assert_close(block, whole[3:7])
+    (grad,) = torch.autograd.grad((block * weights[3:7]).sum(), x)
+    torch.testing.assert_close(grad, expected)
+    apart = torch.randn(9, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    assert torch.autograd.gradgradcheck(
+        lambda a: distance.compute_block(a, a, slice(3, 7), True), (apart.requires_grad_(),)
+    )

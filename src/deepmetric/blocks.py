@@ -11,21 +11,22 @@ their gradients are accumulated:
   block;
 - `Sweep`: the sum over row blocks of an objective of D[rows] = distance(query[rows], ref),
   with its gradients with respect to the query, the reference set and any parameter
-  accumulated block by block (autograd on block-sized tensors), so that a loss on the whole
-  matrix costs O(block + N D) memory; `Sweep.run_gradient` takes dL/dD[rows] in closed form;
-- `backward_by_autograd`: the backward of a fused autograd Function under create_graph.
+  accumulated block by block, so that a loss on the whole matrix costs O(block + N D)
+  memory: autograd on block-sized objectives (`Sweep.run`), or the gradient in D written out
+  (`Sweep.run_closed_form`, `Sweep.run_gradient`);
+- `backward_by_autograd`: the backward of a fused distance matrix under create_graph.
 
-Double backward (create_graph=True), one policy: the fused autograd Functions (the Euclidean
-matrix, the contrastive sums, the all-triplets sums) are differentiable twice, because under
-create_graph their backward recomputes the forward by plain differentiable steps
-(`backward_by_autograd`; slower, (N, M)-sized, meant for gradient penalties). Losses
-evaluated by a `Sweep` (the structured losses) keep only first derivatives and refuse
-create_graph with a RuntimeError, rather than return a silently wrong second derivative.
+Double backward (create_graph=True), one policy: every loss is twice differentiable. The
+engine (`Sweep`) accumulates first derivatives without a graph; when a graph of the gradient
+is asked for, it replays the loss's objectives as plain differentiable steps on the whole
+(N, M) matrix and differentiates that (slower, (N, M)-sized, meant for gradient penalties).
+The fused distance matrices follow the same rule with `backward_by_autograd`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "RowBlocks",
     "Sweep",
     "backward_by_autograd",
+    "replaying",
     "row_blocks",
 ]
 
@@ -71,16 +73,20 @@ class RowBlocks:
     """The row blocks of an (N, M) matrix, and work arrays reused from block to block.
 
     Iterating gives the slices of `row_blocks`, of BLOCK_ELEMENTS entries, or of
-    PASS_BLOCK_ELEMENTS with `passes=True` (for chains of elementwise passes). `buffer(name,
+    PASS_BLOCK_ELEMENTS with `passes=True` (for chains of elementwise passes), or of
+    `elements`. `buffer(name,
     like)` gives an array of the current block's shape that is the same memory in every
     block, so each work array is allocated, and its pages faulted in, once per call instead
     of once per block (freed arrays of a few MiB are otherwise handed back to the system by
     malloc and mapped again).
     """
 
-    def __init__(self, num_rows: int, num_cols: int, passes: bool = False) -> None:
+    def __init__(
+        self, num_rows: int, num_cols: int, passes: bool = False, elements: int | None = None
+    ) -> None:
         self.num_rows, self.num_cols = num_rows, num_cols
-        elements = PASS_BLOCK_ELEMENTS if passes else BLOCK_ELEMENTS
+        if elements is None:
+            elements = PASS_BLOCK_ELEMENTS if passes else BLOCK_ELEMENTS
         self.step = max(1, elements // max(num_cols, 1))
         self._rows = 0
         self._buffers: dict[str, Tensor] = {}
@@ -116,14 +122,39 @@ def backward_by_autograd(function, inputs, grad_outputs) -> list[Tensor | None]:
     return [None if tensor is None else next(grads) for tensor in inputs]
 
 
+_REPLAYING: ContextVar[bool] = ContextVar("deepmetric_sweep_replaying", default=False)
+
+
+def replaying() -> bool:
+    """Whether a `Sweep` is replaying its objectives for a second derivative (objectives then
+    leave their side effects, such as counting terms for the stats, undone)."""
+    return _REPLAYING.get()
+
+
 class Sweep:
     """Sum over row blocks of an objective of D[rows], with the gradients of that sum.
 
-    `run(objective)` calls `objective(block, rows)` for each block of anchor rows, where
-    `block` = distance(embeddings[rows], ref) is differentiable, and accumulates the value and
-    its gradient with respect to the embeddings, the reference set, the distance's parameters
-    and `params`. `result(value, scale)` returns `value` wired to `scale` times those gradients.
+    The one engine of the losses on the (N, M) matrix D = distance(embeddings, ref). Three
+    ways to feed it, all accumulating the gradient with respect to the embeddings, the
+    reference set, the distance's parameters and `params` block by block:
+
+    - `run(objective)`: `objective(D[rows], rows)` is a differentiable scalar; autograd
+      differentiates it on the block;
+    - `run_closed_form(step, plain)`: `step(D[rows], rows)` returns (value, dL/dD[rows])
+      written out (counting, sorting: no autograd through the loss's steps); D[rows] is
+      computed once and its gradient pulled back at once, one pass over the matrix;
+    - `run_gradient(block_gradient, plain)`: only dL/dD[rows], when the value came from an
+      earlier pass (`blocks()`, without gradient) over statistics of whole rows or columns.
+
+    `result(value, scale)` returns `value` wired to `scale` times the accumulated gradients.
     Without grad mode, or when nothing requires a gradient, only values are computed.
+
+    Second derivatives (create_graph=True): the accumulated gradients have no graph, so the
+    backward of `result` replays the sweep as plain differentiable steps over the whole
+    (N, M) matrix: the sum of the objectives of `run`, and of the `plain(D, rows)` forms
+    given with the closed-form ones, on D = distance(embeddings, ref) with rows = all rows,
+    differentiated with create_graph. Same values, (N, M) memory, meant for gradient
+    penalties.
 
     The distance's normalisation (`distance.normalize`, e.g. the cosine family's) is applied
     once to each set, and each block is `distance.compute_matrix` of the normalised rows: the
@@ -143,6 +174,7 @@ class Sweep:
         self.num_rows, self.num_cols = len(query), len(ref)
         query = distance.normalize(query)
         ref = query if ref_is_query else distance.normalize(ref)
+        self._sets = (query, ref)
         inputs = [query] if ref_is_query else [query, ref]
         extra = [p for p in (*distance.parameters(), *params) if p.requires_grad]
         self.tracking = torch.is_grad_enabled() and (
@@ -162,7 +194,13 @@ class Sweep:
                     self.leaves.append(leaf)
             self.targets += extra
             self.leaves += extra
+        self.ref_is_query = ref_is_query
         self.grads: list[Tensor] | None = None
+        self._plain: list[Callable[[Tensor, slice], Tensor]] = []
+
+    def _block(self, rows: slice) -> Tensor:
+        """D[rows], the distance of the normalised query rows to the reference set."""
+        return self.distance.compute_block(self.query, self.ref, rows, self.ref_is_query)
 
     def blocks(self) -> Iterator[tuple[slice, Tensor]]:
         """(rows, D[rows]) for each block, without gradient (for statistics)."""
@@ -170,33 +208,67 @@ class Sweep:
             for rows in row_blocks(self.num_rows, self.num_cols, SWEEP_BLOCK_ELEMENTS):
                 yield (
                     rows,
-                    self.distance.compute_matrix(self.query[rows].detach(), self.ref.detach()),
+                    self._block(rows),
                 )
 
     def run(self, objective: Callable[[Tensor, slice], Tensor]) -> Tensor:
         """Sum of objective(D[rows], rows) over the blocks; its gradients are accumulated."""
+        self._plain.append(objective)
         total = None
         for rows in row_blocks(self.num_rows, self.num_cols, SWEEP_BLOCK_ELEMENTS):
             with torch.set_grad_enabled(self.tracking):
-                value = objective(self.distance.compute_matrix(self.query[rows], self.ref), rows)
+                value = objective(self._block(rows), rows)
             if self.tracking and value.requires_grad:
                 self._accumulate(torch.autograd.grad(value, self.leaves, allow_unused=True))
             value = value.detach()
             total = value if total is None else total + value
         return total
 
-    def run_gradient(self, block_gradient: Callable[[Tensor, slice], Tensor]) -> None:
+    def run_closed_form(
+        self,
+        step: Callable[[Tensor, slice, RowBlocks], tuple[Tensor, Tensor | None]],
+        plain: Callable[[Tensor, slice], Tensor],
+    ) -> Tensor:
+        """Sum of the values of `step(D[rows], rows, work)` -> (value, dL/dD[rows]) over the
+        blocks.
+
+        `step` runs without gradient on each block and gives its gradient in D in closed
+        form (None when `self.tracking` is False: it is not used); the block is computed
+        once and the gradient pulled back through the distance at once. `work` is the
+        `RowBlocks` of the sweep (SWEEP_BLOCK_ELEMENTS entries per block), whose `buffer`s
+        are reused from block to block. `plain(D, rows)` is the same value by
+        differentiable steps (second derivatives).
+        """
+        self._plain.append(plain)
+        total = None
+        work = RowBlocks(self.num_rows, self.num_cols, elements=SWEEP_BLOCK_ELEMENTS)
+        for rows in work:
+            with torch.set_grad_enabled(self.tracking):
+                block = self._block(rows)
+            with torch.no_grad():
+                value, grad = step(block.detach(), rows, work)
+            if self.tracking and block.requires_grad:
+                self._accumulate(torch.autograd.grad(block, self.leaves, grad, allow_unused=True))
+            total = value if total is None else total + value
+        return total
+
+    def run_gradient(
+        self,
+        block_gradient: Callable[[Tensor, slice], Tensor],
+        plain: Callable[[Tensor, slice], Tensor],
+    ) -> None:
         """Accumulate the gradients of a loss whose gradient in D[rows] is given directly.
 
         `block_gradient(D[rows], rows)` (called without gradient) returns dL/dD[rows]; it is
-        pulled back through the distance. Cheaper than `run` when the derivative in D is
-        known in closed form (no autograd through the loss's elementwise steps).
+        pulled back through the distance. `plain(D, rows)` is the loss by differentiable
+        steps (second derivatives). For a value computed by an earlier pass over `blocks()`.
         """
+        self._plain.append(plain)
         if not self.tracking:
             return
         for rows in row_blocks(self.num_rows, self.num_cols, SWEEP_BLOCK_ELEMENTS):
             with torch.enable_grad():
-                block = self.distance.compute_matrix(self.query[rows], self.ref)
+                block = self._block(rows)
             with torch.no_grad():
                 grad = block_gradient(block.detach(), rows)
             if block.requires_grad:
@@ -209,6 +281,17 @@ class Sweep:
             if grad is not None:
                 acc += grad
 
+    def replay(self) -> Tensor:
+        """The swept sum by plain differentiable steps on the whole matrix (see the class)."""
+        query, ref = self._sets
+        matrix = self.distance.compute_matrix(query, ref)
+        token = _REPLAYING.set(True)
+        try:
+            everything = slice(0, self.num_rows)
+            return sum(plain(matrix, everything) for plain in self._plain)
+        finally:
+            _REPLAYING.reset(token)
+
     def result(self, value: Tensor, scale: float | Tensor = 1.0) -> Tensor:
         """`value` as a loss whose gradient is `scale` times the accumulated gradients."""
         if not self.targets:
@@ -216,24 +299,29 @@ class Sweep:
         if self.grads is None:
             self.grads = [torch.zeros_like(leaf) for leaf in self.leaves]
         grads = [grad * scale for grad in self.grads]
-        return _WithGradients.apply(value.detach(), grads, *self.targets)
+        return _WithGradients.apply(value.detach(), grads, (self, scale), *self.targets)
 
 
 class _WithGradients(torch.autograd.Function):
-    """Identity on a precomputed loss value; backward returns the precomputed gradients."""
+    """Identity on a precomputed loss value; backward returns the precomputed gradients, or,
+    when a graph of the gradient is asked for, differentiates the sweep's replay."""
 
     @staticmethod
-    def forward(ctx, value, grads, *targets):  # noqa: D102
-        ctx.grads = grads
+    def forward(ctx, value, grads, replay, *targets):  # noqa: D102
+        ctx.grads, ctx.replay, ctx.targets = grads, replay, targets
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "this loss was differentiated block by block (deepmetric.blocks.Sweep), so it "
-                "has no graph of its gradient: double backward (create_graph=True) is not "
-                "supported; use a loss built on the fused Functions (contrastive, triplet) or "
-                "compute the gradient penalty on another loss"
-            )
-        return (None, None, *(grad * grad_output for grad in ctx.grads))
+        if not torch.is_grad_enabled():
+            return (None, None, None, *(grad * grad_output for grad in ctx.grads))
+        sweep, scale = ctx.replay
+        targets = ctx.targets
+        value = sweep.replay() * scale
+        grads = torch.autograd.grad(
+            value, targets, grad_output, create_graph=True, allow_unused=True
+        )
+        grads = [
+            torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads, strict=True)
+        ]
+        return (None, None, None, *grads)

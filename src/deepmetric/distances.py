@@ -56,7 +56,9 @@ class _EuclideanMatrix(torch.autograd.Function):
     """The (N, M) Euclidean distance matrix, or its square, with one (N, M) array in all.
 
     Forward: one `addmm` for -2 q.r + ||r||^2, then in place on its output: + ||q||^2,
-    clamp at 0, exact zero diagonal when `same_set`, and the square root when `root`. The
+    clamp at 0, exact zeros at (i, i + offset) when `offset` is not None (the query rows are
+    rows offset.. of the reference set: 0 for a set against itself, `same_set`, whose
+    gradient is then returned once), and the square root when `root`. The
     output is the only thing saved besides the inputs.
 
     Backward, in row blocks of the incoming gradient G: W = G / d where d > 0 and 0 where
@@ -67,17 +69,19 @@ class _EuclideanMatrix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query: Tensor, ref: Tensor, root: bool, same_set: bool) -> Tensor:
+    def forward(
+        ctx, query: Tensor, ref: Tensor, root: bool, same_set: bool, offset: int | None
+    ) -> Tensor:
         query_sq = query.pow(2).sum(dim=1, keepdim=True)
         ref_sq = ref.pow(2).sum(dim=1)
         out = torch.addmm(ref_sq.unsqueeze(0), query, ref.T, alpha=-2)
         out.add_(query_sq).clamp_min_(0)
-        if same_set:
-            out.fill_diagonal_(0)  # exact zeros where the expansion leaves rounding error
+        if offset is not None:
+            out.diagonal(offset).zero_()  # exact zeros where the expansion leaves rounding error
         if root:
             out.sqrt_()
         ctx.save_for_backward(query, ref, out)
-        ctx.root, ctx.same_set = root, same_set
+        ctx.root, ctx.same_set, ctx.offset = root, same_set, offset
         return out
 
     @staticmethod
@@ -87,14 +91,14 @@ class _EuclideanMatrix(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             if ctx.same_set:
                 (grad_query,) = backward_by_autograd(
-                    lambda: _unfused_matrix(query, query, ctx.root, True), (query,), grad
+                    lambda: _unfused_matrix(query, query, ctx.root, 0), (query,), grad
                 )
-                return grad_query, None, None, None
+                return grad_query, None, None, None, None
             inputs = (query if need_query else None, ref if need_ref else None)
             grads = backward_by_autograd(
-                lambda: _unfused_matrix(query, ref, ctx.root, False), inputs, grad
+                lambda: _unfused_matrix(query, ref, ctx.root, ctx.offset), inputs, grad
             )
-            return *grads, None, None
+            return *grads, None, None, None
         grad_query = out.new_empty(query.shape) if need_query else None
         grad_ref = out.new_zeros(ref.shape) if need_ref else None
         col_sum = out.new_zeros(out.shape[1]) if need_ref else None
@@ -109,15 +113,16 @@ class _EuclideanMatrix(torch.autograd.Function):
                 grad_ref.addmm_(weights.T, query[rows], alpha=-1)
         if need_ref:
             grad_ref.addcmul_(col_sum.unsqueeze(1), ref)
-        return grad_query, grad_ref, None, None
+        return grad_query, grad_ref, None, None, None
 
 
-def _unfused_matrix(query: Tensor, ref: Tensor, root: bool, same_set: bool) -> Tensor:
+def _unfused_matrix(query: Tensor, ref: Tensor, root: bool, offset: int | None) -> Tensor:
     """`_EuclideanMatrix` by plain differentiable steps (its backward under create_graph)."""
     squared = torch.addmm(ref.pow(2).sum(dim=1).unsqueeze(0), query, ref.T, alpha=-2)
     squared = squared.add(query.pow(2).sum(dim=1, keepdim=True)).clamp_min(0)
-    if same_set:
-        squared = squared.fill_diagonal_(0)
+    if offset is not None:
+        rows = torch.arange(len(query), device=query.device).unsqueeze(1) + offset
+        squared = squared.masked_fill(rows == torch.arange(len(ref), device=ref.device), 0)
     return safe_sqrt(squared) if root else squared
 
 
@@ -125,15 +130,15 @@ def _distance_weights(grad: Tensor, block: Tensor, ctx, rows: slice, weights: Te
     """Fill `weights` with grad / d (root) or 2 grad (square), 0 where d = 0; return row sums.
 
     For the root, a zero distance makes grad / d infinite or NaN, which the row sums reveal:
-    only then is the mask of zeros built. The diagonal of a set against itself is exactly 0
-    and is cleared directly.
+    only then is the mask of zeros built. The diagonal of a set against itself (entries (i,
+    i + offset) of a block of its rows) is exactly 0 and is cleared directly.
     """
     if ctx.root:
         torch.div(grad, block, out=weights)
     else:
         torch.mul(grad, 2, out=weights)
-    if ctx.same_set:
-        weights.diagonal(offset=rows.start).zero_()
+    if ctx.offset is not None:
+        weights.diagonal(offset=rows.start + ctx.offset).zero_()
     if not ctx.root:
         weights.masked_fill_(block == 0, 0)
         return weights.sum(dim=1, keepdim=True)
@@ -150,7 +155,7 @@ def euclidean_matrix(query: Tensor, ref: Tensor) -> Tensor:
     Same values and gradients (0 at zero distance) as the unfused form, with one (N, M) array
     in forward and backward instead of one per elementwise step.
     """
-    return _EuclideanMatrix.apply(query, ref, True, query is ref)
+    return _EuclideanMatrix.apply(query, ref, True, query is ref, 0 if query is ref else None)
 
 
 def squared_euclidean_matrix(query: Tensor, ref: Tensor) -> Tensor:
@@ -159,7 +164,7 @@ def squared_euclidean_matrix(query: Tensor, ref: Tensor) -> Tensor:
     The expansion loses precision for nearly coincident points (an absolute error of about
     sqrt(eps) ||q|| on the distance); the diagonal of a set against itself is set to 0.
     """
-    return _EuclideanMatrix.apply(query, ref, False, query is ref)
+    return _EuclideanMatrix.apply(query, ref, False, query is ref, 0 if query is ref else None)
 
 
 def cosine_matrix(query: Tensor, ref: Tensor) -> Tensor:
@@ -211,6 +216,13 @@ class BaseDistance(nn.Module):
         else `x` unchanged."""
         return safe_normalize(x) if self.normalize_embeddings else x
 
+    @property
+    def sign(self) -> float:
+        """The orientation: +1.0 for a distance (smaller is closer), -1.0 for a similarity
+        (larger is closer); sign * value is a dissimilarity. Every loss reads its orientation
+        from here, `as_dissimilarity`, `as_similarity` or `margin`."""
+        return -1.0 if self.is_inverted else 1.0
+
     def margin(self, closer: Tensor | float, farther: Tensor | float) -> Tensor | float:
         """How far `closer` is from being closer than `farther`: `closer - farther` for a
         distance, `farther - closer` for a similarity. Positive means the order is violated."""
@@ -220,11 +232,20 @@ class BaseDistance(nn.Module):
         """`matrix` turned so that smaller means closer: negated for similarities."""
         return -matrix if self.is_inverted else matrix
 
+    def as_similarity(self, matrix: Tensor) -> Tensor:
+        """`matrix` turned so that larger means closer: negated for distances."""
+        return matrix if self.is_inverted else -matrix
+
     def compute_matrix(self, query: Tensor, ref: Tensor) -> Tensor:
         raise NotImplementedError
 
     def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def compute_block(self, query: Tensor, ref: Tensor, rows: slice, same_set: bool) -> Tensor:
+        """The rows `rows` of `compute_matrix(query, ref)`; `same_set` says that `ref` is
+        `query`, so that entry (i, rows.start + i) is a row against itself."""
+        return self.compute_matrix(query[rows], ref)
 
     def extra_repr(self) -> str:
         return f"normalize_embeddings={self.normalize_embeddings}"
@@ -312,6 +333,15 @@ class LpDistance(BaseDistance):
         if self.p == 2:
             return self._raise(euclidean_matrix(query, ref))
         return self._raise(torch.cdist(query, ref, p=self.p))
+
+    def compute_block(self, query: Tensor, ref: Tensor, rows: slice, same_set: bool) -> Tensor:
+        """As `compute_matrix` on query[rows]; the fused p = 2 form zeroes the entries of a
+        row against itself exactly (so their gradient needs no mask of zeros)."""
+        if self.p != 2:
+            return super().compute_block(query, ref, rows, same_set)
+        offset = rows.start if same_set else None
+        matrix = _EuclideanMatrix.apply(query[rows], ref, self.power != 2, False, offset)
+        return matrix if self.power == 2 else self._raise(matrix)
 
     def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
         diff = query - ref

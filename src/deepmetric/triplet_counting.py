@@ -24,17 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric.blocks import RowBlocks, backward_by_autograd, row_blocks
+from deepmetric.blocks import RowBlocks, backward_by_autograd
 from deepmetric.pairwise import Relation
 
 __all__ = [
-    "AllTripletsHinge",
     "AllTripletsDense",
     "count_above",
     "count_triplets",
     "fill_same_label_",
+    "hinge_block",
     "plain_triplet_sum",
     "same_label_mask",
+    "softplus_block",
     "triplet_runs",
 ]
 
@@ -134,9 +135,10 @@ def same_label_mask(relation: Relation) -> Tensor:
 
 
 def plain_triplet_sum(dis, swap_dis, relation, margin, smooth) -> Tensor:
-    """The sum of `AllTripletsHinge` or `AllTripletsDense` by plain differentiable steps, one
-    (N, M) term per positive slot: their backward when a graph of the gradient is asked for
-    (second derivatives), where speed matters less than being differentiable."""
+    """The sum of `hinge_block`, `softplus_block` or `AllTripletsDense` over the whole matrix
+    by plain differentiable steps, one (N, M) term per positive slot: what is differentiated
+    when a graph of the gradient is asked for (second derivatives), where speed matters less
+    than being differentiable."""
     excluded = same_label_mask(relation)
     positives = relation.positives
     total = dis.new_zeros(())
@@ -166,7 +168,7 @@ def _same_below(bounds: Tensor, valid: Tensor, same_sorted: Tensor) -> Tensor:
 
 
 def _hinge_by_sorting(block, index, valid, same, margin, count_hard, counts_out):
-    """One row block of `AllTripletsHinge` for rows with many positives, in O(R M log M).
+    """`hinge_block` for rows with many positives, in O(R M log M).
 
     Each row's negatives are sorted once (other entries become +inf, at the end), with
     prefix sums: for each positive's threshold t = D[a, p] + margin, c_p = #{n : D[a, n] < t}
@@ -195,101 +197,112 @@ def _hinge_by_sorting(block, index, valid, same, margin, count_hard, counts_out)
     return total.to(block.dtype), active.sum(), num_hard
 
 
-class AllTripletsHinge(torch.autograd.Function):
-    """sum over all triplets (a, p, n) of [D[a, p] - D[a, n] + margin]+, exactly, in O(N M K).
+def hinge_block(block, relation, rows, margin, count_hard, work):
+    """One row block of the all-triplets hinge sum(a, p, n) [D[a, p] - D[a, n] + margin]+,
+    exactly, in O(R M K) (O(R M log M) by sorting when the rows have many positives).
 
     For each positive p of anchor a, c_p = #{n : D[a, n] < D[a, p] + margin} (its active
     negatives); for each negative n, k_n = #{p : D[a, p] + margin > D[a, n]} (its active
-    positives). Then the sum is sum_p c_p (D[a, p] + margin) - sum_n k_n D[a, n], and the
+    positives). Then the sum is sum_p c_p (D[a, p] + margin) - sum_n k_n D[a, n], and its
     gradient with respect to D is c_p at (a, p) and -k_n at (a, n), both from the same counts.
 
-    Per row block, `count_above` of the thresholds D[a, p] + margin gives k_n for every entry
-    and, per threshold, the entries below it; the few same-label entries are zeroed in k (one
-    small scatter) and their share of the per-threshold counts is subtracted, so every count
-    is an exact integer and sum_n k_n D[a, n] is one dot product. Both counts are kept for
-    backward in one (N, M) integer matrix, -c_p at (a, p) and k_n at (a, n) (int16 when M <
-    32768), so backward is one pass. `count_hard` adds one `count_above` of the D[a, p]
-    themselves. The positive lists are made per block (`Relation.positive_rows`): memory is
-    that (N, M) matrix plus O(block), whatever the class sizes; time O(N M log K) at worst.
-
-    forward(dis, relation, margin, count_hard) returns (sum, number of
-    triplets, number of active triplets, number of hard triplets with D[a, n] < D[a, p], or 0
-    unless `count_hard`); only the sum is differentiable.
+    `count_above` of the thresholds D[a, p] + margin gives k_n for every entry and, per
+    threshold, the entries below it; the few same-label entries are zeroed in k (one small
+    scatter) and their share of the per-threshold counts is subtracted, so every count is an
+    exact integer and sum_n k_n D[a, n] is one dot product. `count_hard` adds one
+    `count_above` of the D[a, p] themselves. `work` is the `RowBlocks` whose buffers are
+    reused. Returns (sum, number of active triplets, number of hard triplets with D[a, n] <
+    D[a, p], or 0 unless `count_hard`, the gradient of the sum in D (R, M), a work buffer).
     """
+    zero = torch.zeros((), dtype=torch.long, device=block.device)
+    grad = work.buffer("grad", block)
+    if not bool((relation.num_negatives[rows] > 0).any()):
+        return block.new_zeros(()), zero, zero, grad.zero_()  # no negative: no triplet
+    (index, valid, _), (columns, has_same) = relation.block_lists(rows)
+    d_ap = block.gather(1, index)
+    thresholds = d_ap + margin
+    if index.shape[1] > SEARCH_ABOVE:  # many positives: sort each row's negatives
+        total, active, hard = _hinge_by_sorting(
+            block, index, valid, (columns, has_same), margin, count_hard, grad
+        )
+        return total, active, hard, grad.neg_()
+    scratch = {"scratch": work.buffer("scratch", block)}
+    above, below = count_above(thresholds, valid, block, per_bound=True, out=grad, **scratch)
+    fill_same_label_(above, columns, has_same, 0)
+    same = _same_label_values(block, relation, rows)
+    active = below - _same_below(thresholds, valid, same)
+    total = (active * thresholds).sum() - torch.dot(above.view(-1), block.reshape(-1))
+    num_hard = zero
+    if count_hard:
+        _, below = count_above(d_ap, valid, block, per_entry=False, per_bound=True, **scratch)
+        num_hard = (below - _same_below(d_ap, valid, same)).long().sum()
+    # -k_n at the negatives, c_p at the positives.
+    return total, active.long().sum(), num_hard, above.neg_().scatter_add_(1, index, active)
 
-    @staticmethod
-    def forward(ctx, dis, relation, margin, count_hard):  # noqa: D102
-        num_rows, num_cols = dis.shape
-        small = num_cols < torch.iinfo(torch.int16).max
-        counts = dis.new_zeros(dis.shape, dtype=torch.int16 if small else torch.int32)
-        total = dis.new_zeros(())
-        num_hard = torch.zeros((), dtype=torch.long, device=dis.device)
-        num_active = torch.zeros((), dtype=torch.long, device=dis.device)
-        blocks = RowBlocks(num_rows, num_cols, passes=True)
-        for rows in blocks:
-            if not bool((relation.num_negatives[rows] > 0).any()):
-                continue  # no negative in the block: no triplet
-            block = dis[rows]
-            (index, valid, _), (columns, has_same) = relation.block_lists(rows)
-            d_ap = block.gather(1, index)
-            thresholds = d_ap + margin
-            if index.shape[1] > SEARCH_ABOVE:  # many positives: sort each row's negatives
-                part, active, hard = _hinge_by_sorting(
-                    block, index, valid, (columns, has_same), margin, count_hard, counts[rows]
-                )
-                total, num_active, num_hard = total + part, num_active + active, num_hard + hard
-                continue
-            work = {"out": blocks.buffer("above", dis), "scratch": blocks.buffer("scratch", dis)}
-            above, below = count_above(thresholds, valid, block, per_bound=True, **work)
-            fill_same_label_(above, columns, has_same, 0)
-            same = _same_label_values(block, relation, rows)
-            active = below - _same_below(thresholds, valid, same)
-            pushed = torch.dot(above.view(-1), block.reshape(-1))
-            total = total + (active * thresholds).sum() - pushed
-            num_active += active.long().sum()
-            counts[rows] = above.scatter_add_(1, index, -active)
-            if count_hard:
-                _, below = count_above(d_ap, valid, block, per_entry=False, per_bound=True, **work)
-                num_hard += (below - _same_below(d_ap, valid, same)).long().sum()
-        num_triplets = count_triplets(relation)
-        ctx.save_for_backward(counts, dis)
-        ctx.relation, ctx.margin = relation, margin
-        ctx.mark_non_differentiable(num_triplets, num_active, num_hard)
-        return total, num_triplets, num_active, num_hard
 
-    @staticmethod
-    def backward(ctx, grad_total, *_):  # noqa: D102
-        counts, dis = ctx.saved_tensors
-        relation, margin = ctx.relation, ctx.margin
-        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            (grad,) = backward_by_autograd(
-                lambda: plain_triplet_sum(dis, None, relation, margin, False),
-                (dis,),
-                grad_total,
-            )
-            return grad, None, None, None
-        grad = dis.new_empty(counts.shape)
-        for rows in row_blocks(*grad.shape):
-            grad[rows].copy_(counts[rows]).mul_(-grad_total)
-        return grad, None, None, None
+def softplus_block(block, relation, rows, margin, work):
+    """One row block of sum(a, p, n) log(1 + exp(D[a, p] + margin - D[a, n])), term by term,
+    with its gradient in D (R, M).
+
+    Each (p, n) of an anchor has its own term, so this is O(R M K) by nature: one chain of
+    (R, M) passes per positive slot, value and slope (the sigmoid) together. Same-label
+    entries and rows whose slot is not a positive give -inf in the differences (zero term
+    and slope). Returns (sum, gradient); `work` is the `RowBlocks` whose buffers are reused.
+    """
+    grad = work.buffer("grad", block).zero_()
+    total = block.new_zeros(())
+    if not bool((relation.num_negatives[rows] > 0).any()):
+        return total, grad  # no negative in the block: no triplet
+    for column, _, values in _slots(block, relation, rows, margin, work):
+        slopes = torch.sigmoid(values, out=work.buffer("slopes", block))
+        total += torch.ops.aten.softplus.out(values, 1, 20, out=values).sum()
+        grad.scatter_add_(1, column, slopes.sum(dim=1, keepdim=True))
+        grad.sub_(slopes)
+    return total, grad
+
+
+def _slots(block, relation, rows, margin, work, swap_rows_of=None):
+    """For each positive slot filled by some rows of the block, yield (the slot's (R, 1)
+    columns, its D[a, p] (-inf where the row has no such positive), D[a, p] + margin -
+    D'[a, n]), in work arrays reused from slot to slot. D' is the block with -inf at the
+    same-label entries, or with `swap_rows_of(columns, out)` (the anchor swap)
+    min(D[a, n], S[p, n]) with +inf there (see `AllTripletsDense`)."""
+    positives, same = relation.block_lists(rows)
+    # Each row's positives first, so that the slots to visit are the first `width`.
+    valid = positives.valid
+    first = valid.logical_not().to(torch.uint8).argsort(dim=1, stable=True)
+    index, valid = positives.index.gather(1, first), valid.gather(1, first)
+    d_ap = block.gather(1, index).masked_fill_(~valid, -math.inf)
+    values = work.buffer("values", block)
+    for slot in range(int(valid.sum(dim=1).max()) if valid.numel() else 0):
+        column, threshold = index[:, slot : slot + 1], d_ap[:, slot : slot + 1] + margin
+        if swap_rows_of is None:
+            fill_same_label_(torch.sub(threshold, block, out=values), *same, -math.inf)
+        else:
+            negative = swap_rows_of(column, work)
+            fill_same_label_(negative, *same, math.inf)
+            torch.sub(threshold, negative, out=values)
+        yield column, d_ap[:, slot : slot + 1], values
 
 
 class AllTripletsDense(torch.autograd.Function):
-    """sum over all triplets (a, p, n) of f(D[a, p] + margin - D'[a, p, n]), term by term.
+    """sum over all triplets (a, p, n) of f(D[a, p] + margin - min(D[a, n], S[p, n])): the
+    anchor swap (Balntas et al. 2016), term by term.
 
-    f is the hinge [.]+ or the soft-plus log(1 + exp(.)); D'[a, p, n] is D[a, n], or with the
-    anchor swap (Balntas et al. 2016) min(D[a, n], S[p, n]) where S is the distance matrix of
-    the reference set (S is D when the batch is its own reference set). These give every
-    (p, n) of an anchor its own term, so this is O(N M K) by nature: per row block and per
-    positive slot, one chain of (R, M) passes in forward and one for the derivative in
-    backward (recomputed rather than stored, so memory stays O(N M) for any K). Same-label
-    entries and rows whose slot is not a positive get D' = +inf (their terms and slopes are
-    0). The minimum's gradient goes to the smaller side, half to each on ties, as for
-    `torch.minimum`.
+    f is the hinge [.]+ or the soft-plus log(1 + exp(.)); S is the distance matrix of the
+    reference set (S is D when the batch is its own reference set). The rows S[p] of every
+    positive p of a block's anchors are read from the whole S, which is why this stays an
+    autograd Function on the two matrices rather than a `deepmetric.blocks.Sweep` step (a
+    sweep sees one block of D at a time). Per row block and per positive slot, one chain of
+    (R, M) passes in forward and one for the derivative in backward (recomputed rather than
+    stored, so memory stays O(N M) for any K). Same-label entries and rows whose slot is not
+    a positive get D' = +inf (their terms and slopes are 0). The minimum's gradient goes to
+    the smaller side, half to each on ties, as for `torch.minimum`.
 
-    forward(dis, swap_dis or None, relation, margin, smooth, count) returns
-    (sum, number of triplets with a positive hinge, number with D'[a, p, n] < D[a, p]), the
-    two counts computed only with `count` (else 0); only the sum is differentiable.
+    forward(dis, swap_dis, relation, margin, smooth, count) returns (sum, number of triplets
+    with a positive hinge, number with D'[a, p, n] < D[a, p]), the two counts computed only
+    with `count` (else 0); only the sum is differentiable. Under create_graph its backward
+    differentiates `plain_triplet_sum` (the one double-backward policy, `deepmetric.blocks`).
     """
 
     @staticmethod
@@ -297,8 +310,7 @@ class AllTripletsDense(torch.autograd.Function):
         total = dis.new_zeros(())
         num_active = torch.zeros((), dtype=torch.long, device=dis.device)
         num_hard = torch.zeros((), dtype=torch.long, device=dis.device)
-        slots = _dense_slots(dis, swap_dis, relation, margin)
-        for _, _, d_ap, negative, values, _ in slots:
+        for _, _, d_ap, negative, values, _ in _swap_slots(dis, swap_dis, relation, margin):
             if count:
                 num_hard += torch.count_nonzero(negative < d_ap)
                 num_active += torch.count_nonzero(values > 0)
@@ -316,27 +328,22 @@ class AllTripletsDense(torch.autograd.Function):
         dis, swap_dis = ctx.saved_tensors
         relation, margin, smooth, same_set = ctx.constants
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            own_swap = swap_dis is not None and not same_set
             grads = backward_by_autograd(
                 lambda: plain_triplet_sum(dis, swap_dis, relation, margin, smooth),
-                (dis, swap_dis if own_swap else None),
+                (dis, None if same_set else swap_dis),
                 grad_total,
             )
             return *grads, None, None, None, None
         grad = torch.zeros_like(dis, memory_format=torch.contiguous_format)
-        grad_swap = None
-        if swap_dis is not None:
-            grad_swap = grad if same_set else torch.zeros_like(swap_dis)
-        slots = _dense_slots(dis, swap_dis, relation, margin)
-        for rows, index, _, negative, slopes, swap_rows in slots:
+        grad_swap = grad if same_set else torch.zeros_like(swap_dis)
+        for rows, index, _, negative, slopes, swap_rows in _swap_slots(
+            dis, swap_dis, relation, margin
+        ):
             if smooth:
                 torch.sigmoid(slopes, out=slopes)
             else:
                 torch.gt(slopes, 0, out=slopes)
             grad[rows].scatter_add_(1, index, slopes.sum(dim=1, keepdim=True))
-            if swap_rows is None:
-                grad[rows].sub_(slopes)
-                continue
             # d min(a, b) / da = [a < b] + [a = b] / 2; the rest of the slope goes to b.
             block, to_anchor = dis[rows], negative
             torch.eq(block, swap_rows, out=to_anchor).mul_(0.5)
@@ -344,42 +351,29 @@ class AllTripletsDense(torch.autograd.Function):
             grad[rows].sub_(to_anchor)
             grad_swap.index_add_(0, index.squeeze(1), slopes.sub_(to_anchor), alpha=-1)
         grad.mul_(grad_total)
-        if grad_swap is None or grad_swap is grad:
+        if grad_swap is grad:
             return grad, None, None, None, None, None
         return grad, grad_swap.mul_(grad_total), None, None, None, None
 
 
-def _dense_slots(dis, swap_dis, relation, margin):
-    """For each row block and each positive slot filled by some of its rows, yield (rows,
-    the slot's (R, 1) columns, its D[a, p] (-inf where the row has no such positive),
-    D'[a, n] (+inf at same-label entries), D[a, p] + margin - D'[a, n], and the rows of the
-    swap matrix S[p] or None), in work arrays reused from slot to slot. Without swap, D' is
-    the block itself, read only, and the same-label entries are -inf in the differences."""
+def _swap_slots(dis, swap_dis, relation, margin):
+    """`_slots` of each row block of D with the anchor swap: yields (rows, columns, D[a, p],
+    D'[a, n] = min(D[a, n], S[p, n]) (+inf at same-label entries), D[a, p] + margin -
+    D'[a, n], S[p] rows)."""
     blocks = RowBlocks(*dis.shape, passes=True)
     for rows in blocks:
         if not bool((relation.num_negatives[rows] > 0).any()):
             continue  # no negative in the block: no triplet
         block = dis[rows]
-        positives, same = relation.block_lists(rows)
-        # Each row's positives first, so that the slots to visit are the first `width`.
-        valid = positives.valid
-        first = valid.logical_not().to(torch.uint8).argsort(dim=1, stable=True)
-        index, valid = positives.index.gather(1, first), valid.gather(1, first)
-        d_ap = block.gather(1, index).masked_fill_(~valid, -math.inf)
-        values = blocks.buffer("values", dis)
-        negative = None if swap_dis is None else blocks.buffer("negative", dis)
-        swap_rows = None if swap_dis is None else blocks.buffer("swap_rows", dis)
-        for slot in range(int(valid.sum(dim=1).max()) if valid.numel() else 0):
-            column, threshold = index[:, slot : slot + 1], d_ap[:, slot : slot + 1] + margin
-            if swap_rows is None:
-                negative = block  # the same-label entries are cleared in `values` instead
-                fill_same_label_(torch.sub(threshold, block, out=values), *same, -math.inf)
-            else:
-                torch.index_select(swap_dis, 0, column.squeeze(1), out=swap_rows)
-                torch.minimum(block, swap_rows, out=negative)
-                fill_same_label_(negative, *same, math.inf)
-                torch.sub(threshold, negative, out=values)
-            yield rows, column, d_ap[:, slot : slot + 1], negative, values, swap_rows
+
+        def swap_rows_of(column, work, block=block):
+            swap_rows = work.buffer("swap_rows", block)
+            torch.index_select(swap_dis, 0, column.squeeze(1), out=swap_rows)
+            return torch.minimum(block, swap_rows, out=work.buffer("negative", block))
+
+        for column, d_ap, values in _slots(block, relation, rows, margin, blocks, swap_rows_of):
+            negative = blocks.buffer("negative", block)
+            yield rows, column, d_ap, negative, values, blocks.buffer("swap_rows", block)
 
 
 def triplet_runs(

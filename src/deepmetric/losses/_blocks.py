@@ -21,17 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deepmetric.blocks import Sweep
+from deepmetric.blocks import Sweep, replaying
 from deepmetric.distances import BaseDistance
 from deepmetric.losses.base import LossInputs, prepare_inputs
 from deepmetric.losses.reduction import reduction_normaliser
 from deepmetric.pairwise import Relation, build_relation, drop_same_items
 from deepmetric.tuples import PositiveLists, triplets_to_pairs
-
-
-def closeness(block: Tensor, distance: BaseDistance) -> Tensor:
-    """The block as a similarity (larger is closer): itself for similarities, -d for distances."""
-    return block if distance.is_inverted else -block
 
 
 def masked_logsumexp(values: Tensor, mask: Tensor | None, dim: int = 1, add_one: bool = False):
@@ -184,6 +179,29 @@ class StructuredStats:
     normaliser: Tensor | None = None
 
 
+def prepare_call(
+    embeddings: Tensor,
+    labels: Tensor | None,
+    indices_tuple: tuple | None,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    ids: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
+) -> LossInputs:
+    """`prepare_inputs` of a loss call whose keyword-only `query_ids`, `ref_ids`, `relevance`
+    are passed on as `ids`."""
+    query_ids, ref_ids, relevance = ids
+    return prepare_inputs(
+        embeddings,
+        labels,
+        indices_tuple,
+        ref_emb,
+        ref_labels,
+        query_ids=query_ids,
+        ref_ids=ref_ids,
+        relevance=relevance,
+    )
+
+
 def setup_pairs(
     embeddings: Tensor,
     labels: Tensor | None,
@@ -196,17 +214,7 @@ def setup_pairs(
 ) -> tuple[LossInputs, PairSets, Sweep]:
     """Checked inputs, their pair sets and a sweep over their distance matrix; `ids` is
     (query_ids, ref_ids, relevance)."""
-    query_ids, ref_ids, relevance = ids
-    inputs = prepare_inputs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        query_ids=query_ids,
-        ref_ids=ref_ids,
-        relevance=relevance,
-    )
+    inputs = prepare_call(embeddings, labels, indices_tuple, ref_emb, ref_labels, ids)
     pairs = PairSets(inputs)
     sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance, params)
     return inputs, pairs, sweep
@@ -239,7 +247,10 @@ def finish_sum(
 
 
 def count_terms(counts: Tensor, terms: Tensor, is_term: Tensor) -> None:
-    """Add the number of terms and of non-zero terms to `counts` (2,)."""
+    """Add the number of terms and of non-zero terms to `counts` (2,) (not while the sweep
+    replays its objectives for a second derivative: the counts are those of the call)."""
+    if replaying():
+        return
     with torch.no_grad():
         counts[0] += is_term.sum()
         counts[1] += ((terms > 0) & is_term).sum()

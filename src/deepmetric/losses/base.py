@@ -110,8 +110,10 @@ class MetricLoss(nn.Module):
 
     A subclass names its functional form (`function = staticmethod(fn)`) and the attribute
     names of its hyper-parameters (`hyper_parameters`), declared with
-    `deepmetric._validation.HyperParameter`; `forward` is then inherited. It says whether
-    it can run in distributed local-anchor mode (`local_anchor_supported`).
+    `deepmetric._validation.HyperParameter`; `forward` is then inherited. A loss that is
+    already one number (a probability, a clustering score) sets `has_reduction = False`: its
+    function takes no `reduction`. It says whether it can run in distributed local-anchor
+    mode (`local_anchor_supported`).
     """
 
     local_anchor_supported: bool = False
@@ -123,6 +125,8 @@ class MetricLoss(nn.Module):
     """The loss function a subclass forwards to (as `staticmethod(fn)`), with the module's
     `hyper_parameters` (attribute names, the same as the function's keywords)."""
     hyper_parameters: ClassVar[tuple[str, ...]] = ()
+    has_reduction: ClassVar[bool] = True
+    """Whether `function` takes a `reduction` (the module's `reduction` is passed on)."""
 
     def __init__(self, distance: BaseDistance | None = None, reduction: str = "mean") -> None:
         super().__init__()
@@ -156,12 +160,11 @@ class MetricLoss(nn.Module):
         )
 
     def forward_with_stats(self, function: Callable, *args, **hyper_parameters) -> Tensor:
-        """Call a loss function with this module's distance and reduction; keep its stats."""
+        """Call a loss function with this module's distance and reduction (if the loss has
+        one, `has_reduction`); keep its stats."""
+        if self.has_reduction:
+            hyper_parameters["reduction"] = self.reduction
         loss, self.stats = function(
-            *args,
-            distance=self.distance,
-            reduction=self.reduction,
-            return_stats=True,
-            **hyper_parameters,
+            *args, distance=self.distance, return_stats=True, **hyper_parameters
         )
         return loss

@@ -24,9 +24,10 @@ from deepmetric.losses._blocks import (
     finish_sum,
     masked_softmax,
     new_counts,
+    prepare_call,
     setup_pairs,
 )
-from deepmetric.losses.base import MetricLoss, prepare_inputs
+from deepmetric.losses.base import MetricLoss
 from deepmetric.losses.reduction import check_reduction
 
 
@@ -81,14 +82,9 @@ def ranked_list_loss(
     distance = EuclideanDistance() if distance is None else distance
     check_reduction(reduction)
     alpha = _check_ranked_list(margin, Tn, imbalance, alpha, Tp)
+    ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        distance,
-        ids=(query_ids, ref_ids, relevance),
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
     )
     counts = new_counts(inputs)
     pos_boundary = alpha - margin
@@ -208,16 +204,8 @@ def margin_loss(
     distance = EuclideanDistance() if distance is None else distance
     check_reduction(reduction)
     _check_margin(margin, nu)
-    inputs = prepare_inputs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        query_ids=query_ids,
-        ref_ids=ref_ids,
-        relevance=relevance,
-    )
+    ids = (query_ids, ref_ids, relevance)
+    inputs = prepare_call(embeddings, labels, indices_tuple, ref_emb, ref_labels, ids)
     beta = torch.as_tensor(beta, device=inputs.embeddings.device)
     if not bool(torch.isfinite(beta).all()):
         raise ValueError(f"beta must be finite (distance units), got {beta.tolist()}")

@@ -106,15 +106,9 @@ def coupled_clusters_loss(
     distance = SquaredEuclideanDistance() if distance is None else distance
     check_reduction(reduction)
     check_positive(margin, "margin", allow_zero=True)
+    ids = (query_ids, ref_ids, relevance)
     inputs = _labelled_inputs(
-        "coupled_clusters_loss",
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        False,
-        (query_ids, ref_ids, relevance),
+        "coupled_clusters_loss", embeddings, labels, indices_tuple, ref_emb, ref_labels, False, ids
     )
     x = inputs.embeddings
     _, class_of, sizes = torch.unique(inputs.labels, return_inverse=True, return_counts=True)
@@ -222,15 +216,9 @@ def facility_location_loss(
     """
     distance = EuclideanDistance() if distance is None else distance
     check_positive(margin_multiplier, "margin_multiplier", allow_zero=True)
+    ids = (query_ids, ref_ids, relevance)
     inputs = _labelled_inputs(
-        "facility_location_loss",
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        False,
-        (query_ids, ref_ids, relevance),
+        "facility_location_loss", embeddings, labels, indices_tuple, ref_emb, ref_labels, False, ids
     )
     x = inputs.embeddings
     _, truth = torch.unique(inputs.labels, return_inverse=True)
@@ -438,32 +426,9 @@ class FacilityLocationLoss(MetricLoss):
         self.margin_multiplier = margin_multiplier
         self.stats: FacilityLocationStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        loss, self.stats = facility_location_loss(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            margin_multiplier=self.margin_multiplier,
-            distance=self.distance,
-            return_stats=True,
-        )
-        return loss
+    function = staticmethod(facility_location_loss)
+    hyper_parameters = ("margin_multiplier",)
+    has_reduction = False
 
 
 # ---------------------------------------------------------------------------------------------

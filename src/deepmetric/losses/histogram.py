@@ -8,6 +8,7 @@ linear interpolation weights. O(N M) time, O(block + bins) extra memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,8 @@ from torch import Tensor
 from deepmetric._validation import HyperParameter, check_count
 from deepmetric.blocks import Sweep
 from deepmetric.distances import BaseDistance, CosineSimilarity
-from deepmetric.losses._blocks import PairSets, closeness
-from deepmetric.losses.base import MetricLoss, prepare_inputs
+from deepmetric.losses._blocks import PairSets, setup_pairs
+from deepmetric.losses.base import MetricLoss
 from deepmetric.losses.reduction import zero_with_graph
 
 
@@ -73,18 +74,10 @@ def histogram_loss(
     """
     distance = CosineSimilarity() if distance is None else distance
     low, high = _check_histogram(n_bins, value_range, distance)
-    inputs = prepare_inputs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        query_ids=query_ids,
-        ref_ids=ref_ids,
-        relevance=relevance,
+    ids = (query_ids, ref_ids, relevance)
+    inputs, pairs, sweep = setup_pairs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
     )
-    pairs = PairSets(inputs)
-    sweep = Sweep(inputs.embeddings, inputs.ref_emb, inputs.ref_is_query, distance)
     bins = _Bins(low, (high - low) / n_bins, n_bins, distance)
     hist_pos, hist_neg, num_pos, num_neg = _soft_histograms(sweep, pairs, bins)
     if int(num_pos) == 0 or int(num_neg) == 0:
@@ -105,7 +98,7 @@ def histogram_loss(
             pos_grad = bins.slope_of(slope_pos, block.gather(1, positives.index), ~positives.valid)
             return grad.scatter_add_(1, positives.index, pos_grad)
 
-        sweep.run_gradient(block_gradient)
+        sweep.run_gradient(block_gradient, partial(_plain_histogram_loss, pairs, bins))
         loss = sweep.result(value.detach().to(dtype))
     loss = inputs.finish(loss)
     if not return_stats:
@@ -122,7 +115,7 @@ class _Bins:
 
     def positions(self, block: Tensor) -> Tensor:
         """Each value's position on the node axis, in bins: 0 at low, n_bins at high."""
-        return closeness(block, self.distance).sub(self.low).div_(self.step)
+        return self.distance.as_similarity(block).sub(self.low).div_(self.step)
 
     def accumulate(self, hist: Tensor, block: Tensor, excluded: Tensor) -> None:
         """Add each value to its two nodes with weights (1 - frac) and frac; skip `excluded`."""
@@ -140,8 +133,7 @@ class _Bins:
         """d loss / d value for a value in each bin, from d loss / d density at the nodes:
         the share coef[lower] (1 - frac) + coef[lower + 1] frac has the slope of its bin;
         index 0 and n_bins + 1 (outside the range, or not a pair) give 0."""
-        sign = 1.0 if self.distance.is_inverted else -1.0  # d position / d value
-        slope = (grad[1:] - grad[:-1]) * (sign / (float(count) * self.step))
+        slope = (grad[1:] - grad[:-1]) * (-self.distance.sign / (float(count) * self.step))
         return F.pad(slope, (1, 1))
 
     def slope_of(self, slope: Tensor, block: Tensor, excluded: Tensor) -> Tensor:
@@ -169,6 +161,23 @@ def _soft_histograms(sweep: Sweep, pairs: PairSets, bins: _Bins):
     return hist_pos, hist_neg, num_pos, num_neg
 
 
+def _plain_histogram_loss(pairs: PairSets, bins: _Bins, matrix: Tensor, rows: slice) -> Tensor:
+    """The loss by plain differentiable steps on the whole matrix (the sweep's replay, for
+    second derivatives): the soft histograms by `index_add` of the interpolation weights."""
+    position = bins.positions(matrix).clamp(0, bins.n_bins)
+    lower = position.detach().floor().clamp_(max=bins.n_bins - 1)
+    frac = position - lower
+    lower = lower.long()
+
+    def density(mask: Tensor) -> Tensor:
+        hist = frac.new_zeros(bins.n_bins + 1).index_add(0, lower[mask], 1 - frac[mask])
+        hist = hist.index_add(0, lower[mask] + 1, frac[mask])
+        return hist / mask.sum()
+
+    negatives = ~pairs.non_negative_mask(rows)
+    return (density(negatives) * density(pairs.positive_mask(rows)).cumsum(0)).sum()
+
+
 def _check_histogram(
     n_bins: int, value_range: tuple[float, float] | None, distance: BaseDistance
 ) -> tuple[float, float]:
@@ -176,11 +185,12 @@ def _check_histogram(
     if not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     if value_range is None:
-        value_range = (-1.0, 1.0) if distance.is_inverted else (0.0, 2.0)
+        value_range = (0.0, 2.0) if distance.sign > 0 else (-1.0, 1.0)
     low, high = (float(v) for v in value_range)
     if not low < high:
         raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
-    return (low, high) if distance.is_inverted else (-high, -low)
+    low, high = sorted(-distance.sign * value for value in (low, high))  # as similarities
+    return low, high
 
 
 class HistogramLoss(MetricLoss):
@@ -213,30 +223,6 @@ class HistogramLoss(MetricLoss):
         self.n_bins, self.value_range = n_bins, value_range
         self.stats: HistogramStats | None = None
 
-    def forward(
-        self,
-        embeddings,
-        labels=None,
-        indices_tuple=None,
-        ref_emb=None,
-        ref_labels=None,
-        *,
-        query_ids=None,
-        ref_ids=None,
-        relevance=None,
-    ):
-        loss, self.stats = histogram_loss(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            query_ids=query_ids,
-            ref_ids=ref_ids,
-            relevance=relevance,
-            n_bins=self.n_bins,
-            value_range=self.value_range,
-            distance=self.distance,
-            return_stats=True,
-        )
-        return loss
+    function = staticmethod(histogram_loss)
+    hyper_parameters = ("n_bins", "value_range")
+    has_reduction = False

@@ -16,21 +16,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepmetric._validation import HyperParameter, check_finite, check_positive
-from deepmetric.blocks import RowBlocks, backward_by_autograd
+from deepmetric.blocks import Sweep
 from deepmetric.distances import BaseDistance, EuclideanDistance
-from deepmetric.losses.base import MetricLoss, prepare_inputs
-from deepmetric.losses.reduction import (
-    check_reduction,
-    reduce_terms,
-    reduce_total,
-    reduction_normaliser,
-)
+from deepmetric.losses._blocks import prepare_call, reduction_scale, setup_pairs
+from deepmetric.losses.base import MetricLoss
+from deepmetric.losses.reduction import check_reduction, reduce_terms, reduction_normaliser
 from deepmetric.pairwise import Relation, build_relation, drop_same_items
 from deepmetric.triplet_counting import (
     AllTripletsDense,
-    AllTripletsHinge,
     count_triplets,
     fill_same_label_,
+    hinge_block,
+    plain_triplet_sum,
+    softplus_block,
 )
 from deepmetric.tuples import pairs_to_triplets
 
@@ -142,23 +140,17 @@ def contrastive_loss(
     distance = EuclideanDistance() if distance is None else distance
     check_reduction(reduction)
     _check_contrastive_margins(pos_margin, neg_margin, power, distance)
-    inputs = prepare_inputs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        query_ids=query_ids,
-        ref_ids=ref_ids,
-        relevance=relevance,
-    )
-    matrix = distance(inputs.embeddings, inputs.ref_emb)
-    if inputs.indices_tuple is None:
-        loss, stats = _all_pairs_contrastive(
-            matrix, inputs, pos_margin, neg_margin, power, distance.is_inverted, reduction
+    ids = (query_ids, ref_ids, relevance)
+    if indices_tuple is None:
+        inputs, pairs, sweep = setup_pairs(
+            embeddings, labels, None, ref_emb, ref_labels, distance, ids=ids
         )
+        hinges = _ContrastiveHinges(pos_margin, neg_margin, power, distance.sign)
+        loss, stats = _all_pairs_contrastive(sweep, pairs.relation, hinges, reduction)
         loss = inputs.finish(loss)
         return (loss, stats) if return_stats else loss
+    inputs = prepare_call(embeddings, labels, indices_tuple, ref_emb, ref_labels, ids)
+    matrix = distance(inputs.embeddings, inputs.ref_emb)
     pairs = inputs.indices_tuple
     if len(pairs) == 3:
         pairs = (pairs[0], pairs[1], pairs[0], pairs[2])
@@ -181,112 +173,91 @@ def contrastive_loss(
     return loss, stats
 
 
-def _all_pairs_contrastive(matrix, inputs, pos_margin, neg_margin, power, inverted, reduction):
-    relation = _relation(inputs)
-    sign = -1.0 if inverted else 1.0
-    pos_sum, neg_sum, num_active_pos, num_active_neg = _ContrastiveSums.apply(
-        matrix, relation, pos_margin, neg_margin, power, sign
-    )
+def _all_pairs_contrastive(sweep: Sweep, relation: Relation, hinges, reduction: str):
+    """The contrastive loss over every pair as an objective of the sweep: per block, the
+    positive terms read through the block's positive lists, the negative terms with the
+    same-label entries zeroed by a scatter, and their gradient in D in closed form. The two
+    parts have counts of their own, so the reduction's factors are known before the sweep
+    (a first pass without gradient counts the active terms for "nonzero_mean")."""
     num_pos = relation.positive_count.sum()
     num_neg = relation.num_negatives.sum()
-    loss = reduce_total(pos_sum, num_pos, num_active_pos, reduction) + reduce_total(
-        neg_sum, num_neg, num_active_neg, reduction
+    active = torch.zeros(2, dtype=torch.long, device=num_pos.device)
+    if reduction == "nonzero_mean":
+        for rows, block in sweep.blocks():
+            active += hinges.block(block, relation, rows, None, False)[1]
+    num_active_pos, num_active_neg = active
+    scales = (
+        reduction_scale(reduction, num_pos, num_active_pos).to(sweep.query.dtype),
+        reduction_scale(reduction, num_neg, num_active_neg).to(sweep.query.dtype),
     )
-    return loss, PairStats(num_pos, num_neg, num_active_pos, num_active_neg)
+    counted = torch.zeros_like(active)
+
+    def step(block: Tensor, rows: slice, work) -> tuple[Tensor, Tensor | None]:
+        value, counts, grad = hinges.block(block, relation, rows, scales, sweep.tracking, work)
+        counted.add_(counts)
+        return value, grad
+
+    def plain(matrix: Tensor, rows: slice) -> Tensor:
+        pos_sum, neg_sum = hinges.plain(matrix, relation)
+        return scales[0] * pos_sum + scales[1] * neg_sum
+
+    loss = sweep.result(sweep.run_closed_form(step, plain))
+    return loss, PairStats(num_pos, num_neg, counted[0], counted[1])
 
 
-class _ContrastiveSums(torch.autograd.Function):
-    """Sums of the positive and negative contrastive terms over all pairs, and their counts.
+class _ContrastiveHinges:
+    """The contrastive terms on a block D[rows]: [sign (D - pos_margin)]+^power at the
+    positive pairs, [sign (neg_margin - D)]+^power at the negative pairs, sign = +1 for a
+    distance and -1 for a similarity (`BaseDistance.sign`)."""
 
-    forward(matrix, relation, pos_margin, neg_margin, power, sign) returns
-    (sum over positive pairs of [sign (m - pos_margin)]+^power, sum over negative pairs of
-    [sign (neg_margin - m)]+^power, number of non-zero positive terms, number of non-zero
-    negative terms), sign being +1 for a distance and -1 for a similarity. Per row block, the
-    positive pairs are read through the block's positive lists and the negative terms are
-    computed with the same-label entries zeroed by a scatter; backward recomputes both from
-    `matrix` block by block: no (N, M) or (N, K) array besides the gradient itself.
-    """
+    def __init__(self, pos_margin: float, neg_margin: float, power: float, sign: float) -> None:
+        self.pos_margin, self.neg_margin, self.power, self.sign = (
+            pos_margin,
+            neg_margin,
+            power,
+            sign,
+        )
 
-    @staticmethod
-    def forward(ctx, matrix, relation, pos_margin, neg_margin, power, sign):  # noqa: D102
-        pos_sum, neg_sum = matrix.new_zeros(()), matrix.new_zeros(())
-        num_active_pos = torch.zeros((), dtype=torch.long, device=matrix.device)
-        num_active_neg = torch.zeros((), dtype=torch.long, device=matrix.device)
-        blocks = RowBlocks(*matrix.shape, passes=True)
-        for rows in blocks:
-            block = matrix[rows]
-            terms = _negative_hinge(block, neg_margin, sign, blocks.buffer("terms", matrix))
-            terms.clamp_min_(0)
-            if power != 1:
-                terms.pow_(power)
-            positives, same = relation.block_lists(rows)
-            fill_same_label_(terms, *same, 0)
-            neg_sum += terms.sum()
-            num_active_neg += torch.count_nonzero(terms)
-            pos_terms = _positive_terms(block, positives, pos_margin, power, sign)
-            pos_sum += pos_terms.sum()
-            num_active_pos += torch.count_nonzero(pos_terms)
-        ctx.save_for_backward(matrix)
-        ctx.constants = (relation, pos_margin, neg_margin, power, sign)
-        ctx.mark_non_differentiable(num_active_pos, num_active_neg)
-        return pos_sum, neg_sum, num_active_pos, num_active_neg
-
-    @staticmethod
-    def backward(ctx, grad_pos, grad_neg, *_):  # noqa: D102
-        (matrix,) = ctx.saved_tensors
-        relation, pos_margin, neg_margin, power, sign = ctx.constants
-        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            (grad,) = backward_by_autograd(
-                lambda: _plain_contrastive_sums(matrix, relation, ctx.constants),
-                (matrix,),
-                (grad_pos, grad_neg),
-            )
-            return grad, None, None, None, None, None
-        grad = torch.empty_like(matrix, memory_format=torch.contiguous_format)
-        for rows in RowBlocks(*matrix.shape, passes=True):
-            block, out = matrix[rows], grad[rows]
-            if power == 1:  # the slope of the hinge: 1 where neg_margin is not reached
-                compare = torch.gt if sign < 0 else torch.lt
-                compare(block, neg_margin, out=out).mul_(-sign * grad_neg)
+    def block(self, block, relation, rows, scales, with_grad, work=None):
+        """(scales[0] positive sum + scales[1] negative sum (0 without `scales`), (active
+        positive terms, active negative terms), gradient of the value in D or None)."""
+        power, sign = self.power, self.sign
+        hinge = (
+            torch.sub(block, self.neg_margin) if sign < 0 else torch.rsub(block, self.neg_margin)
+        )
+        hinge.clamp_min_(0)
+        positives, same = relation.block_lists(rows)
+        fill_same_label_(hinge, *same, 0)
+        grad = None
+        if with_grad:  # the slope of the hinge: 1 where neg_margin is not reached
+            if power == 1:
+                grad = torch.gt(hinge, 0, out=work.buffer("grad", block))
             else:
-                _negative_hinge(block, neg_margin, sign, out=out).clamp_min_(0)
-                out.pow_(power - 1).mul_(-sign * power * grad_neg)
-            (index, valid, _), same = relation.block_lists(rows)
-            fill_same_label_(out, *same, 0)
-            with torch.enable_grad():
-                values = block.gather(1, index).requires_grad_()
-                terms = _positive_terms(values, None, pos_margin, power, sign) * valid
-                (grad_values,) = torch.autograd.grad(terms.sum(), values, grad_pos)
-            out.scatter_add_(1, index, grad_values)
-        return grad, None, None, None, None, None
+                grad = torch.pow(hinge, power - 1, out=work.buffer("grad", block))
+            grad.mul_(-sign * power * scales[1])
+        neg_terms = hinge if power == 1 else hinge.pow_(power)
+        values = block.gather(1, positives.index)
+        pos_hinge = F.relu(values - self.pos_margin if sign > 0 else self.pos_margin - values)
+        pos_hinge.mul_(positives.valid)
+        pos_terms = pos_hinge if power == 1 else pos_hinge.pow(power)
+        counts = torch.stack([torch.count_nonzero(pos_terms), torch.count_nonzero(neg_terms)])
+        if scales is None:
+            return None, counts, None
+        value = scales[0] * pos_terms.sum() + scales[1] * neg_terms.sum()
+        if with_grad:
+            slope = (pos_hinge > 0) if power == 1 else pos_hinge.pow(power - 1)
+            grad.scatter_add_(1, positives.index, slope * (sign * power * scales[0]))
+        return value, counts, grad
 
-
-def _plain_contrastive_sums(matrix, relation, constants):
-    """The two sums of `_ContrastiveSums` by plain differentiable steps (its backward when a
-    graph of the gradient is asked for)."""
-    _, pos_margin, neg_margin, power, sign = constants
-    same = relation.non_negative_mask(slice(0, relation.num_query))
-    negative_terms = F.relu(_negative_hinge(matrix, neg_margin, sign))
-    if power != 1:
-        negative_terms = negative_terms.pow(power)
-    positive_terms = _positive_terms(matrix, relation.positives, pos_margin, power, sign)
-    return positive_terms.sum(), negative_terms.masked_fill(same, 0).sum()
-
-
-def _negative_hinge(block: Tensor, neg_margin: float, sign: float, out=None) -> Tensor:
-    """sign (neg_margin - block), computed as `neg_margin - block` or `block - neg_margin`."""
-    if sign < 0:
-        return torch.sub(block, neg_margin, out=out)
-    return torch.sub(block.new_tensor(neg_margin), block, out=out)
-
-
-def _positive_terms(matrix, positives, pos_margin, power, sign):
-    """[sign (m - pos_margin)]+^power over the positive lists (or over `matrix` given as values)."""
-    values = matrix if positives is None else matrix.gather(1, positives.index)
-    terms = F.relu(values - pos_margin if sign > 0 else pos_margin - values)
-    if power != 1:
-        terms = terms.pow(power)
-    return terms if positives is None else terms * positives.valid
+    def plain(self, matrix: Tensor, relation: Relation) -> tuple[Tensor, Tensor]:
+        """The sums over positive and negative pairs by plain differentiable steps."""
+        power, sign = self.power, self.sign
+        same = relation.non_negative_mask(slice(0, relation.num_query))
+        neg = F.relu(sign * (self.neg_margin - matrix)).masked_fill(same, 0)
+        positives = relation.positives
+        pos = F.relu(sign * (matrix.gather(1, positives.index) - self.pos_margin))
+        pos = pos * positives.valid
+        return pos.pow(power).sum(), neg.pow(power).sum()
 
 
 def triplet_margin_loss(
@@ -340,33 +311,33 @@ def triplet_margin_loss(
     check_reduction(reduction)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    inputs = prepare_inputs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        query_ids=query_ids,
-        ref_ids=ref_ids,
-        relevance=relevance,
-    )
-    dis = distance.as_dissimilarity(distance(inputs.embeddings, inputs.ref_emb))
-    swap_dis = None
-    if swap:
-        swap_dis = (
-            dis if inputs.ref_is_query else distance.as_dissimilarity(distance(inputs.ref_emb))
+    ids = (query_ids, ref_ids, relevance)
+    if indices_tuple is None and not swap:
+        inputs, pairs, sweep = setup_pairs(
+            embeddings, labels, None, ref_emb, ref_labels, distance, ids=ids
         )
-    if inputs.indices_tuple is not None:
-        total, counts = _listed_triplets(
-            dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, inputs.ids
+        total, counts = _swept_triplets(
+            sweep, pairs.relation, distance.sign, margin, smooth_loss, return_stats
         )
     else:
-        total, counts = _all_triplets(
-            dis, swap_dis, inputs, margin, smooth_loss, reduction, return_stats
-        )
+        inputs = prepare_call(embeddings, labels, indices_tuple, ref_emb, ref_labels, ids)
+        sweep = None
+        dis = distance.as_dissimilarity(distance(inputs.embeddings, inputs.ref_emb))
+        swap_dis = None
+        if swap:
+            swap_dis = (
+                dis if inputs.ref_is_query else distance.as_dissimilarity(distance(inputs.ref_emb))
+            )
+        if inputs.indices_tuple is not None:
+            total, counts = _listed_triplets(
+                dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, inputs.ids
+            )
+        else:
+            total, counts = _swapped_triplets(dis, swap_dis, inputs, margin, smooth_loss, reduction)
     num_triplets, num_active, num_easy, num_hard = counts
     nonzero = num_triplets if smooth_loss else num_active
-    loss = inputs.finish(reduce_total(total, num_triplets, nonzero, reduction))
+    scale = reduction_scale(reduction, num_triplets, nonzero).to(total.dtype)
+    loss = inputs.finish(total * scale if sweep is None else sweep.result(total * scale, scale))
     if not return_stats:
         return loss
     stats = TripletStats(
@@ -375,7 +346,7 @@ def triplet_margin_loss(
         num_easy=num_easy,
         num_semihard=num_triplets - num_easy - num_hard,
         num_hard=num_hard,
-        loss_sum=inputs.finish(total),
+        loss_sum=inputs.finish(total if sweep is None else sweep.result(total)),
         normaliser=reduction_normaliser(reduction, num_triplets, nonzero),
     )
     return loss, stats
@@ -398,28 +369,39 @@ def _triplet_terms(
     return terms, *counts
 
 
-def _all_triplets(dis, swap_dis, inputs, margin, smooth, reduction, with_counts):
-    """All triplets without enumerating them; the counts only `with_counts`.
+def _swept_triplets(sweep: Sweep, relation: Relation, sign: float, margin, smooth, with_counts):
+    """All triplets without enumerating them, as an objective of the sweep: the hinge by
+    counting (`hinge_block`), the soft-plus term by term (`softplus_block`), whose counts
+    (only `with_counts`) come from counting too, the comparisons being the same whatever
+    the function of the violation is. A similarity enters as the dissimilarity -s."""
+    counted = torch.zeros(2, dtype=torch.long, device=sweep.query.device)
 
-    The plain hinge comes from counting (`AllTripletsHinge`); soft-plus and swap need a term
-    per triplet (`AllTripletsDense`), whose counts come from counting too when there is no
-    swap (the comparisons are the same whatever f is).
-    """
+    def step(block: Tensor, rows: slice, work) -> tuple[Tensor, Tensor]:
+        dis = block if sign > 0 else -block
+        if not smooth or with_counts:
+            value, active, hard, grad = hinge_block(dis, relation, rows, margin, with_counts, work)
+            counted.add_(torch.stack([active, hard]))
+        if smooth:
+            value, grad = softplus_block(dis, relation, rows, margin, work)
+        return value, (grad if sign > 0 else grad.neg_())
+
+    def plain(matrix: Tensor, rows: slice) -> Tensor:
+        dis = matrix if sign > 0 else -matrix
+        return plain_triplet_sum(dis, None, relation, margin, smooth)
+
+    total = sweep.run_closed_form(step, plain)
+    num_triplets = count_triplets(relation)
+    num_active, num_hard = counted
+    return total, (num_triplets, num_active, num_triplets - num_active, num_hard)
+
+
+def _swapped_triplets(dis, swap_dis, inputs, margin, smooth, reduction):
+    """All triplets with the anchor swap (`AllTripletsDense`, on the whole matrices)."""
     relation = _relation(inputs)
     num_triplets = count_triplets(relation)
-    if swap_dis is None and not smooth:
-        total, num_triplets, num_active, num_hard = AllTripletsHinge.apply(
-            dis, relation, margin, with_counts
-        )
-    else:
-        count_here = swap_dis is not None and (with_counts or reduction == "nonzero_mean")
-        total, num_active, num_hard = AllTripletsDense.apply(
-            dis, swap_dis, relation, margin, smooth, count_here
-        )
-        if with_counts and swap_dis is None:
-            _, _, num_active, num_hard = AllTripletsHinge.apply(
-                dis.detach(), relation, margin, True
-            )
+    total, num_active, num_hard = AllTripletsDense.apply(
+        dis, swap_dis, relation, margin, smooth, True
+    )
     return total, (num_triplets, num_active, num_triplets - num_active, num_hard)
 
 

@@ -24,7 +24,6 @@ from deepmetric.distances import (
 )
 from deepmetric.losses._blocks import (
     StructuredStats,
-    closeness,
     count_terms,
     finish_sum,
     masked_logsumexp,
@@ -45,7 +44,7 @@ def _pairwise_softmax(
     counts = new_counts(inputs)
 
     def objective(block: Tensor, rows: slice) -> Tensor:
-        logits = closeness(block, distance) / temperature
+        logits = distance.as_similarity(block) / temperature
         positives = pairs.positive_rows(rows)
         negatives = masked_logsumexp(logits, pairs.negative_mask(rows))
         # -log(e^x / (e^x + e^L)) = softplus(L - x); no negative (L = -inf) gives 0.
@@ -207,19 +206,14 @@ def supcon_loss(
     distance = CosineSimilarity() if distance is None else distance
     check_reduction(reduction)
     check_positive(temperature, "temperature")
+    ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        distance,
-        ids=(query_ids, ref_ids, relevance),
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
     )
     counts = new_counts(inputs)
 
     def objective(block: Tensor, rows: slice) -> Tensor:
-        logits = closeness(block, distance) / temperature
+        logits = distance.as_similarity(block) / temperature
         positives = pairs.positive_rows(rows)
         has_positive = positives.count > 0
         denominator = masked_logsumexp(logits, pairs.pair_mask(rows))

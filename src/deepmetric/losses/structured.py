@@ -28,7 +28,6 @@ from deepmetric._validation import HyperParameter, check_finite, check_positive
 from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance
 from deepmetric.losses._blocks import (
     StructuredStats,
-    closeness,
     count_terms,
     finish_sum,
     masked_logsumexp,
@@ -94,14 +93,9 @@ def lifted_structure_loss(
     distance = EuclideanDistance() if distance is None else distance
     check_reduction(reduction)
     check_positive(neg_margin, "neg_margin", allow_zero=True)
+    ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        distance,
-        ids=(query_ids, ref_ids, relevance),
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
     )
     columns = not inputs.ref_is_query
     stats = _negative_statistics(sweep, pairs, distance, neg_margin, smooth, columns)
@@ -112,7 +106,8 @@ def lifted_structure_loss(
     if sweep.tracking:
         grads = (grad_row * scale, grad_col * scale)
         sweep.run_gradient(
-            _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos_margin)
+            _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos_margin),
+            partial(_plain_lifted, pairs, distance, neg_margin, pos_margin, smooth, columns, scale),
         )
     loss = inputs.finish(sweep.result(loss.detach()))
     if not return_stats:
@@ -133,16 +128,21 @@ class _NegativeStatistics:
     columns: bool
 
     def terms(self, positives, pos_dis: Tensor, pos_margin: float, own, side) -> Tensor:
-        """[J_ij]+^2 (R, K) of the listed positive pairs of a block of rows, from their distances
-        `pos_dis` and the statistics `own` (R,) of the rows and `side` (the row or column
-        statistics, indexed by the positives' columns)."""
-        side = side[positives.index]
-        own = own.unsqueeze(1).expand_as(side)
-        empty = torch.isinf(own) & torch.isinf(side)
-        own, side = own.masked_fill(empty, 0), side.masked_fill(empty, 0)
-        hardest = torch.logaddexp(own, side) if self.smooth else torch.maximum(own, side)
-        terms = F.relu(hardest + pos_dis - pos_margin).pow(2)
-        return terms.masked_fill(empty | ~positives.valid, 0)
+        """`_lifted_terms` with these statistics' kind (smooth or hard)."""
+        return _lifted_terms(self.smooth, positives, pos_dis, pos_margin, own, side)
+
+
+def _lifted_terms(smooth: bool, positives, pos_dis: Tensor, pos_margin: float, own, side):
+    """[J_ij]+^2 (R, K) of the listed positive pairs of a block of rows, from their distances
+    `pos_dis` and the statistics `own` (R,) of the rows and `side` (the row or column
+    statistics, indexed by the positives' columns)."""
+    side = side[positives.index]
+    own = own.unsqueeze(1).expand_as(side)
+    empty = torch.isinf(own) & torch.isinf(side)
+    own, side = own.masked_fill(empty, 0), side.masked_fill(empty, 0)
+    hardest = torch.logaddexp(own, side) if smooth else torch.maximum(own, side)
+    terms = F.relu(hardest + pos_dis - pos_margin).pow(2)
+    return terms.masked_fill(empty | ~positives.valid, 0)
 
 
 def _negative_statistics(sweep, pairs, distance, neg_margin, smooth, columns):
@@ -253,6 +253,21 @@ def _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos
     return block_gradient
 
 
+def _plain_lifted(pairs, distance, neg_margin, pos_margin, smooth, columns, scale, matrix, rows):
+    """scale times the lifted loss's sum of terms by plain differentiable steps on the whole
+    matrix (the sweep's replay, for second derivatives)."""
+    values = _margin_values(matrix, distance, neg_margin, pairs.negative_mask(rows))
+    if smooth:
+        row_stat = masked_logsumexp(values, None)
+        col_stat = masked_logsumexp(values, None, dim=0) if columns else row_stat
+    else:
+        row_stat = values.amax(dim=1)
+        col_stat = values.amax(dim=0) if columns else row_stat
+    positives = pairs.positive_rows(rows)
+    pos_dis = distance.as_dissimilarity(matrix.gather(1, positives.index))
+    return _lifted_terms(smooth, positives, pos_dis, pos_margin, row_stat, col_stat).sum() * scale
+
+
 def _margin_values(
     block: Tensor, distance: BaseDistance, neg_margin: float, negatives: Tensor
 ) -> Tensor:
@@ -340,19 +355,14 @@ def multi_similarity_loss(
     distance = CosineSimilarity() if distance is None else distance
     check_reduction(reduction)
     _check_multi_similarity(alpha, beta)
+    ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        distance,
-        ids=(query_ids, ref_ids, relevance),
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
     )
     counts = new_counts(inputs)
 
     def objective(block: Tensor, rows: slice) -> Tensor:
-        sim = closeness(block, distance)
+        sim = distance.as_similarity(block)
         positives = pairs.positive_rows(rows)
         negatives = pairs.negative_mask(rows)
         pos_sim = sim.gather(1, positives.index)
@@ -447,19 +457,14 @@ def circle_loss(
     distance = CosineSimilarity() if distance is None else distance
     check_reduction(reduction)
     _check_circle(m, gamma)
+    ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
-        embeddings,
-        labels,
-        indices_tuple,
-        ref_emb,
-        ref_labels,
-        distance,
-        ids=(query_ids, ref_ids, relevance),
+        embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
     )
     counts = new_counts(inputs)
 
     def objective(block: Tensor, rows: slice) -> Tensor:
-        sim = closeness(block, distance)
+        sim = distance.as_similarity(block)
         positives = pairs.positive_rows(rows)
         negatives = pairs.negative_mask(rows)
         pos_sim = sim.gather(1, positives.index)
