@@ -176,8 +176,8 @@ def similarity_distillation_loss(
         ref = x if ref_emb is None else ref_emb.to(x.dtype)
         teacher = teacher_emb.detach().to(x.dtype)
         teacher_ref = teacher if teacher_ref_emb is None else teacher_ref_emb.detach().to(x.dtype)
-        student_sim = -distance.as_dissimilarity(distance(x, ref))
-        teacher_sim = -teacher_distance.as_dissimilarity(teacher_distance(teacher, teacher_ref))
+        student_sim = distance.as_similarity(distance(x, ref))
+        teacher_sim = teacher_distance.as_similarity(teacher_distance(teacher, teacher_ref))
         leave_out = None
         if ref_emb is None:
             leave_out = torch.eye(len(x), dtype=torch.bool, device=x.device)
