@@ -286,13 +286,16 @@ def triplet_margin_loss(
     enumerating triplets: per anchor, each negative is compared with the positives'
     thresholds d(a, p) + margin, and the counts of active positives and negatives give the
     sum and its gradient (see `deepmetric.triplet_counting`): O(N M K) vectorised
-    comparisons (O(N M log K) by `searchsorted` for large K) and O(N M) memory.
+    comparisons (O(N M log K) by `searchsorted` for large K), one row block of the distance
+    matrix at a time (`deepmetric.blocks.Sweep`), O(block + N D) memory.
 
     `smooth_loss=True` uses log(1 + exp(d(a, p) - d(a, n) + margin)) (the soft-plus of
     Hermans et al. 2017 when margin = 0). `swap=True` replaces d(a, n) by min(d(a, n),
     d(p, n)) (Balntas et al. 2016). Both give every (p, n) of an anchor its own term and
-    cost O(N K M) time by nature, in O(N M) memory (one pass per positive slot over row
-    blocks, recomputed in backward; `deepmetric.triplet_counting.AllTripletsDense`).
+    cost O(N K M) time by nature: one pass per positive slot over each row block, value and
+    slope together (`deepmetric.triplet_counting.softplus_block`); the swap reads rows of
+    the reference set's own matrix, so it works on both whole matrices in O(N M) memory
+    (`deepmetric.triplet_counting.AllTripletsDense`).
 
     Args:
         margin: required gap between positive and negative distances, >= 0 (distance units).

@@ -99,20 +99,72 @@ def lifted_structure_loss(
     )
     columns = not inputs.ref_is_query
     stats = _negative_statistics(sweep, pairs, distance, neg_margin, smooth, columns)
-    total, counts, grad_row, grad_col = _lifted_sums(stats, sweep, pairs, distance, pos_margin)
+    plain = partial(_plain_lifted, pairs, distance, neg_margin, pos_margin, smooth, columns)
+    if _symmetric(inputs):
+        total, counts = _lifted_one_pass(stats, sweep, pairs, distance, neg_margin, pos_margin)
+    else:
+        total, counts, grad_row, grad_col = _lifted_sums(stats, sweep, pairs, distance, pos_margin)
+        if sweep.tracking:
+            grads = (grad_row, grad_col)
+            gradient = _lifted_block_gradient(stats, grads, pairs, distance, neg_margin, pos_margin)
+            sweep.run_gradient(gradient, plain)
     count = counts[1 if reduction == "nonzero_mean" else 0].clamp_min(1).to(total.dtype)
     scale = 0.5 / (torch.ones_like(count) if reduction == "sum" else count)
-    loss = total * scale
-    if sweep.tracking:
-        grads = (grad_row * scale, grad_col * scale)
-        sweep.run_gradient(
-            _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos_margin),
-            partial(_plain_lifted, pairs, distance, neg_margin, pos_margin, smooth, columns, scale),
-        )
-    loss = inputs.finish(sweep.result(loss.detach()))
+    loss = inputs.finish(sweep.result(total * scale, scale))
     if not return_stats:
         return loss
     return loss, StructuredStats(num_terms=counts[0], num_active=counts[1])
+
+
+def _symmetric(inputs) -> bool:
+    """Whether the pairs of the call are symmetric: the batch is its own reference set and
+    (i, j) is a positive pair exactly when (j, i) is (class ids or label sets, no relevance
+    matrix or mined tuples). Then J_ij = J_ji (logaddexp and max are symmetric, D too)."""
+    return inputs.ref_is_query and inputs.indices_tuple is None and inputs.relevance is None
+
+
+def _lifted_one_pass(stats, sweep, pairs, distance, neg_margin, pos_margin):
+    """Sweep 2 of the lifted loss when the pairs are symmetric: the sum of the terms, (number
+    of terms, number of non-zero terms), and its gradient in D, in one pass. Each unordered
+    pair's term appears twice, as (i, j) and (j, i), so the derivative of the sum in row i's
+    statistic is twice that of row i's own terms: every row's share is known from its own
+    positive lists, without a pass over the other rows first."""
+    counts = torch.zeros(2, dtype=torch.long, device=sweep.query.device)
+    row_safe = stats.row_stat.masked_fill(torch.isinf(stats.row_stat), 0).unsqueeze(1)
+
+    def step(block: Tensor, rows: slice, work) -> tuple[Tensor, Tensor | None]:
+        total = block.new_zeros(())
+        grad_row = block.new_zeros(rows.stop - rows.start)
+        pos_grads = []
+        for chunk, part in _list_chunks(pairs, rows, block):
+            positives = pairs.positive_rows(chunk)
+            pos_dis = distance.as_dissimilarity(part.gather(1, positives.index))
+            own = stats.row_stat[chunk]
+            with torch.enable_grad():
+                pos_dis.requires_grad_(sweep.tracking)
+                own = own.clone().requires_grad_(sweep.tracking)
+                terms = stats.terms(positives, pos_dis, pos_margin, own, stats.row_stat)
+                if sweep.tracking:
+                    grad_own, grad_pos = torch.autograd.grad(terms.sum(), (own, pos_dis))
+                    offset = chunk.start - rows.start
+                    grad_row[offset : offset + len(part)] = 2 * grad_own
+                    pos_grads.append((offset, positives.index, grad_pos))
+            total += terms.detach().sum()
+            counts.add_(torch.stack([positives.valid.sum(), ((terms > 0) & positives.valid).sum()]))
+        if not sweep.tracking:
+            return total, None
+        values = _margin_values(block, distance, neg_margin, pairs.negative_mask(rows))
+        if stats.smooth:
+            grad = (values - row_safe[rows]).exp_().mul_(-grad_row.unsqueeze(1))
+        else:
+            grad = torch.zeros_like(values)
+            grad.scatter_(1, stats.row_arg[rows].unsqueeze(1), -grad_row.unsqueeze(1))
+        for offset, index, grad_pos in pos_grads:
+            grad[offset : offset + len(index)].scatter_add_(1, index, grad_pos)
+        return total, distance.as_dissimilarity(grad)  # d(-s)/ds = -1 for a similarity
+
+    plain = partial(_plain_lifted, pairs, distance, neg_margin, pos_margin, stats.smooth, False)
+    return sweep.run_closed_form(step, plain), counts
 
 
 @dataclass
@@ -212,7 +264,7 @@ def _list_chunks(pairs, rows: slice, block: Tensor):
         yield slice(rows.start + start, rows.start + stop), block[start:stop]
 
 
-def _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos_margin):
+def _lifted_block_gradient(stats, grads, pairs, distance, neg_margin, pos_margin):
     """Sweep 3: dL/dD[rows] (in the distance's own orientation) through the positive
     distances (recomputed for the block) and the negative statistics: d stat / d D =
     -softmax of the values (smooth) or -1 at the argmax (hard)."""
@@ -247,15 +299,15 @@ def _lifted_block_gradient(stats, grads, scale, pairs, distance, neg_margin, pos
                 terms = stats.terms(positives, pos_dis, pos_margin, own, side)
                 (grad_pos,) = torch.autograd.grad(terms.sum(), pos_dis)
             offset = chunk.start - rows.start
-            grad[offset : offset + len(part)].scatter_add_(1, positives.index, grad_pos * scale)
+            grad[offset : offset + len(part)].scatter_add_(1, positives.index, grad_pos)
         return distance.as_dissimilarity(grad)  # d(-s)/ds = -1 for a similarity
 
     return block_gradient
 
 
-def _plain_lifted(pairs, distance, neg_margin, pos_margin, smooth, columns, scale, matrix, rows):
-    """scale times the lifted loss's sum of terms by plain differentiable steps on the whole
-    matrix (the sweep's replay, for second derivatives)."""
+def _plain_lifted(pairs, distance, neg_margin, pos_margin, smooth, columns, matrix, rows):
+    """The lifted loss's sum of terms by plain differentiable steps on the whole matrix (the
+    sweep's replay, for second derivatives)."""
     values = _margin_values(matrix, distance, neg_margin, pairs.negative_mask(rows))
     if smooth:
         row_stat = masked_logsumexp(values, None)
@@ -265,7 +317,7 @@ def _plain_lifted(pairs, distance, neg_margin, pos_margin, smooth, columns, scal
         col_stat = values.amax(dim=0) if columns else row_stat
     positives = pairs.positive_rows(rows)
     pos_dis = distance.as_dissimilarity(matrix.gather(1, positives.index))
-    return _lifted_terms(smooth, positives, pos_dis, pos_margin, row_stat, col_stat).sum() * scale
+    return _lifted_terms(smooth, positives, pos_dis, pos_margin, row_stat, col_stat).sum()
 
 
 def _margin_values(
