@@ -155,7 +155,7 @@ def test_docs_list_every_config_key_with_its_default():
     docs = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
     lines = config_help().splitlines()
     keys = [line.strip() for line in lines if line.startswith("  ") and line[2] != " "]
-    assert len(keys) == 57  # 55 before data.val_share and eval.select_split
+    assert len(keys) == 58  # 55 before data.val_share, eval.select_split, warmup_ratio
     for entry in keys:
         key, default = entry.split("=", 1)
         assert f"| `{key}` | `{default}` |" in docs, entry

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,6 +92,8 @@ def test_yaml_file_then_overrides(tmp_path):
         ("loss.distance=Cosine", "CosineSimilarity"),
         ("train.epochs=three", "train.epochs must be an integer"),
         ("train.epochs=0", "train.epochs must be > 0"),
+        ("optimizer.warmup_ratio=1", "optimizer.warmup_ratio must be in"),
+        ("optimizer.warmup_steps=-1", "optimizer.warmup_steps must be >= 0"),
         ("eval.distance=manhattan", "eval.distance must be one of euclidean, cosine"),
         ("model.normalize=maybe", "model.normalize must be true or false"),
         ("train.epochs", "is not key=value"),
@@ -236,3 +240,21 @@ def test_val_share_and_select_split_are_checked():
         load_config(overrides=["data.val_share=1"])
     with pytest.raises(ConfigError, match="eval.select_split must be one of val, train, test"):
         load_config(overrides=["eval.select_split=all"])
+
+
+def test_warm_up_is_a_share_of_the_run_unless_given_in_steps():
+    from deepmetric.training.components import build_scheduler, warmup_length
+
+    assert warmup_length(None, 0.1, 870) == 87  # the default run: 87 of its 870 steps
+    assert warmup_length(None, 0.1, 4) == 0
+    assert warmup_length(30, 0.1, 870) == 30 and warmup_length(0, 0.5, 870) == 0
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = build_scheduler(optimizer, "cosine", warmup_steps=4, total_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # linear, then cosine
+    assert rates[5:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(1, 8)])

@@ -35,6 +35,7 @@ __all__ = [
     "check_params",
     "loss_arguments",
     "resolve_class",
+    "warmup_length",
 ]
 
 AUTO = "auto"
@@ -346,6 +347,16 @@ def build_optimizer(
     )
     extra = {"momentum": momentum} if "momentum" in inspect.signature(cls).parameters else {}
     return cls(groups, lr=lr, **extra)
+
+
+def warmup_length(warmup_steps: int | None, warmup_ratio: float, total_steps: int) -> int:
+    """Steps of warm-up: ``warmup_steps`` when given, else ``warmup_ratio`` of the run's
+    ``total_steps`` (rounded).
+
+    >>> warmup_length(None, 0.1, 870), warmup_length(0, 0.1, 870), warmup_length(None, 0.1, 4)
+    (87, 0, 0)
+    """
+    return warmup_steps if warmup_steps is not None else round(warmup_ratio * total_steps)
 
 
 def build_scheduler(

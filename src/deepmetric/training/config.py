@@ -141,8 +141,13 @@ class OptimizerConfig:
     """Optimisers that take a momentum (SGD, RMSprop): its value."""
     schedule: str = "cosine"
     """Learning-rate schedule over all steps: constant or cosine (to 0)."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up from 0 before the schedule."""
+    warmup_ratio: float = 0.1
+    """Share of the run's steps spent on a linear warm-up of the learning rates from 0 before
+    the schedule. Adam's first steps move every parameter by about the learning rate whatever
+    its gradient, which turns the class vectors of all classes absent from the batch the same
+    way; with many classes the embeddings then stay collapsed (docs/benchmark.md)."""
+    warmup_steps: int | None = None
+    """Steps of warm-up; overrides optimizer.warmup_ratio when set (0: none)."""
     grad_clip_norm: float | None = 5.0
     """Clip the global gradient norm to this value; null: no clipping."""
 
@@ -449,11 +454,15 @@ def _check_values(config: Config) -> None:
         "optimizer.weight_decay": config.optimizer.weight_decay,
         "optimizer.loss_weight_decay": config.optimizer.loss_weight_decay,
         "optimizer.momentum": config.optimizer.momentum,
-        "optimizer.warmup_steps": config.optimizer.warmup_steps,
+        "optimizer.warmup_steps": config.optimizer.warmup_steps or 0,
     }
     for key, value in not_negative.items():
         if not value >= 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0 <= config.optimizer.warmup_ratio < 1:
+        raise ConfigError(
+            f"optimizer.warmup_ratio must be in [0, 1), got {config.optimizer.warmup_ratio}"
+        )
     if not 0 <= config.data.val_share < 1:
         raise ConfigError(f"data.val_share must be in [0, 1), got {config.data.val_share}")
     if not 0 <= config.model.dropout < 1:

@@ -52,6 +52,7 @@ from deepmetric.training.components import (
     build_model_from_config,
     build_optimizer,
     build_scheduler,
+    warmup_length,
 )
 from deepmetric.training.config import Config
 from deepmetric.training.data import gather, images_of, load_split, validation_classes
@@ -402,9 +403,10 @@ def _build(config: Config) -> _Parts:
     model, loss_fn, miner = distributed_run.wrap_for_training(model, loss_fn, miner)
     initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     total_steps = config.train.epochs * len(sampler)
-    scheduler = build_scheduler(
-        optimizer, config.optimizer.schedule, config.optimizer.warmup_steps, total_steps
+    warmup = warmup_length(
+        config.optimizer.warmup_steps, config.optimizer.warmup_ratio, total_steps
     )
+    scheduler = build_scheduler(optimizer, config.optimizer.schedule, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     return _Parts(
         config,
