@@ -186,3 +186,13 @@ def test_export_needs_the_runs_data(run, monkeypatch, tmp_path):
 def test_export_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_a_compiler_error_without_a_message_is_named_by_its_type(run, tmp_path, monkeypatch):
+    def fails_silently(model):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(export.torch.jit, "script", fails_silently)
+    with pytest.raises(ExportError, match=r"cannot compile .* \(RuntimeError\): use --format onnx"):
+        export_run(run, "torchscript", tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()

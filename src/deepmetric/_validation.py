@@ -204,3 +204,14 @@ def check_batch(
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a loss computes in: float32 for half types, the input dtype otherwise."""
     return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def error_reason(error: BaseException) -> str:
+    """The first non-blank line of ``error``'s message, or its type name when it has none:
+    the short cause that a wrapping error message quotes.
+
+    >>> error_reason(OSError("unexpected end of file\\nmore detail")), error_reason(KeyError())
+    ('unexpected end of file', 'KeyError')
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

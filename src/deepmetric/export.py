@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepmetric._validation import error_reason
 from deepmetric.inference import Run
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportError", "ExportResult", "export_run"]
@@ -181,7 +182,7 @@ def _export_torchscript(model: nn.Module, path: str, metadata: dict[str, Any]) -
         with _torchscript_deprecation_silenced():
             scripted = torch.jit.script(model)
     except Exception as error:  # the compiler raises many types; name the model and cause
-        reason = str(error).strip().splitlines()[0]
+        reason = error_reason(error)
         raise ExportError(
             f"torch.jit.script cannot compile {type(model).__name__} ({reason}): use --format onnx"
         ) from error
@@ -223,7 +224,7 @@ def _export_onnx(
                 verbose=False,
             )
     except Exception as error:
-        reason = str(error).strip().splitlines()[0]
+        reason = error_reason(error)
         raise ExportError(
             f"torch.onnx.export failed on {type(model).__name__}: {reason}"
         ) from error

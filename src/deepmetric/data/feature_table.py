@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepmetric._validation import error_reason
 from deepmetric.data.base import (
     ArrayDataset,
     DataError,
@@ -134,7 +135,7 @@ def _read_table(path: Path) -> dict:
     except DataError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise DataError(
             f"{os.fspath(path)}: cannot read the table ({reason}): the file is damaged or not "
             f"a {suffix} table; write it again"

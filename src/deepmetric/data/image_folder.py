@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deepmetric._validation import error_reason
 from deepmetric.data.base import (
     DataError,
     ImageReadError,
@@ -48,7 +49,7 @@ def load_image(
             image.load()
             image = image.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise ImageReadError(
             f"cannot read image {os.fspath(path)!r} ({reason}): the file is truncated, damaged "
             "or not an image; replace or delete it (ImageFolderDataset(..., verify=True) "

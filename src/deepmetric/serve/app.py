@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
+from deepmetric._validation import error_reason
 from deepmetric.inference import Neighbour, Run
 
 __all__ = ["MAX_IMAGE_PIXELS", "MAX_ROWS", "MAX_UPLOAD_BYTES", "build_app"]
@@ -227,7 +228,7 @@ def _open_image(data: bytes, name: str) -> Image.Image:
             400, f"{name!r} is not an image (no format Pillow knows): send a PNG or JPEG"
         ) from error
     except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise _BadRequest(
             400, f"{name!r} is not an image Pillow can read ({reason}): send a PNG or JPEG"
         ) from error

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepmetric._validation import error_reason
 from deepmetric.training.errors import CheckpointError
 
 __all__ = [
@@ -73,10 +74,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = error_reason(error)[:200]
+        if reason != type(error).__name__:
+            reason = f"{type(error).__name__}: {reason}"
         raise CheckpointError(
-            f"{path} is not a readable deepmetric checkpoint ({type(error).__name__}: "
-            f"{reason[:200]}): it is damaged or comes from another program; use a checkpoint "
+            f"{path} is not a readable deepmetric checkpoint ({reason}): it is damaged or "
+            "comes from another program; use a checkpoint "
             "that deepmetric train wrote, or delete the damaged file and train again"
         ) from error
     if not isinstance(checkpoint, dict):

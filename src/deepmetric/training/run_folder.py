@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from deepmetric._validation import error_reason
 from deepmetric.training.checkpoint import atomic_write
 from deepmetric.training.config import Config, config_diff, load_config
 from deepmetric.training.errors import CheckpointError, ConfigError, RunFolderError
@@ -229,7 +230,7 @@ class RunFolder:
             with np.load(self.embeddings, allow_pickle=False) as data:
                 embeddings, labels = data["embeddings"], data["labels"]
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = error_reason(error)
             raise RunFolderError(
                 f"{self.embeddings} is damaged ({reason}): write it again with `deepmetric "
                 f"embed {self.root} DATA --out {self.embeddings} --force`"
