@@ -211,12 +211,8 @@ class _ContrastiveHinges:
     distance and -1 for a similarity (`BaseDistance.sign`)."""
 
     def __init__(self, pos_margin: float, neg_margin: float, power: float, sign: float) -> None:
-        self.pos_margin, self.neg_margin, self.power, self.sign = (
-            pos_margin,
-            neg_margin,
-            power,
-            sign,
-        )
+        self.pos_margin, self.neg_margin = pos_margin, neg_margin
+        self.power, self.sign = power, sign
 
     def block(self, block, relation, rows, scales, with_grad, work=None):
         """(scales[0] positive sum + scales[1] negative sum (0 without `scales`), (active
@@ -229,7 +225,7 @@ class _ContrastiveHinges:
         positives, same = relation.block_lists(rows)
         fill_same_label_(hinge, *same, 0)
         grad = None
-        if with_grad:  # the slope of the hinge: 1 where neg_margin is not reached
+        if with_grad:  # power h^(power - 1) (the slope: 1 where h > 0 for power 1), signed
             if power == 1:
                 grad = torch.gt(hinge, 0, out=work.buffer("grad", block))
             else:
@@ -336,7 +332,8 @@ def triplet_margin_loss(
                 dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, inputs.ids
             )
         else:
-            total, counts = _swapped_triplets(dis, swap_dis, inputs, margin, smooth_loss, reduction)
+            count = return_stats or reduction == "nonzero_mean"
+            total, counts = _swapped_triplets(dis, swap_dis, inputs, margin, smooth_loss, count)
     num_triplets, num_active, num_easy, num_hard = counts
     nonzero = num_triplets if smooth_loss else num_active
     scale = reduction_scale(reduction, num_triplets, nonzero).to(total.dtype)
@@ -398,12 +395,13 @@ def _swept_triplets(sweep: Sweep, relation: Relation, sign: float, margin, smoot
     return total, (num_triplets, num_active, num_triplets - num_active, num_hard)
 
 
-def _swapped_triplets(dis, swap_dis, inputs, margin, smooth, reduction):
-    """All triplets with the anchor swap (`AllTripletsDense`, on the whole matrices)."""
+def _swapped_triplets(dis, swap_dis, inputs, margin, smooth, count):
+    """All triplets with the anchor swap (`AllTripletsDense`, on the whole matrices); the
+    active and hard triplets are counted only with `count` (else 0)."""
     relation = _relation(inputs)
     num_triplets = count_triplets(relation)
     total, num_active, num_hard = AllTripletsDense.apply(
-        dis, swap_dis, relation, margin, smooth, True
+        dis, swap_dis, relation, margin, smooth, count
     )
     return total, (num_triplets, num_active, num_triplets - num_active, num_hard)
 
