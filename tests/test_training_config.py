@@ -245,7 +245,7 @@ def test_val_share_and_select_split_are_checked():
 def test_warm_up_is_a_share_of_the_run_unless_given_in_steps():
     from deepmetric.training.components import build_scheduler, warmup_length
 
-    assert warmup_length(None, 0.1, 870) == 87  # the default run: 87 of its 870 steps
+    assert warmup_length(None, 0.2, 870) == 174  # the default run: 174 of its 870 steps
     assert warmup_length(None, 0.1, 4) == 0
     assert warmup_length(30, 0.1, 870) == 30 and warmup_length(0, 0.5, 870) == 0
     parameter = torch.nn.Parameter(torch.zeros(1))

@@ -141,7 +141,7 @@ class OptimizerConfig:
     """Optimisers that take a momentum (SGD, RMSprop): its value."""
     schedule: str = "cosine"
     """Learning-rate schedule over all steps: constant or cosine (to 0)."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.2
     """Share of the run's steps spent on a linear warm-up of the learning rates from 0 before
     the schedule. Adam's first steps move every parameter by about the learning rate whatever
     its gradient, which turns the class vectors of all classes absent from the batch the same
