@@ -6,9 +6,9 @@ their gradients are accumulated:
 
 - `row_blocks` / `RowBlocks`: slices of rows whose (rows, M) blocks hold about
   BLOCK_ELEMENTS entries (matrix products), PASS_BLOCK_ELEMENTS entries (chains of
-  elementwise passes, which stay in cache) or SWEEP_BLOCK_ELEMENTS (a `Sweep`, whose autograd
-  keeps a few block-sized temporaries); `RowBlocks.buffer` reuses work arrays from block to
-  block;
+  elementwise passes, which stay in cache; also a `Sweep`'s closed-form steps) or
+  SWEEP_BLOCK_ELEMENTS (a `Sweep`'s autograd objectives, which keep a few block-sized
+  temporaries); `RowBlocks.buffer` reuses work arrays from block to block;
 - `Sweep`: the sum over row blocks of an objective of D[rows] = distance(query[rows], ref),
   with its gradients with respect to the query, the reference set and any parameter
   accumulated block by block, so that a loss on the whole matrix costs O(block + N D)
@@ -73,20 +73,16 @@ class RowBlocks:
     """The row blocks of an (N, M) matrix, and work arrays reused from block to block.
 
     Iterating gives the slices of `row_blocks`, of BLOCK_ELEMENTS entries, or of
-    PASS_BLOCK_ELEMENTS with `passes=True` (for chains of elementwise passes), or of
-    `elements`. `buffer(name,
+    PASS_BLOCK_ELEMENTS with `passes=True` (for chains of elementwise passes). `buffer(name,
     like)` gives an array of the current block's shape that is the same memory in every
     block, so each work array is allocated, and its pages faulted in, once per call instead
     of once per block (freed arrays of a few MiB are otherwise handed back to the system by
     malloc and mapped again).
     """
 
-    def __init__(
-        self, num_rows: int, num_cols: int, passes: bool = False, elements: int | None = None
-    ) -> None:
+    def __init__(self, num_rows: int, num_cols: int, passes: bool = False) -> None:
         self.num_rows, self.num_cols = num_rows, num_cols
-        if elements is None:
-            elements = PASS_BLOCK_ELEMENTS if passes else BLOCK_ELEMENTS
+        elements = PASS_BLOCK_ELEMENTS if passes else BLOCK_ELEMENTS
         self.step = max(1, elements // max(num_cols, 1))
         self._rows = 0
         self._buffers: dict[str, Tensor] = {}
@@ -140,7 +136,7 @@ class Sweep:
 
     - `run(objective)`: `objective(D[rows], rows)` is a differentiable scalar; autograd
       differentiates it on the block;
-    - `run_closed_form(step, plain)`: `step(D[rows], rows)` returns (value, dL/dD[rows])
+    - `run_closed_form(step, plain)`: `step(D[rows], rows, work)` returns (value, dL/dD[rows])
       written out (counting, sorting: no autograd through the loss's steps); D[rows] is
       computed once and its gradient pulled back at once, one pass over the matrix;
     - `run_gradient(block_gradient, plain)`: only dL/dD[rows], when the value came from an
@@ -157,7 +153,7 @@ class Sweep:
     penalties.
 
     The distance's normalisation (`distance.normalize`, e.g. the cosine family's) is applied
-    once to each set, and each block is `distance.compute_matrix` of the normalised rows: the
+    once to each set, and each block is `distance.compute_block` of the normalised rows: the
     gradients are accumulated with respect to the normalised sets and passed back through
     the normalisation once, by autograd, when the loss is differentiated.
     """
@@ -235,13 +231,14 @@ class Sweep:
         `step` runs without gradient on each block and gives its gradient in D in closed
         form (None when `self.tracking` is False: it is not used); the block is computed
         once and the gradient pulled back through the distance at once. `work` is the
-        `RowBlocks` of the sweep (SWEEP_BLOCK_ELEMENTS entries per block), whose `buffer`s
+        `RowBlocks` of the sweep (PASS_BLOCK_ELEMENTS entries per block: the steps are chains
+        of elementwise passes), whose `buffer`s
         are reused from block to block. `plain(D, rows)` is the same value by
         differentiable steps (second derivatives).
         """
         self._plain.append(plain)
         total = None
-        work = RowBlocks(self.num_rows, self.num_cols, elements=SWEEP_BLOCK_ELEMENTS)
+        work = RowBlocks(self.num_rows, self.num_cols, passes=True)
         for rows in work:
             with torch.set_grad_enabled(self.tracking):
                 block = self._block(rows)
