@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +140,61 @@ def test_parallel_jobs_give_the_serial_results(tmp_path):
         recipes, [0], tmp_path / "b", overrides=TINY, jobs=2, say=lambda _: None
     )
     assert [r["map@r"] for r in serial["rows"]] == [r["map@r"] for r in parallel["rows"]]
+
+
+def _children(pid: int) -> set[int]:
+    """Ids of the live processes whose parent is ``pid`` (Linux /proc)."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+            children.add(int(entry.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+def test_workers_stop_and_keep_their_work_when_the_benchmark_is_killed(tmp_path):
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text(RECIPES)
+    out = tmp_path / "bench"
+    endless = [*TINY, "train.batches_per_epoch=1000000", "train.checkpoint_every_steps=5"]
+    command = [sys.executable, "-m", "deepmetric", "benchmark", "--quiet", "--jobs", "2"]
+    command += ["--recipes", str(recipes), "--seeds", "0", "--out", str(out), *endless]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: set[int] = set()
+    try:
+        runs = [
+            out / name / "seed-0" / "metrics.jsonl" for name in ("normalized-softmax", "triplet")
+        ]
+        _wait_for(lambda: all(run.is_file() for run in runs), 300, "both runs to start")
+        workers = _children(parent.pid)
+        assert len(workers) >= 2
+        parent.send_signal(signal.SIGTERM)  # the parent dies at once; its workers must follow
+        parent.wait(timeout=30)
+        _wait_for(lambda: not any(_alive(pid) for pid in workers), 60, "the workers to stop")
+        for run in runs:  # each worker saved its run as Ctrl-C would: resumable
+            assert (run.parent / "checkpoints" / "last.pt").is_file()
+    finally:
+        for pid in [parent.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait(timeout=30)

@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -144,7 +147,36 @@ def _run_one(root: str, overrides: list[str], config_path: str | None) -> dict[s
         if run.read_config() == config:
             return json.loads(run.summary.read_text(encoding="utf-8"))
     existing = run.config.is_file()
-    return train(config, root, resume=existing, restart=existing, quiet=True)
+    try:
+        return train(config, root, resume=existing, restart=existing, quiet=True)
+    except KeyboardInterrupt:
+        if _ORPHANED.is_set():  # the run is saved and nobody waits for its result
+            os._exit(130)
+        raise
+
+
+_ORPHANED = threading.Event()
+"""Set in a worker process whose benchmark process is gone."""
+
+SAVE_SECONDS = 120.0
+"""How long an orphaned worker may take to save its run before it is ended regardless."""
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Worker initialiser: when the benchmark process ``parent`` is gone (killed by SIGTERM or
+    SIGKILL, crashed), interrupt this worker as Ctrl-C would, so that its run saves a
+    checkpoint (which the next benchmark resumes), and end the worker instead of letting it
+    train on, or wait for work, as an orphan."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        _ORPHANED.set()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(SAVE_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
 
 
 def run_benchmark(
@@ -185,7 +217,12 @@ def run_benchmark(
             summaries[name, seed] = _run_one(root, run_overrides, path)
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=context,
+            initializer=_stop_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = {
                 (name, seed): pool.submit(_run_one, root, run_overrides, path)
                 for name, seed, root, run_overrides in tasks
