@@ -26,7 +26,9 @@ import argparse
 import datetime
 import socket
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,7 +36,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from deepmetric import distributed, losses
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import peak_memory_mib, start_peak_memory  # noqa: E402
+
+from deepmetric import distributed, losses  # noqa: E402
 
 LOSSES = {
     "contrastive": lambda: losses.ContrastiveLoss(neg_margin=1.0),
@@ -42,14 +48,6 @@ LOSSES = {
     "multi-similarity": lambda: losses.MultiSimilarityLoss(),
 }
 FEATURES = 64
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def _count_bytes(counter: list) -> None:
@@ -96,12 +94,7 @@ def _rank(rank, world, port, name, mode, batch, dim, repeats, queue):
         optimizer.step()
 
     step()  # warm-up
-    before = _rss_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        pass
+    before = start_peak_memory()
     counter[0] = 0
     times = []
     for _ in range(repeats):
@@ -111,7 +104,7 @@ def _rank(rank, world, port, name, mode, batch, dim, repeats, queue):
     sent = counter[0] / repeats
     if world > 1:  # DDP's all-reduce of the model's gradients (C++, not counted above)
         sent += sum(p.numel() * p.element_size() for p in model.parameters())
-    queue.put((rank, statistics.median(times), (_rss_kb("VmHWM") - before) / 1024, sent))
+    queue.put((rank, statistics.median(times), peak_memory_mib(before), sent))
     if world > 1:
         dist.destroy_process_group()
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import _rss_kb  # noqa: E402
+from harness import peak_memory_mib, start_peak_memory  # noqa: E402
 
 from deepmetric.distances import CosineSimilarity  # noqa: E402
 from deepmetric.losses import additive_margin, distillation, proxy, softmax  # noqa: E402
@@ -151,14 +151,9 @@ def _child(case, n: int, dim: int, repeats: int, queue) -> None:
     for warm_up in (case, classifier_floor):
         warm_up(embeddings[:64].clone().requires_grad_(), labels[:64]).backward()
     x = embeddings.clone().requires_grad_()
-    before = _rss_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        pass
+    before = start_peak_memory()
     case(x, labels).backward()
-    peak = _rss_kb("VmHWM")
+    peak = peak_memory_mib(before)
     times = {case: [], classifier_floor: []}
     for _ in range(repeats):
         for timed in (classifier_floor, case):
@@ -167,7 +162,7 @@ def _child(case, n: int, dim: int, repeats: int, queue) -> None:
             timed(x, labels).backward()
             times[timed].append(time.process_time() - start)
     case_s, floor_s = (statistics.median(times[k]) for k in (case, classifier_floor))
-    queue.put((case_s, floor_s, max(peak - before, 0) / 1024))
+    queue.put((case_s, floor_s, peak))
 
 
 def measure_against_floor(case, n: int, dim: int, repeats: int, timeout: float = 600):

@@ -54,6 +54,23 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
+def start_peak_memory() -> int:
+    """Reset the process's peak resident memory (where /proc/self/clear_refs allows) and
+    return the resident memory now, in KiB: the baseline of `peak_memory_mib`."""
+    before = _rss_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+    return before
+
+
+def peak_memory_mib(before: int) -> float:
+    """Peak resident memory since `start_peak_memory` returned ``before``, above it, in MiB."""
+    return max(_rss_kb("VmHWM") - before, 0) / 1024
+
+
 def _run(case: Case, x: torch.Tensor, labels: torch.Tensor) -> None:
     if getattr(case, "forward_only", False):
         case(x, labels)
@@ -69,21 +86,16 @@ def _child(case: Case, n: int, dim: int, repeats: int, queue: mp.Queue, layout=N
     warm = embeddings[:64].clone().requires_grad_()
     _run(case, warm, labels[:64])
     x = embeddings.clone().requires_grad_()
-    before = _rss_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        pass
+    before = start_peak_memory()
     _run(case, x, labels)
-    peak = _rss_kb("VmHWM")
+    peak = peak_memory_mib(before)
     times = []
     for _ in range(repeats):
         x.grad = None
         start = time.process_time()
         _run(case, x, labels)
         times.append(time.process_time() - start)
-    queue.put((statistics.median(times), max(peak - before, 0) / 1024))
+    queue.put((statistics.median(times), peak))
 
 
 def measure(

@@ -43,17 +43,20 @@ def check_embeddings(embeddings: object, name: str = "embeddings") -> Tensor:
 def check_labels(
     labels: object, num_rows: int, name: str = "labels", rows_name: str = ""
 ) -> Tensor:
-    """Return `labels` if it is a 1-D integer tensor with `num_rows` entries; raise otherwise."""
+    """Return `labels` if it is a 1-D tensor of any integer dtype or bool with `num_rows`
+    entries; raise a TypeError or ValueError naming `name` otherwise."""
     rows_name = rows_name or "embeddings"
     if not isinstance(labels, Tensor):
         raise TypeError(
             f"{name} must be a 1-D torch.Tensor of integer class ids, got {type(labels)!r}"
         )
     if labels.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name} must be 1-D (one class id per row), got shape {tuple(labels.shape)}"
+        )
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(
-            f"{name} has dtype {labels.dtype}; class labels must be integers "
+            f"{name} has dtype {labels.dtype}; class labels must be integers or bool "
             "(use labels.long(), or map class names to ids first)"
         )
     if len(labels) != num_rows:

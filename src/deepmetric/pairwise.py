@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deepmetric._validation import CheckedBatch, check_batch, check_same_device
+from deepmetric._validation import CheckedBatch, check_batch, check_labels, check_same_device
 from deepmetric.blocks import PASS_BLOCK_ELEMENTS, row_blocks
 from deepmetric.tuples import PositiveLists
 
@@ -54,24 +54,9 @@ def check_class_labels(
     """`labels` as int64 class ids if it is a 1-D tensor of any integer dtype or bool with
     `num_rows` entries, or (with `multi_hot`) as a bool (N, L) label-set matrix if it is 2-D
     of bool or 0/1 integers; raise a TypeError or ValueError naming `name` otherwise."""
-    if not isinstance(labels, Tensor):
-        raise TypeError(
-            f"{name} must be a 1-D torch.Tensor of integer class ids, got {type(labels)!r}"
-        )
-    if multi_hot and labels.dim() == 2:
+    if multi_hot and isinstance(labels, Tensor) and labels.dim() == 2:
         return _check_multi_hot(labels, num_rows, name, rows_name)
-    if labels.dim() != 1:
-        raise ValueError(
-            f"{name} must be 1-D (one class id per row), got shape {tuple(labels.shape)}"
-        )
-    if labels.is_floating_point() or labels.is_complex():
-        raise TypeError(
-            f"{name} has dtype {labels.dtype}; class labels must be integers or bool "
-            "(use labels.long(), or map class names to ids first)"
-        )
-    if len(labels) != num_rows:
-        raise ValueError(f"{name} has {len(labels)} entries but {rows_name} has {num_rows} rows")
-    return labels.long()
+    return check_labels(labels, num_rows, name, rows_name).long()
 
 
 def _check_multi_hot(labels: Tensor, num_rows: int, name: str, rows_name: str) -> Tensor:
