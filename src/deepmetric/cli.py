@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from torch import nn
@@ -192,19 +192,38 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"{len(dataset)} items of {len(classes)} classes: {', '.join(names)}{more}")
 
 
-def cmd_embed(args: argparse.Namespace) -> None:
+class _EmbeddedSplit(NamedTuple):
+    """A split of a data set embedded by a run's model, and the file to write it to."""
+
+    run: RunFolder
+    config: Config
+    split: str
+    out: Path
+    dataset: LabeledDataset
+    embeddings: np.ndarray
+
+
+def _embed_split(args: argparse.Namespace, stem: str) -> _EmbeddedSplit:
+    """The work of `embed` and `index` before writing: the --split of the data set DATA
+    embedded by the run's --checkpoint, and --out (default RUN/<stem>-DATA-SPLIT.npz),
+    refused before any work when it exists and --force is not given."""
     run = RunFolder(args.run)
     model, config, _ = _model(run, args.checkpoint)
     split = _split(args, config)
-    out = Path(args.out or run.root / f"embeddings-{Path(args.data).name}-{split}.npz")
+    out = Path(args.out or run.root / f"{stem}-{Path(args.data).name}-{split}.npz")
     _refuse_overwrite(out, args.force)
     dataset = data_from_spec(args.data, split, config.data)
-    embeddings = _embed(model, config, dataset)
-    names = np.array(dataset.class_names, dtype=str)
+    return _EmbeddedSplit(run, config, split, out, dataset, _embed(model, config, dataset))
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    embedded = _embed_split(args, "embeddings")
+    embeddings, labels, out = embedded.embeddings, embedded.dataset.labels, embedded.out
+    names = np.array(embedded.dataset.class_names, dtype=str)
 
     def write(temp: str) -> None:
         with open(temp, "wb") as file:
-            np.savez(file, embeddings=embeddings, labels=dataset.labels, class_names=names)
+            np.savez(file, embeddings=embeddings, labels=labels, class_names=names)
 
     if is_main():  # under torchrun rank 0 alone writes
         atomic_write(out, write)
@@ -212,18 +231,14 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    run = RunFolder(args.run)
-    model, config, _ = _model(run, args.checkpoint)
-    split = _split(args, config)
-    out = Path(args.out or run.root / f"index-{Path(args.data).name}-{split}.npz")
-    _refuse_overwrite(out, args.force)
-    dataset = data_from_spec(args.data, split, config.data)
-    index = build_index(_embed(model, config, dataset), dataset.labels, config.eval.distance)
+    embedded = _embed_split(args, "index")
+    dataset, out = embedded.dataset, embedded.out
+    index = build_index(embedded.embeddings, dataset.labels, embedded.config.eval.distance)
     if is_main():  # under torchrun rank 0 alone writes
         atomic_write(out, index.save)
         RunFolder(out.parent).write_json(_names_file(out), dataset.class_names)
-    print(f"indexed {len(index)} items of {args.data} ({split}) in {out}")
-    print(f"search it with: deepmetric search {run.root} QUERY --index {out}")
+    print(f"indexed {len(index)} items of {args.data} ({embedded.split}) in {out}")
+    print(f"search it with: deepmetric search {embedded.run.root} QUERY --index {out}")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -484,37 +499,33 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     data_help = "kanji_fonts, digits, an image folder (one sub-folder per class) or a table file"
+    split_help = "train, test or all (default: eval.split)"
     evaluate_command = commands.add_parser("evaluate", help="metrics of a checkpoint on a split")
     run_arguments(evaluate_command)
-    evaluate_command.add_argument(
-        "--split", choices=SPLITS, help="train, test or all (default: eval.split)"
-    )
+    evaluate_command.add_argument("--split", choices=SPLITS, help=split_help)
     evaluate_command.add_argument("--data", help=f"another data set: {data_help}")
     evaluate_command.set_defaults(handler=cmd_evaluate)
 
+    def embed_split_arguments(command: argparse.ArgumentParser, out: str, force: str) -> None:
+        """The arguments of a command that embeds a split of DATA into a file (`_embed_split`);
+        ``out`` and ``force`` are the help of --out and --force."""
+        run_arguments(command)
+        command.add_argument("data", help=data_help)
+        command.add_argument("--split", choices=SPLITS, help=split_help)
+        command.add_argument("--out", type=Path, help=out)
+        command.add_argument("--force", action="store_true", help=force)
+
     embed_command = commands.add_parser("embed", help="write the embeddings of a data set")
-    run_arguments(embed_command)
-    embed_command.add_argument("data", help=data_help)
-    embed_command.add_argument(
-        "--split", choices=SPLITS, help="train, test or all (default: eval.split)"
+    embed_split_arguments(
+        embed_command, "the .npz file (default RUN/embeddings-DATA-SPLIT.npz)", "overwrite --out"
     )
-    embed_command.add_argument(
-        "--out", type=Path, help="the .npz file (default RUN/embeddings-DATA-SPLIT.npz)"
-    )
-    embed_command.add_argument("--force", action="store_true", help="overwrite --out")
     embed_command.set_defaults(handler=cmd_embed)
 
     index_command = commands.add_parser("index", help="build a nearest-neighbour index")
-    run_arguments(index_command)
-    index_command.add_argument("data", help=data_help)
-    index_command.add_argument(
-        "--split", choices=SPLITS, help="train, test or all (default: eval.split)"
-    )
-    index_command.add_argument(
-        "--out", type=Path, help="the index file (default RUN/index-DATA-SPLIT.npz)"
-    )
-    index_command.add_argument(
-        "--force", action="store_true", help="overwrite --out (even RUN/index.npz)"
+    embed_split_arguments(
+        index_command,
+        "the index file (default RUN/index-DATA-SPLIT.npz)",
+        "overwrite --out (even RUN/index.npz)",
     )
     index_command.set_defaults(handler=cmd_index)
 
