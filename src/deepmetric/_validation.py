@@ -7,6 +7,8 @@ do. The numeric code behind these checks trusts its inputs.
 from __future__ import annotations
 
 import math
+import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -218,3 +220,9 @@ def error_reason(error: BaseException) -> str:
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+FILE_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+"""What numpy, zipfile and zlib raise on reading a damaged file (truncated, not a zip archive,
+a corrupt compressed member, a missing key): a reader catches these and raises its own error
+naming the file, with `error_reason` as the cause."""

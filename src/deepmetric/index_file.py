@@ -12,13 +12,13 @@ message names the file, says what is wrong and how to rebuild it.
 from __future__ import annotations
 
 import json
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from deepmetric._validation import FILE_READ_ERRORS
 
 __all__ = ["FORMAT_VERSION", "IndexFile", "IndexFileError", "read_index_file", "write_index_file"]
 
@@ -26,8 +26,6 @@ FORMAT_VERSION = 1
 SETTINGS = ("metric", "kind", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
 OPTIONAL_SETTINGS = ("chunk_size",)
 _REBUILD = "rebuild it with `deepmetric index RUN DATA` (or NeighbourIndex.save)"
-# What numpy, zipfile and zlib raise on a damaged archive or member.
-_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 class IndexFileError(ValueError):
@@ -102,7 +100,7 @@ def write_index_file(
 def _member(data: Any, key: str, path: str | Path) -> np.ndarray:
     try:
         return data[key]
-    except _READ_ERRORS as error:
+    except FILE_READ_ERRORS as error:
         if "pickle" in str(error) or "Object arrays" in str(error):
             raise IndexFileError(path, f"{key!r} holds Python objects, not plain arrays") from None
         raise IndexFileError(path, f"{key!r} cannot be read ({type(error).__name__})") from None
@@ -176,7 +174,7 @@ no such file; rebuild it with `deepmetric index RUN DATA` (or NeighbourIndex.sav
         raise IndexFileError(path, "there is no such file")
     try:
         archive = np.load(path, allow_pickle=False)
-    except _READ_ERRORS:
+    except FILE_READ_ERRORS:
         raise IndexFileError(path, "it is not a complete .npz archive (truncated?)") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise IndexFileError(path, "it holds a single array, not an index archive")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import difflib
 import os
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deepmetric._validation import error_reason
+from deepmetric._validation import FILE_READ_ERRORS, error_reason
 from deepmetric.data.base import (
     ArrayDataset,
     DataError,
@@ -134,7 +133,7 @@ def _read_table(path: Path) -> dict:
         return readers[suffix](path)
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+    except FILE_READ_ERRORS as error:
         reason = error_reason(error)
         raise DataError(
             f"{os.fspath(path)}: cannot read the table ({reason}): the file is damaged or not "

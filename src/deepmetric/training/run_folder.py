@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from deepmetric._validation import error_reason
+from deepmetric._validation import FILE_READ_ERRORS, error_reason
 from deepmetric.training.checkpoint import atomic_write
 from deepmetric.training.config import Config, config_diff, load_config
 from deepmetric.training.errors import CheckpointError, ConfigError, RunFolderError
@@ -229,7 +228,7 @@ class RunFolder:
         try:
             with np.load(self.embeddings, allow_pickle=False) as data:
                 embeddings, labels = data["embeddings"], data["labels"]
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        except FILE_READ_ERRORS as error:
             reason = error_reason(error)
             raise RunFolderError(
                 f"{self.embeddings} is damaged ({reason}): write it again with `deepmetric "
