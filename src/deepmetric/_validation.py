@@ -112,6 +112,36 @@ def check_count(value: object, name: str, minimum: int = 1) -> int:
     return value
 
 
+def check_non_negative(value: float, name: str) -> float:
+    """Return `value` if it is finite and >= 0; raise naming `name` otherwise."""
+    return check_positive(value, name, allow_zero=True)
+
+
+def check_range(low: float, high: float, unit: str) -> Callable[[Any, str], float]:
+    """A check for a finite value in [low, high] (`unit` names its unit in the message)."""
+
+    def check(value: float, name: str) -> float:
+        return check_interval(value, name, low, high, unit)
+
+    return check
+
+
+def optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """`check` that also accepts None (a value the loss derives from the others)."""
+
+    def check_or_none(value: object, name: str) -> Any:
+        return None if value is None else check(value, name)
+
+    return check_or_none
+
+
+def check_flag(value: object, name: str) -> bool:
+    """Return `value` if it is a bool; raise a TypeError naming `name` otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 class HyperParameter:
     """A module attribute checked every time it is set, at construction and later alike.
 

@@ -15,16 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepmetric._validation import HyperParameter, check_count, check_positive
+from deepmetric._validation import HyperParameter, check_count, check_non_negative, check_positive
 from deepmetric.distances import BaseDistance, EuclideanDistance
+from deepmetric.losses.base import any_distance, checked
 from deepmetric.losses.classifier import (
     NOT_SIMILARITY,
     ClassifierLoss,
     ClassifierStats,
-    any_distance,
     check_class_batch,
-    check_non_negative,
-    checked,
     cosine_coefficient,
     cosine_logits,
     cross_entropy_terms,

@@ -8,13 +8,17 @@ other structured losses; a similarity s enters as the dissimilarity -s.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric._validation import HyperParameter, check_finite, check_interval, check_positive
+from deepmetric._validation import (
+    check_count,
+    check_finite,
+    check_non_negative,
+    check_range,
+    optional,
+)
 from deepmetric.blocks import Sweep
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses._blocks import (
@@ -27,10 +31,17 @@ from deepmetric.losses._blocks import (
     prepare_call,
     setup_pairs,
 )
-from deepmetric.losses.base import MetricLoss
-from deepmetric.losses.reduction import check_reduction
+from deepmetric.losses.base import MetricLoss, any_distance, checked
 
 
+@checked(
+    any_distance(EuclideanDistance),
+    margin=check_non_negative,
+    Tn=check_non_negative,
+    imbalance=check_range(0, 1, ""),
+    alpha=optional(check_finite),
+    Tp=check_non_negative,
+)
 def ranked_list_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -79,9 +90,7 @@ def ranked_list_loss(
         >>> ranked_list_loss(torch.nn.functional.normalize(x), y) >= 0
         tensor(True)
     """
-    distance = EuclideanDistance() if distance is None else distance
-    check_reduction(reduction)
-    alpha = _check_ranked_list(margin, Tn, imbalance, alpha, Tp)
+    alpha = 1 + margin / 2 if alpha is None else alpha
     ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
@@ -111,17 +120,10 @@ def ranked_list_loss(
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
 
 
-def _check_ranked_list(margin, Tn, imbalance, alpha, Tp) -> float:  # noqa: N803
-    check_positive(margin, "margin", allow_zero=True)
-    check_positive(Tn, "Tn", allow_zero=True)
-    check_positive(Tp, "Tp", allow_zero=True)
-    if not 0 <= imbalance <= 1:
-        raise ValueError(f"imbalance must be in [0, 1], got {imbalance}")
-    return 1 + margin / 2 if alpha is None else float(alpha)
-
-
 class RankedListLoss(MetricLoss):
     """Ranked list loss module; see `ranked_list_loss` for the formula and arguments.
+
+    `alpha=None` (the default) means 1 + margin / 2 at each call.
 
     Example:
         >>> loss_fn = RankedListLoss(margin=0.4, Tn=10)
@@ -129,37 +131,15 @@ class RankedListLoss(MetricLoss):
         >>> loss = loss_fn(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    margin = HyperParameter(partial(check_positive, allow_zero=True))
-    Tn = HyperParameter(partial(check_positive, allow_zero=True))
-    imbalance = HyperParameter(partial(check_interval, low=0.0, high=1.0))
-    alpha = HyperParameter(check_finite)
-    Tp = HyperParameter(partial(check_positive, allow_zero=True))
-
-    local_anchor_supported = True
-
-    def __init__(
-        self,
-        margin: float = 0.4,
-        Tn: float = 10.0,  # noqa: N803
-        imbalance: float = 0.5,
-        alpha: float | None = None,
-        Tp: float = 0.0,  # noqa: N803
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, reduction)
-        self.alpha = _check_ranked_list(margin, Tn, imbalance, alpha, Tp)
-        self.margin, self.Tn, self.imbalance, self.Tp = margin, Tn, imbalance, Tp
-        self.stats: StructuredStats | None = None
-
     function = staticmethod(ranked_list_loss)
-    hyper_parameters = ("margin", "Tn", "imbalance", "alpha", "Tp")
+    local_anchor_supported = True
 
 
 # ---------------------------------------------------------------------------------------------
 # Margin loss
 
 
+@checked(any_distance(EuclideanDistance), margin=check_non_negative, nu=check_non_negative)
 def margin_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -201,9 +181,6 @@ def margin_loss(
         >>> margin_loss(torch.nn.functional.normalize(x), y, beta=1.2) >= 0
         tensor(True)
     """
-    distance = EuclideanDistance() if distance is None else distance
-    check_reduction(reduction)
-    _check_margin(margin, nu)
     ids = (query_ids, ref_ids, relevance)
     inputs = prepare_call(embeddings, labels, indices_tuple, ref_emb, ref_labels, ids)
     beta = torch.as_tensor(beta, device=inputs.embeddings.device)
@@ -239,11 +216,6 @@ def margin_loss(
         anchor_beta = beta.to(dtype)[inputs.labels] if per_class else beta.to(dtype)
         regulariser = nu * anchor_beta.mean()
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats, regulariser)
-
-
-def _check_margin(margin: float, nu: float) -> None:
-    check_positive(margin, "margin", allow_zero=True)
-    check_positive(nu, "nu", allow_zero=True)
 
 
 def _check_beta_classes(beta: Tensor, labels: Tensor | None) -> None:
@@ -285,8 +257,7 @@ class MarginLoss(MetricLoss):
         >>> loss = loss_fn(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    margin = HyperParameter(partial(check_positive, allow_zero=True))
-    nu = HyperParameter(partial(check_positive, allow_zero=True))
+    function = staticmethod(margin_loss)
 
     @property
     def local_anchor_supported(self) -> bool:
@@ -309,8 +280,8 @@ class MarginLoss(MetricLoss):
         reduction: str = "nonzero_mean",
     ) -> None:
         super().__init__(distance, reduction)
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_classes is not None:
+            check_count(num_classes, "num_classes")
         self.margin, self.nu, self.num_classes = margin, nu, num_classes
         shape = () if num_classes is None else (num_classes,)
         initial = torch.full(shape, check_finite(beta, "beta"))
@@ -318,7 +289,7 @@ class MarginLoss(MetricLoss):
             self.beta = nn.Parameter(initial)
         else:
             self.register_buffer("beta", initial)
-        self.stats: StructuredStats | None = None
 
-    function = staticmethod(margin_loss)
-    hyper_parameters = ("margin", "beta", "nu")
+    def function_arguments(self) -> dict[str, object]:
+        """The function's arguments, with the module's beta (a parameter or a buffer)."""
+        return {**super().function_arguments(), "beta": self.beta}

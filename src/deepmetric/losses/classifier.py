@@ -30,29 +30,24 @@ proxies, centres) instead of with other embeddings. They share these conventions
   loss == loss_sum / normaliser, so a distributed wrapper can sum both over ranks); the
   modules keep it in `stats`.
 
-Thin by construction: each hyper-parameter is declared once, on the function, by
-`@checked(<distance rule>, name=<check>, ...)`; the decorator runs these checks (and the
-distance rule and the reduction check) on every call, so the body trusts its arguments. A
-`ClassifierLoss` subclass names its function and its class vectors:
+Thin by construction (`deepmetric.losses.base.checked` and `MetricLoss`): each
+hyper-parameter is declared once, on the function, by `@checked(<distance rule>, name=<check>,
+...)`. A `ClassifierLoss` subclass names its function and its class vectors:
 
     class CosFaceLoss(ClassifierLoss):
         function = staticmethod(cosface_loss)
         class_vectors = ("weight",)
 
-and gets, from the function, a `HyperParameter` for each of its hyper-parameters (checked
-by the same check whenever it is set), its distance rule, and a constructor
-`(num_classes, embedding_size, <the function's hyper-parameters and defaults>,
-distance=None, reduction="mean")` that stores them and makes the class vectors. A module
-whose constructor differs from its function (a schedule, a buffer, a flag) writes its own
-`__init__`; the call, the stats and the repr come from here.
+and gets the constructor `(num_classes, embedding_size, <the function's hyper-parameters and
+defaults>, distance=None, reduction="mean")`, which stores them and makes the class vectors.
+A module whose constructor differs from its function (a schedule, a buffer, a flag) writes
+its own `__init__`; the call, the stats and the repr come from here.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -65,9 +60,7 @@ from deepmetric._validation import (
     HyperParameter,
     check_batch,
     check_count,
-    check_interval,
     check_labels,
-    check_positive,
 )
 from deepmetric.distances import (
     BaseDistance,
@@ -75,24 +68,9 @@ from deepmetric.distances import (
     SquaredEuclideanDistance,
     safe_normalize,
 )
-from deepmetric.losses.base import MetricLoss
-from deepmetric.losses.reduction import check_reduction
+from deepmetric.losses.base import DistanceRule, MetricLoss
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-check_non_negative = functools.partial(check_positive, allow_zero=True)
-
-
-def check_flag(value: object, name: str) -> bool:
-    """Return `value` if it is a bool; raise a TypeError naming `name` otherwise."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def check_range(low: float, high: float, unit: str) -> Callable[[Any, str], float]:
-    """A check for a finite value in [low, high] (`unit` names its unit in the message)."""
-    return functools.partial(check_interval, low=low, high=high, unit=unit)
 
 
 def very_negative(dtype: torch.dtype) -> float:
@@ -109,35 +87,6 @@ def full_precision(device: torch.device) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- which distance a loss takes
-
-
-class DistanceRule(NamedTuple):
-    """Which distances a loss accepts (`accepts`), and the one it uses by default."""
-
-    default: Callable[[], BaseDistance]
-    accepts: Callable[[BaseDistance], bool]
-    requirement: str
-
-    def resolve(self, distance: object, loss: str) -> BaseDistance:
-        """`distance`, or the default for None; raise naming `distance` if it is not accepted."""
-        if distance is None:
-            return self.default()
-        if not isinstance(distance, BaseDistance):
-            raise TypeError(
-                f"distance must be a deepmetric.distances.BaseDistance instance, got "
-                f"{type(distance).__name__}; pass e.g. distance=CosineSimilarity()"
-            )
-        if not self.accepts(distance):
-            raise ValueError(
-                f"distance={type(distance).__name__}(...) cannot be used by {loss}: it needs "
-                f"{self.requirement}; pass distance={self.default()!r} or leave it out"
-            )
-        return distance
-
-
-def any_distance(default: Callable[[], BaseDistance]) -> DistanceRule:
-    """A rule that accepts every distance and similarity, with this default."""
-    return DistanceRule(default, lambda d: True, "a deepmetric distance or similarity")
 
 
 COSINE = DistanceRule(
@@ -163,54 +112,6 @@ def cosine_coefficient(distance: BaseDistance, scale: float) -> float | None:
     if type(distance) is SquaredEuclideanDistance and distance.normalize_embeddings:
         return 2 * scale
     return None
-
-
-# ---------------------------------------------------------------- checked calls
-
-Check = Callable[[Any, str], Any]
-"""`check(value, name)`: the value to use, or an error naming `name` (deepmetric._validation)."""
-
-
-def checked(
-    distances: DistanceRule | None = None, **checks: Check
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Declare a loss function's checks once, where the function is defined.
-
-    On every call, before the body runs: `distance` is resolved by the `distances` rule (its
-    default for None; an error naming `distance` for one the loss cannot use), `reduction`
-    is checked, and each keyword named in `checks` that the caller passes is replaced by
-    `check(value, name)` (the defaults are the author's). The body then trusts these
-    arguments. The rule and the checks stay on the function as `distances` and `checks`,
-    from which `ClassifierLoss` builds its module form.
-
-    Example:
-        >>> @checked(COSINE, scale=check_positive)
-        ... def scaled(embeddings, *, scale=1.0, distance=None, reduction="mean"):
-        ...     return embeddings * scale
-        >>> scaled(torch.ones(1), scale=2)
-        tensor([2.])
-        >>> scaled(torch.ones(1), scale=-1.0)
-        Traceback (most recent call last):
-        ...
-        ValueError: scale must be > 0, got -1.0
-    """
-
-    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(function)
-        def checked_call(*args: Any, **kwargs: Any) -> Any:
-            if distances is not None:
-                kwargs["distance"] = distances.resolve(kwargs.get("distance"), function.__name__)
-            if "reduction" in kwargs:
-                check_reduction(kwargs["reduction"])
-            for name, check in checks.items():
-                if name in kwargs:
-                    kwargs[name] = check(kwargs[name], name)
-            return function(*args, **kwargs)
-
-        checked_call.distances, checked_call.checks = distances, checks  # type: ignore[attr-defined]
-        return checked_call
-
-    return decorate
 
 
 class ClassBatch(NamedTuple):
@@ -404,18 +305,12 @@ class ClassifierLoss(MetricLoss):
     """Base of the losses with learnable class vectors (proxies, class weights, centres).
 
     A subclass sets `function` (its functional form, decorated with `checked`) and
-    `class_vectors` (the names of its tensors that the function takes by keyword). From the
-    function it gets its distance rule (`distances`), a `HyperParameter` for each checked
-    keyword of the function that the class does not define itself (a class defines one
-    itself to accept more than the function, or as a property computed from its state, e.g.
-    a schedule's current value), and, unless it writes its own `__init__`, the constructor
-    `(num_classes, embedding_size, <the function's hyper-parameters with their defaults>,
-    distance=None, reduction="mean")`, which stores them and makes each class vector with
-    `class_vector_rows()` rows. Each call passes the class vectors and the function's
-    hyper-parameters from the module's attributes; `update` runs after each training-mode
-    call (schedules, centre updates). `stats` holds the stats of the last call. The call
-    takes the keyword-only `query_ids` of every loss (checked; no effect, since rows are
-    compared with class vectors, never with each other).
+    `class_vectors` (the names of its tensors that the function takes by keyword); the rest
+    comes from `MetricLoss`, with `num_classes` and `embedding_size` leading the generated
+    constructor, whose `init_state` makes each class vector with `class_vector_rows()` rows.
+    Each call also passes the class vectors; `update` runs after each training-mode call
+    (schedules, centre updates). The call takes the keyword-only `query_ids` of every loss
+    (checked; no effect, since rows are compared with class vectors, never with each other).
 
     Args:
         num_classes: C, the number of classes; labels must lie in [0, C).
@@ -427,40 +322,9 @@ class ClassifierLoss(MetricLoss):
     class_vectors: ClassVar[tuple[str, ...]] = ()
     distances: ClassVar[DistanceRule] = COSINE
     local_anchor_supported: ClassVar[bool] = True
-    passed: ClassVar[tuple[str, ...]] = ()
-    """The function's hyper-parameters, passed from the module's attributes on each call."""
-    hyper_parameters: ClassVar[tuple[str, ...]] = ()
 
     num_classes = HyperParameter(check_count)
     embedding_size = HyperParameter(check_count)
-    reduction = HyperParameter(lambda value, name: check_reduction(value))
-
-    @staticmethod
-    def function(*args: Any, **kwargs: Any) -> Any:
-        """The functional form; a subclass sets its own."""
-        raise NotImplementedError("a ClassifierLoss subclass sets `function`, its functional form")
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "function" in vars(cls):
-            cls.distances, cls.passed = cls.function.distances, tuple(cls.function.checks)
-            for name, check in cls.function.checks.items():
-                if not hasattr(cls, name):
-                    descriptor = HyperParameter(check)
-                    descriptor.__set_name__(cls, name)
-                    setattr(cls, name, descriptor)
-            if "__init__" not in vars(cls):
-                cls.__init__ = _stores_arguments(cls)  # type: ignore[method-assign]
-        declared = (  # per class, the function's hyper-parameters first, in its order
-            name
-            for klass in reversed(cls.__mro__)
-            for name in (*vars(klass).get("passed", ()), *vars(klass))
-        )
-        cls.hyper_parameters = tuple(
-            name
-            for name in dict.fromkeys(declared)
-            if isinstance(inspect.getattr_static(cls, name, None), HyperParameter)
-        )
 
     def __init__(
         self,
@@ -469,7 +333,7 @@ class ClassifierLoss(MetricLoss):
         distance: BaseDistance | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(self.distances.resolve(distance, type(self).__name__), reduction)
+        super().__init__(distance, reduction)
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.stats: ClassifierStats | None = None
 
@@ -477,11 +341,15 @@ class ClassifierLoss(MetricLoss):
         """The rows of each class vector the constructor makes: one per class."""
         return self.num_classes
 
+    def init_state(self) -> None:
+        """Make each class vector (`init_class_vectors`)."""
+        for name in self.class_vectors:
+            setattr(self, name, init_class_vectors(self.class_vector_rows(), self.embedding_size))
+
     def function_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of `function` for the next call."""
+        """The keyword arguments of `function` for the next call, class vectors included."""
         vectors = {name: getattr(self, name) for name in self.class_vectors}
-        hyper = {name: getattr(self, name) for name in self.passed}
-        return {**vectors, **hyper, "distance": self.distance, "reduction": self.reduction}
+        return {**vectors, **super().function_arguments()}
 
     def forward(
         self,
@@ -495,62 +363,10 @@ class ClassifierLoss(MetricLoss):
         ref_ids: Tensor | None = None,
     ) -> Tensor:
         _check_ids(query_ids, ref_ids, embeddings)
-        loss, self.stats = type(self).function(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            return_stats=True,
-            **self.function_arguments(),
-        )
+        loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if self.training:
             self.update(embeddings.detach(), labels)
         return loss
 
     def update(self, embeddings: Tensor, labels: Tensor) -> None:
         """What a training-mode call changes after the loss (nothing by default)."""
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.hyper_parameters)
-
-
-def _stores_arguments(cls: type[ClassifierLoss]) -> Callable[..., None]:
-    """The constructor of a `ClassifierLoss` subclass whose arguments are its function's:
-    `(num_classes, embedding_size, <hyper-parameters>, distance=None, reduction="mean")`,
-    each hyper-parameter with the function's default and annotation (or the class's, where
-    the class annotates it). It stores every argument (its `HyperParameter` checks it) and
-    makes each class vector with `init_class_vectors`."""
-    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    own_annotations = inspect.get_annotations(cls)
-    keywords = inspect.signature(cls.function).parameters
-    hyper = [
-        keywords[name].replace(
-            kind=positional, annotation=own_annotations.get(name, keywords[name].annotation)
-        )
-        for name in cls.passed
-    ]
-    base = inspect.signature(ClassifierLoss.__init__)
-    *self_and_sizes, distance, reduction = base.parameters.values()
-    signature = base.replace(parameters=[*self_and_sizes, *hyper, distance, reduction])
-
-    def __init__(self: ClassifierLoss, *args: Any, **kwargs: Any) -> None:
-        arguments = signature.bind(self, *args, **kwargs)
-        arguments.apply_defaults()
-        values = arguments.arguments
-        ClassifierLoss.__init__(
-            self,
-            values["num_classes"],
-            values["embedding_size"],
-            values["distance"],
-            values["reduction"],
-        )
-        for parameter in hyper:
-            setattr(self, parameter.name, values[parameter.name])
-        for name in cls.class_vectors:
-            setattr(self, name, init_class_vectors(self.class_vector_rows(), self.embedding_size))
-
-    __init__.__signature__ = signature  # type: ignore[attr-defined]
-    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-    __init__.__doc__ = f"Store the arguments (see `{cls.__name__}`) and make the class vectors."
-    return __init__

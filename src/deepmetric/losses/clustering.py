@@ -8,13 +8,12 @@ facility location losses also need the batch itself as the reference set and ref
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric._validation import HyperParameter, check_positive
+from deepmetric._validation import check_non_negative
 from deepmetric.distances import (
     BaseDistance,
     DotProductSimilarity,
@@ -22,8 +21,15 @@ from deepmetric.distances import (
     SquaredEuclideanDistance,
 )
 from deepmetric.losses._blocks import StructuredStats
-from deepmetric.losses.base import LossInputs, MetricLoss, prepare_inputs
-from deepmetric.losses.reduction import check_reduction, reduce_terms
+from deepmetric.losses.base import (
+    DistanceRule,
+    LossInputs,
+    MetricLoss,
+    any_distance,
+    checked,
+    prepare_inputs,
+)
+from deepmetric.losses.reduction import reduce_terms
 
 
 def _batch_structure_only(
@@ -64,6 +70,7 @@ def _labelled_inputs(
 # Coupled clusters loss
 
 
+@checked(any_distance(SquaredEuclideanDistance), margin=check_non_negative)
 def coupled_clusters_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -103,9 +110,6 @@ def coupled_clusters_loss(
         >>> coupled_clusters_loss(x, y, margin=1.0) >= 0
         tensor(True)
     """
-    distance = SquaredEuclideanDistance() if distance is None else distance
-    check_reduction(reduction)
-    check_positive(margin, "margin", allow_zero=True)
     ids = (query_ids, ref_ids, relevance)
     inputs = _labelled_inputs(
         "coupled_clusters_loss", embeddings, labels, indices_tuple, ref_emb, ref_labels, False, ids
@@ -136,20 +140,9 @@ class CoupledClustersLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    margin = HyperParameter(partial(check_positive, allow_zero=True))
-
+    function = staticmethod(coupled_clusters_loss)
     local_anchor_supported = False
     local_anchor_reason = "it compares each row with the centre of its class over the whole batch"
-
-    def __init__(
-        self, margin: float = 1.0, distance: BaseDistance | None = None, reduction: str = "mean"
-    ) -> None:
-        super().__init__(SquaredEuclideanDistance() if distance is None else distance, reduction)
-        self.margin = margin
-        self.stats: StructuredStats | None = None
-
-    function = staticmethod(coupled_clusters_loss)
-    hyper_parameters = ("margin",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +164,7 @@ class FacilityLocationStats:
     oracle_score: Tensor
 
 
+@checked(any_distance(EuclideanDistance), margin_multiplier=check_non_negative)
 def facility_location_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -214,8 +208,6 @@ def facility_location_loss(
         >>> facility_location_loss(x, y) >= 0
         tensor(True)
     """
-    distance = EuclideanDistance() if distance is None else distance
-    check_positive(margin_multiplier, "margin_multiplier", allow_zero=True)
     ids = (query_ids, ref_ids, relevance)
     inputs = _labelled_inputs(
         "facility_location_loss", embeddings, labels, indices_tuple, ref_emb, ref_labels, False, ids
@@ -416,19 +408,9 @@ class FacilityLocationLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    margin_multiplier = HyperParameter(partial(check_positive, allow_zero=True))
-
+    function = staticmethod(facility_location_loss)
     local_anchor_supported = False
     local_anchor_reason = "its clustering score (medoids, NMI) is a function of the whole batch"
-
-    def __init__(self, margin_multiplier: float = 1.0, distance: BaseDistance | None = None):
-        super().__init__(distance)
-        self.margin_multiplier = margin_multiplier
-        self.stats: FacilityLocationStats | None = None
-
-    function = staticmethod(facility_location_loss)
-    hyper_parameters = ("margin_multiplier",)
-    has_reduction = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +429,22 @@ class DeepClusteringStats:
     normaliser: int
 
 
+INNER_PRODUCT = DistanceRule(
+    DotProductSimilarity,
+    lambda d: isinstance(d, DotProductSimilarity),
+    "an inner-product affinity V V^T: DotProductSimilarity() or CosineSimilarity()",
+)
+
+
+def _mean_or_sum(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"reduction must be 'mean' or 'sum' for deep_clustering_loss, got {reduction!r} "
+            "('nonzero_mean' would need the N x N residual)"
+        )
+
+
+@checked(INNER_PRODUCT, together=_mean_or_sum)
 def deep_clustering_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -483,8 +481,6 @@ def deep_clustering_loss(
         >>> deep_clustering_loss(x, y, reduction="sum") >= 0
         tensor(True)
     """
-    distance = DotProductSimilarity() if distance is None else distance
-    _check_deep_clustering(distance, reduction)
     inputs: LossInputs = _labelled_inputs(
         "deep_clustering_loss",
         embeddings,
@@ -519,19 +515,6 @@ def deep_clustering_loss(
     return loss, DeepClusteringStats(loss_sum=loss_sum, normaliser=normaliser)
 
 
-def _check_deep_clustering(distance: BaseDistance, reduction: str) -> None:
-    if not isinstance(distance, DotProductSimilarity):
-        raise ValueError(
-            "deep_clustering_loss needs an inner-product affinity V V^T: use distance="
-            f"DotProductSimilarity() or CosineSimilarity(), got {type(distance).__name__}"
-        )
-    if reduction not in ("mean", "sum"):
-        raise ValueError(
-            f"reduction must be 'mean' or 'sum' for deep_clustering_loss, got {reduction!r} "
-            "('nonzero_mean' would need the N x N residual)"
-        )
-
-
 class DeepClusteringLoss(MetricLoss):
     """Deep clustering affinity loss module; see `deep_clustering_loss` for the formula.
 
@@ -543,14 +526,8 @@ class DeepClusteringLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
+    function = staticmethod(deep_clustering_loss)
     local_anchor_supported = False
     local_anchor_reason = (
         "its affinity norm ||V V^T - Y Y^T|| couples every pair of rows through the whole batch"
     )
-
-    def __init__(self, distance: BaseDistance | None = None, reduction: str = "mean") -> None:
-        super().__init__(DotProductSimilarity() if distance is None else distance, reduction)
-        _check_deep_clustering(self.distance, reduction)
-        self.stats: DeepClusteringStats | None = None
-
-    function = staticmethod(deep_clustering_loss)

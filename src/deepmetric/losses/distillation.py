@@ -18,15 +18,14 @@ from deepmetric._validation import (
     check_embeddings,
     check_labels,
     check_positive,
+    check_range,
     check_same_device,
     compute_dtype,
 )
 from deepmetric.distances import BaseDistance, CosineSimilarity
+from deepmetric.losses.base import any_distance, checked
 from deepmetric.losses.classifier import (
     ClassifierStats,
-    any_distance,
-    check_range,
-    checked,
     full_precision,
     reduce_rows,
     very_negative,

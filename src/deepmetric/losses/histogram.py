@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric._validation import HyperParameter, check_count
+from deepmetric._validation import check_count, check_finite
 from deepmetric.blocks import Sweep
 from deepmetric.distances import BaseDistance, CosineSimilarity
 from deepmetric.losses._blocks import PairSets, setup_pairs
-from deepmetric.losses.base import MetricLoss
+from deepmetric.losses.base import MetricLoss, any_distance, checked
 from deepmetric.losses.reduction import zero_with_graph
 
 
@@ -30,6 +30,19 @@ class HistogramStats:
     num_neg_pairs: Tensor
 
 
+def check_value_range(value: object, name: str) -> tuple[float, float] | None:
+    """`value` as (low, high) floats with low < high, or None; an error naming `name` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (low, high) or None, got {value!r}")
+    low, high = (check_finite(v, name) for v in value)
+    if not low < high:
+        raise ValueError(f"{name} must be (low, high) with low < high, got {value}")
+    return low, high
+
+
+@checked(any_distance(CosineSimilarity), n_bins=check_count, value_range=check_value_range)
 def histogram_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -72,8 +85,7 @@ def histogram_loss(
         >>> 0 <= histogram_loss(x, y, n_bins=20) <= 1
         tensor(True)
     """
-    distance = CosineSimilarity() if distance is None else distance
-    low, high = _check_histogram(n_bins, value_range, distance)
+    low, high = _similarity_range(value_range, distance)
     ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
@@ -178,18 +190,13 @@ def _plain_histogram_loss(pairs: PairSets, bins: _Bins, matrix: Tensor, rows: sl
     return (density(negatives) * density(pairs.positive_mask(rows)).cumsum(0)).sum()
 
 
-def _check_histogram(
-    n_bins: int, value_range: tuple[float, float] | None, distance: BaseDistance
+def _similarity_range(
+    value_range: tuple[float, float] | None, distance: BaseDistance
 ) -> tuple[float, float]:
     """The similarity range [low, high] the bins cover (for a distance, that of -d)."""
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     if value_range is None:
         value_range = (0.0, 2.0) if distance.sign > 0 else (-1.0, 1.0)
-    low, high = (float(v) for v in value_range)
-    if not low < high:
-        raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
-    low, high = sorted(-distance.sign * value for value in (low, high))  # as similarities
+    low, high = sorted(-distance.sign * value for value in value_range)
     return low, high
 
 
@@ -204,25 +211,9 @@ class HistogramLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    n_bins = HyperParameter(check_count)
-
+    function = staticmethod(histogram_loss)
     local_anchor_supported = False
     local_anchor_reason = (
         "its histograms are normalised over every pair of the whole batch, so it is not a sum"
         " of per-anchor terms"
     )
-
-    def __init__(
-        self,
-        n_bins: int = 100,
-        value_range: tuple[float, float] | None = None,
-        distance: BaseDistance | None = None,
-    ) -> None:
-        super().__init__(CosineSimilarity() if distance is None else distance)
-        _check_histogram(n_bins, value_range, self.distance)
-        self.n_bins, self.value_range = n_bins, value_range
-        self.stats: HistogramStats | None = None
-
-    function = staticmethod(histogram_loss)
-    hyper_parameters = ("n_bins", "value_range")
-    has_reduction = False

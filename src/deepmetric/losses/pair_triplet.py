@@ -9,18 +9,17 @@ inequalities are turned around, e.g. the triplet term becomes [s(a,n) - s(a,p) +
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric._validation import HyperParameter, check_finite, check_positive
+from deepmetric._validation import check_finite, check_flag, check_non_negative
 from deepmetric.blocks import Sweep
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses._blocks import prepare_call, reduction_scale, setup_pairs
-from deepmetric.losses.base import MetricLoss
-from deepmetric.losses.reduction import check_reduction, reduce_terms, reduction_normaliser
+from deepmetric.losses.base import MetricLoss, any_distance, checked
+from deepmetric.losses.reduction import reduce_terms, reduction_normaliser
 from deepmetric.pairwise import Relation, build_relation, drop_same_items
 from deepmetric.triplet_counting import (
     AllTripletsDense,
@@ -77,12 +76,8 @@ def check_power(value: float, name: str) -> float:
     return value
 
 
-def _check_contrastive_margins(
-    pos_margin: float, neg_margin: float, power: float, distance: BaseDistance
-) -> None:
-    check_finite(pos_margin, "pos_margin")
-    check_finite(neg_margin, "neg_margin")
-    check_power(power, "power")
+def _check_margin_order(pos_margin: float, neg_margin: float, distance: BaseDistance) -> None:
+    """Raise unless the margins bound a band in the distance's orientation."""
     if distance.is_inverted:
         if pos_margin < neg_margin:
             raise ValueError(
@@ -96,6 +91,13 @@ def _check_contrastive_margins(
         )
 
 
+@checked(
+    any_distance(EuclideanDistance),
+    together=_check_margin_order,
+    pos_margin=check_finite,
+    neg_margin=check_finite,
+    power=check_power,
+)
 def contrastive_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -137,9 +139,6 @@ def contrastive_loss(
         >>> contrastive_loss(x, y, neg_margin=2.0).shape
         torch.Size([])
     """
-    distance = EuclideanDistance() if distance is None else distance
-    check_reduction(reduction)
-    _check_contrastive_margins(pos_margin, neg_margin, power, distance)
     ids = (query_ids, ref_ids, relevance)
     if indices_tuple is None:
         inputs, pairs, sweep = setup_pairs(
@@ -256,6 +255,12 @@ class _ContrastiveHinges:
         return pos.pow(power).sum(), neg.pow(power).sum()
 
 
+@checked(
+    any_distance(EuclideanDistance),
+    margin=check_non_negative,
+    swap=check_flag,
+    smooth_loss=check_flag,
+)
 def triplet_margin_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -306,10 +311,6 @@ def triplet_margin_loss(
         >>> triplet_margin_loss(x, y, margin=0.5) >= 0
         tensor(True)
     """
-    distance = EuclideanDistance() if distance is None else distance
-    check_reduction(reduction)
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
     ids = (query_ids, ref_ids, relevance)
     if indices_tuple is None and not swap:
         inputs, pairs, sweep = setup_pairs(
@@ -438,31 +439,12 @@ class ContrastiveLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    pos_margin = HyperParameter(check_finite)
-    neg_margin = HyperParameter(check_finite)
-    power = HyperParameter(check_power)
-
+    function = staticmethod(contrastive_loss)
     local_anchor_supported = False
     local_anchor_reason = (
         "its positive and negative parts are divided by two different counts (positive pairs,"
         " negative pairs), so it is not one sum of per-anchor terms over one count"
     )
-
-    def __init__(
-        self,
-        pos_margin: float = 0.0,
-        neg_margin: float = 1.0,
-        power: float = 1.0,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, reduction)
-        _check_contrastive_margins(pos_margin, neg_margin, power, self.distance)
-        self.pos_margin, self.neg_margin, self.power = pos_margin, neg_margin, power
-        self.stats: PairStats | None = None
-
-    function = staticmethod(contrastive_loss)
-    hyper_parameters = ("pos_margin", "neg_margin", "power")
 
 
 class TripletMarginLoss(MetricLoss):
@@ -477,21 +459,5 @@ class TripletMarginLoss(MetricLoss):
         48
     """
 
-    margin = HyperParameter(partial(check_positive, allow_zero=True))
-
-    local_anchor_supported = True
-
-    def __init__(
-        self,
-        margin: float = 0.2,
-        swap: bool = False,
-        smooth_loss: bool = False,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, reduction)
-        self.margin, self.swap, self.smooth_loss = margin, swap, smooth_loss
-        self.stats: TripletStats | None = None
-
     function = staticmethod(triplet_margin_loss)
-    hyper_parameters = ("margin", "swap", "smooth_loss")
+    local_anchor_supported = True

@@ -15,19 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric._validation import HyperParameter, check_choice, check_count, check_positive
+from deepmetric._validation import (
+    HyperParameter,
+    check_choice,
+    check_count,
+    check_flag,
+    check_non_negative,
+    check_positive,
+    check_range,
+)
 from deepmetric.distances import BaseDistance, SquaredEuclideanDistance
+from deepmetric.losses.base import any_distance, checked
 from deepmetric.losses.classifier import (
     COSINE,
     NOT_SIMILARITY,
     ClassifierLoss,
     ClassifierStats,
-    any_distance,
     check_class_batch,
-    check_flag,
-    check_non_negative,
-    check_range,
-    checked,
     cosine_coefficient,
     cosine_logits,
     cross_entropy_terms,

@@ -32,19 +32,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deepmetric._validation import HyperParameter, check_count, check_positive
+from deepmetric._validation import (
+    HyperParameter,
+    check_count,
+    check_flag,
+    check_non_negative,
+    check_positive,
+    check_range,
+)
 from deepmetric.distances import BaseDistance, DotProductSimilarity, safe_normalize
+from deepmetric.losses.base import DistanceRule, checked
 from deepmetric.losses.classifier import (
     COSINE,
     ClassBatch,
     ClassifierLoss,
     ClassifierStats,
-    DistanceRule,
     check_class_batch,
-    check_flag,
-    check_non_negative,
-    check_range,
-    checked,
     cosine_logits,
     cross_entropy_terms,
     full_precision,

@@ -9,13 +9,11 @@ temperatures as small as 0.01 stay finite in float32 and memory stays O(N M) at 
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric._validation import HyperParameter, check_positive
+from deepmetric._validation import check_flag, check_non_negative, check_positive
 from deepmetric.distances import (
     BaseDistance,
     CosineSimilarity,
@@ -30,8 +28,7 @@ from deepmetric.losses._blocks import (
     new_counts,
     setup_pairs,
 )
-from deepmetric.losses.base import MetricLoss
-from deepmetric.losses.reduction import check_reduction
+from deepmetric.losses.base import MetricLoss, any_distance, checked
 
 
 def _pairwise_softmax(
@@ -56,6 +53,7 @@ def _pairwise_softmax(
     return inputs, sweep, sweep.run(objective), counts
 
 
+@checked(any_distance(CosineSimilarity), temperature=check_positive)
 def ntxent_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -91,9 +89,6 @@ def ntxent_loss(
         >>> ntxent_loss(x, y, temperature=0.1) >= 0
         tensor(True)
     """
-    distance = CosineSimilarity() if distance is None else distance
-    check_reduction(reduction)
-    check_positive(temperature, "temperature")
     inputs, sweep, total, counts = _pairwise_softmax(
         embeddings,
         labels,
@@ -107,6 +102,7 @@ def ntxent_loss(
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
 
 
+@checked(any_distance(DotProductSimilarity), l2_reg_weight=check_non_negative)
 def npairs_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -144,9 +140,6 @@ def npairs_loss(
         >>> npairs_loss(x, y) >= 0
         tensor(True)
     """
-    distance = DotProductSimilarity() if distance is None else distance
-    check_reduction(reduction)
-    check_positive(l2_reg_weight, "l2_reg_weight", allow_zero=True)
     inputs, sweep, total, counts = _pairwise_softmax(
         embeddings,
         labels,
@@ -164,6 +157,7 @@ def npairs_loss(
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats, penalty)
 
 
+@checked(any_distance(CosineSimilarity), temperature=check_positive, weight_positives=check_flag)
 def supcon_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -203,9 +197,6 @@ def supcon_loss(
         >>> supcon_loss(x, y) >= 0
         tensor(True)
     """
-    distance = CosineSimilarity() if distance is None else distance
-    check_reduction(reduction)
-    check_positive(temperature, "temperature")
     ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
@@ -241,22 +232,8 @@ class NTXentLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    temperature = HyperParameter(check_positive)
-
-    local_anchor_supported = True
-
-    def __init__(
-        self,
-        temperature: float = 0.07,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(CosineSimilarity() if distance is None else distance, reduction)
-        self.temperature = temperature
-        self.stats: StructuredStats | None = None
-
     function = staticmethod(ntxent_loss)
-    hyper_parameters = ("temperature",)
+    local_anchor_supported = True
 
 
 class NPairsLoss(MetricLoss):
@@ -267,7 +244,7 @@ class NPairsLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    l2_reg_weight = HyperParameter(partial(check_positive, allow_zero=True))
+    function = staticmethod(npairs_loss)
 
     @property
     def local_anchor_supported(self) -> bool:
@@ -279,19 +256,6 @@ class NPairsLoss(MetricLoss):
         "over the positive pairs (set l2_reg_weight=0 to run locally)"
     )
 
-    def __init__(
-        self,
-        l2_reg_weight: float = 0.002,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(DotProductSimilarity() if distance is None else distance, reduction)
-        self.l2_reg_weight = l2_reg_weight
-        self.stats: StructuredStats | None = None
-
-    function = staticmethod(npairs_loss)
-    hyper_parameters = ("l2_reg_weight",)
-
 
 class SupConLoss(MetricLoss):
     """Supervised contrastive loss module; see `supcon_loss` for the formula and arguments.
@@ -301,21 +265,5 @@ class SupConLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    temperature = HyperParameter(check_positive)
-
-    local_anchor_supported = True
-
-    def __init__(
-        self,
-        temperature: float = 0.1,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-        weight_positives: bool = False,
-    ) -> None:
-        super().__init__(CosineSimilarity() if distance is None else distance, reduction)
-        self.temperature = temperature
-        self.weight_positives = bool(weight_positives)
-        self.stats: StructuredStats | None = None
-
     function = staticmethod(supcon_loss)
-    hyper_parameters = ("temperature", "weight_positives")
+    local_anchor_supported = True

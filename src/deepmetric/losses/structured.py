@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric._validation import HyperParameter, check_finite, check_positive
+from deepmetric._validation import check_finite, check_flag, check_non_negative, check_positive
 from deepmetric.distances import BaseDistance, CosineSimilarity, EuclideanDistance
 from deepmetric.losses._blocks import (
     StructuredStats,
@@ -34,8 +34,7 @@ from deepmetric.losses._blocks import (
     new_counts,
     setup_pairs,
 )
-from deepmetric.losses.base import MetricLoss
-from deepmetric.losses.reduction import check_reduction
+from deepmetric.losses.base import MetricLoss, any_distance, checked
 
 # ---------------------------------------------------------------------------------------------
 # Lifted structured loss
@@ -44,6 +43,12 @@ LIST_CHUNK_ELEMENTS = 1 << 18
 """Entries (rows x M) per chunk of rows whose positive lists the lifted loss reads at once."""
 
 
+@checked(
+    any_distance(EuclideanDistance),
+    neg_margin=check_non_negative,
+    pos_margin=check_finite,
+    smooth=check_flag,
+)
 def lifted_structure_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -90,9 +95,6 @@ def lifted_structure_loss(
         >>> lifted_structure_loss(x, y, neg_margin=1.0) >= 0
         tensor(True)
     """
-    distance = EuclideanDistance() if distance is None else distance
-    check_reduction(reduction)
-    check_positive(neg_margin, "neg_margin", allow_zero=True)
     ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
@@ -336,35 +338,21 @@ class LiftedStructureLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    neg_margin = HyperParameter(partial(check_positive, allow_zero=True))
-    pos_margin = HyperParameter(check_finite)
-
+    function = staticmethod(lifted_structure_loss)
     local_anchor_supported = False
     local_anchor_reason = (
         "lifted structure's pair term needs the negatives of both members of a positive pair,"
         " and the reference member's negatives are another rank's anchors"
     )
 
-    def __init__(
-        self,
-        neg_margin: float = 1.0,
-        pos_margin: float = 0.0,
-        smooth: bool = True,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, reduction)
-        self.neg_margin, self.pos_margin, self.smooth = neg_margin, pos_margin, smooth
-        self.stats: StructuredStats | None = None
-
-    function = staticmethod(lifted_structure_loss)
-    hyper_parameters = ("neg_margin", "pos_margin", "smooth")
-
 
 # ---------------------------------------------------------------------------------------------
 # Multi-similarity loss
 
 
+@checked(
+    any_distance(CosineSimilarity), alpha=check_positive, beta=check_positive, base=check_finite
+)
 def multi_similarity_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -404,9 +392,6 @@ def multi_similarity_loss(
         >>> multi_similarity_loss(x, y) >= 0
         tensor(True)
     """
-    distance = CosineSimilarity() if distance is None else distance
-    check_reduction(reduction)
-    _check_multi_similarity(alpha, beta)
     ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
@@ -428,11 +413,6 @@ def multi_similarity_loss(
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
 
 
-def _check_multi_similarity(alpha: float, beta: float) -> None:
-    check_positive(alpha, "alpha")
-    check_positive(beta, "beta")
-
-
 class MultiSimilarityLoss(MetricLoss):
     """Multi-similarity loss module; see `multi_similarity_loss` for the formula and arguments.
 
@@ -441,32 +421,23 @@ class MultiSimilarityLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    alpha = HyperParameter(check_positive)
-    beta = HyperParameter(check_positive)
-    base = HyperParameter(check_finite)
-
-    local_anchor_supported = True
-
-    def __init__(
-        self,
-        alpha: float = 2.0,
-        beta: float = 50.0,
-        base: float = 0.5,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(CosineSimilarity() if distance is None else distance, reduction)
-        self.alpha, self.beta, self.base = alpha, beta, base
-        self.stats: StructuredStats | None = None
-
     function = staticmethod(multi_similarity_loss)
-    hyper_parameters = ("alpha", "beta", "base")
+    local_anchor_supported = True
 
 
 # ---------------------------------------------------------------------------------------------
 # Circle loss
 
 
+def check_relaxation(value: float, name: str) -> float:
+    """`value` if it is a circle-loss margin in [0, 1); a ValueError naming `name` otherwise."""
+    value = check_finite(value, name)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1) (cosine units), got {value}")
+    return value
+
+
+@checked(any_distance(CosineSimilarity), m=check_relaxation, gamma=check_positive)
 def circle_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
@@ -506,9 +477,6 @@ def circle_loss(
         >>> circle_loss(x, y) >= 0
         tensor(True)
     """
-    distance = CosineSimilarity() if distance is None else distance
-    check_reduction(reduction)
-    _check_circle(m, gamma)
     ids = (query_ids, ref_ids, relevance)
     inputs, pairs, sweep = setup_pairs(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, distance, ids=ids
@@ -533,19 +501,6 @@ def circle_loss(
     return finish_sum(inputs, sweep, total, counts, reduction, return_stats)
 
 
-def check_relaxation(value: float, name: str) -> float:
-    """`value` if it is a circle-loss margin in [0, 1); a ValueError naming `name` otherwise."""
-    value = check_finite(value, name)
-    if not 0 <= value < 1:
-        raise ValueError(f"{name} must be in [0, 1) (cosine units), got {value}")
-    return value
-
-
-def _check_circle(m: float, gamma: float) -> None:
-    check_relaxation(m, "m")
-    check_positive(gamma, "gamma")
-
-
 class CircleLoss(MetricLoss):
     """Circle loss module; see `circle_loss` for the formula and arguments.
 
@@ -554,21 +509,5 @@ class CircleLoss(MetricLoss):
         >>> loss = loss_fn(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    m = HyperParameter(check_relaxation)
-    gamma = HyperParameter(check_positive)
-
-    local_anchor_supported = True
-
-    def __init__(
-        self,
-        m: float = 0.4,
-        gamma: float = 80.0,
-        distance: BaseDistance | None = None,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(CosineSimilarity() if distance is None else distance, reduction)
-        self.m, self.gamma = m, gamma
-        self.stats: StructuredStats | None = None
-
     function = staticmethod(circle_loss)
-    hyper_parameters = ("m", "gamma")
+    local_anchor_supported = True
