@@ -203,17 +203,19 @@ def check_batch(
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
     labels_optional: bool = False,
+    check_label: Callable[[Tensor, int, str, str], Tensor] = check_labels,
 ) -> CheckedBatch:
     """Check a batch, its labels and an optional reference set; upcast half precision.
 
     The reference set defaults to the batch itself (`ref_is_query`). Labels may be missing
-    only when `labels_optional` (a loss given an explicit indices_tuple).
+    only when `labels_optional` (a loss given an explicit indices_tuple). Each label tensor
+    is checked, and returned, by `check_label(labels, num_rows, name, rows_name)`.
     """
     check_embeddings(embeddings)
     if labels is None and not labels_optional:
         raise ValueError("labels are required (a 1-D integer tensor, one class id per row)")
     if labels is not None:
-        check_labels(labels, len(embeddings))
+        labels = check_label(labels, len(embeddings), "labels", "embeddings")
     if ref_labels is not None and ref_emb is None:
         raise ValueError("ref_labels was given without ref_emb; pass both or neither")
     if ref_emb is not None:
@@ -226,7 +228,7 @@ def check_batch(
         if ref_labels is None and not labels_optional:
             raise ValueError("ref_emb needs ref_labels, one class id per reference row")
         if ref_labels is not None:
-            check_labels(ref_labels, len(ref_emb), "ref_labels", "ref_emb")
+            ref_labels = check_label(ref_labels, len(ref_emb), "ref_labels", "ref_emb")
     check_same_device(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels)
     dtype = embeddings.dtype
     work = compute_dtype(dtype)

@@ -31,10 +31,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from deepmetric._validation import CheckedBatch, check_batch, check_labels, check_same_device
+from deepmetric._validation import CheckedBatch, check_batch, check_labels
 from deepmetric.blocks import PASS_BLOCK_ELEMENTS, row_blocks
 from deepmetric.tuples import PositiveLists
 
@@ -165,30 +167,20 @@ def check_pair_batch(
     the item ids (`check_ids`) and an explicit `relevance` (`check_relevance`). Labels may
     be missing when `labels_optional` (a loss given an indices_tuple) or with `relevance`."""
     labels_optional = labels_optional or relevance is not None
-    if labels is None and not labels_optional:
-        raise ValueError("labels are required (a 1-D integer tensor, one class id per row)")
-    if ref_labels is not None and ref_emb is None:
-        raise ValueError("ref_labels was given without ref_emb; pass both or neither")
-    batch = check_batch(embeddings, None, ref_emb, None, labels_optional=True)
-    if ref_emb is not None and ref_labels is None and not labels_optional:
-        raise ValueError("ref_emb needs ref_labels, one class id per reference row")
+    check_label = functools.partial(check_class_labels, multi_hot=True)
+    batch = check_batch(embeddings, labels, ref_emb, ref_labels, labels_optional, check_label)
+    labels, ref_labels = batch.labels, batch.ref_labels
+    if labels is not None and ref_labels is not None and ref_labels.shape[1:] != labels.shape[1:]:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} and ref_labels {tuple(ref_labels.shape)}"
+            ": both must be class ids (1-D) or label sets over the same L labels (N, L)"
+        )
     num_query, num_ref = len(batch.embeddings), len(batch.ref_emb)
-    if labels is not None:
-        labels = check_class_labels(labels, num_query, "labels", "embeddings", multi_hot=True)
-    if ref_labels is not None:
-        ref_labels = check_class_labels(ref_labels, num_ref, "ref_labels", "ref_emb", True)
-        if labels is not None and ref_labels.shape[1:] != labels.shape[1:]:
-            raise ValueError(
-                f"labels have shape {tuple(labels.shape)} and ref_labels {tuple(ref_labels.shape)}"
-                ": both must be class ids (1-D) or label sets over the same L labels (N, L)"
-            )
-    check_same_device(embeddings=embeddings, labels=labels, ref_labels=ref_labels)
     device = batch.embeddings.device
     ids = check_ids(query_ids, ref_ids, num_query, num_ref, batch.ref_is_query, device)
     if relevance is not None:
         check_relevance(relevance, num_query, num_ref, device)
-    ref_labels = labels if batch.ref_is_query else ref_labels
-    return batch._replace(labels=labels, ref_labels=ref_labels), ids
+    return batch, ids
 
 
 class Relation:
