@@ -49,6 +49,10 @@ def contrastive_stats(x, y):
     return losses.ContrastiveLoss()(x, y)
 
 
+def contrastive_nonzero_mean(x, y):
+    return losses.contrastive_loss(x, y, reduction="nonzero_mean")
+
+
 def triplet_all(x, y):
     return losses.triplet_margin_loss(x, y)
 
@@ -105,6 +109,7 @@ def pair_margin(x, y):
 CASES = {
     "contrastive": contrastive,
     "contrastive (module, stats)": contrastive_stats,
+    "contrastive (nonzero_mean)": contrastive_nonzero_mean,
     "triplet (all, hinge)": triplet_all,
     "triplet (all, hinge, stats)": triplet_all_stats,
     "triplet (all, soft-plus)": triplet_smooth,

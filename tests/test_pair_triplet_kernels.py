@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reduce, triplet_terms
+from reference import contrastive_terms, reduce, triplet_terms
 
 from deepmetric import blocks as blocks_module
 from deepmetric import distances as dist
 from deepmetric import miners, triplet_counting
-from deepmetric.losses import contrastive_loss, triplet_margin_loss
+from deepmetric.losses import contrastive_loss, pair_triplet, triplet_margin_loss
+from deepmetric.losses._blocks import setup_pairs
 
 F64 = torch.float64
 
@@ -164,6 +165,125 @@ def test_contrastive_with_a_reference_set_in_blocks(blocks, power):
     slow = pos.sum() / max(len(pos), 1) + neg.sum() / max(len(neg), 1)
     assert_same(fast, slow, x)
     assert_same(fast, slow, ref)
+
+
+@pytest.fixture(params=["one block", "listed positives", "counting pass"])
+def nonzero_mean_path(request, monkeypatch):
+    """Run a contrastive nonzero_mean test on each of its three paths: the test batches are
+    one block by default; the other two paths are forced, with blocks of a few rows."""
+    if request.param != "one block":
+        monkeypatch.setattr(blocks_module, "PASS_BLOCK_ELEMENTS", 24)
+        monkeypatch.setattr(blocks_module, "SWEEP_BLOCK_ELEMENTS", 30)
+        monkeypatch.setattr(pair_triplet, "_nonzero_mean_path", lambda *_: request.param)
+    return request.param
+
+
+def slow_contrastive(d, y, ref_y, ref_is_query, pos_margin, neg_margin, power, like):
+    pos, neg = contrastive_terms(d, y, ref_y, ref_is_query, pos_margin, neg_margin, power)
+    active = [sum(1 for t in terms if t > 0) for terms in (pos, neg)]
+    return reduce(pos, "nonzero_mean", like) + reduce(neg, "nonzero_mean", like), active
+
+
+@pytest.mark.parametrize("classes", [1, 3, 20], ids=["one class", "three classes", "singletons"])
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_contrastive_nonzero_mean_matches_reference_on_every_path(
+    nonzero_mean_path, classes, power
+):
+    x, y = batch(classes=classes)
+    if classes == 20:
+        y = torch.arange(20)
+    fast, stats = contrastive_loss(
+        x,
+        y,
+        pos_margin=0.5,
+        neg_margin=2.0,
+        power=power,
+        reduction="nonzero_mean",
+        return_stats=True,
+    )
+    slow, active = slow_contrastive(torch.cdist(x, x), y, y, True, 0.5, 2.0, power, x)
+    assert_same(fast, slow, x)
+    assert [int(stats.num_active_pos_pairs), int(stats.num_active_neg_pairs)] == active
+
+
+def test_contrastive_nonzero_mean_with_a_reference_set_and_a_similarity(nonzero_mean_path):
+    x, y = batch(n=12, classes=4)
+    g = torch.Generator().manual_seed(11)
+    ref = torch.randn(16, 3, dtype=F64, generator=g).requires_grad_()
+    ref_y = torch.randint(0, 4, (16,), generator=g)
+    cosine = dist.CosineSimilarity()
+    fast = contrastive_loss(
+        x,
+        y,
+        ref_emb=ref,
+        ref_labels=ref_y,
+        pos_margin=0.8,
+        neg_margin=0.2,
+        distance=cosine,
+        reduction="nonzero_mean",
+    )
+    s = cosine(x, ref)
+    same = y.unsqueeze(1) == ref_y.unsqueeze(0)
+    pos, neg = (0.8 - s).clamp_min(0)[same], (s - 0.2).clamp_min(0)[~same]
+    slow = pos.sum() / (pos > 0).sum().clamp_min(1) + neg.sum() / (neg > 0).sum().clamp_min(1)
+    assert_same(fast, slow, x)
+    assert_same(fast, slow, ref)
+
+
+def test_contrastive_nonzero_mean_with_label_sets_relevance_and_item_ids(nonzero_mean_path):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(10, 3, dtype=F64, generator=g).requires_grad_()
+    hot = torch.rand(10, 4, generator=g) < 0.4
+    relevance = torch.randint(0, 3, (10, 10), generator=g)
+    ids = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6, 7, 7])  # rows 3, 4 and rows 8, 9: one item each
+    for copy, item in ((4, 3), (9, 8)):  # an item has one label set and one relevance row
+        hot[copy] = hot[item]
+        relevance[copy], relevance[:, copy] = relevance[item], relevance[:, item]
+    d = torch.cdist(x, x)
+
+    def slow(positive):
+        pos, neg = [], []
+        for i in range(10):
+            for j in range(10):
+                if ids[i] == ids[j]:
+                    continue
+                if positive[i, j]:
+                    pos.append(torch.relu(d[i, j] - 0.3))
+                else:
+                    neg.append(torch.relu(2.0 - d[i, j]))
+        return reduce(pos, "nonzero_mean", x) + reduce(neg, "nonzero_mean", x)
+
+    shared = (hot.double() @ hot.double().T) > 0
+    for pairing, positive in (({"labels": hot}, shared), ({"relevance": relevance}, relevance > 0)):
+        fast = contrastive_loss(
+            x, **pairing, query_ids=ids, pos_margin=0.3, neg_margin=2.0, reduction="nonzero_mean"
+        )
+        assert_same(fast, slow(positive), x)
+
+
+def test_contrastive_nonzero_mean_has_second_derivatives(nonzero_mean_path):
+    x, y = batch(n=10, classes=3, seed=10)
+    x = x.detach().clone()
+    x[4] += 0.1  # no duplicate points: the distance is not differentiable at 0
+    x.requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda a: contrastive_loss(a, y, neg_margin=2.5, reduction="nonzero_mean"), (x,)
+    )
+
+
+def test_contrastive_nonzero_mean_path_follows_the_batch():
+    x = torch.randn(2048, 8)
+    pk, one_class = torch.arange(2048) // 4, torch.zeros(2048, dtype=torch.long)
+    # gathered rows: 2048 x 3 x 8 entries for P x K (K = 4), 2048 x 2047 x 8 for one class
+    for rows, labels, path in (
+        (64, pk[:64], "one block"),
+        (2048, pk, "listed positives"),
+        (2048, one_class, "counting pass"),
+    ):
+        inputs, pairs, sweep = setup_pairs(
+            x[:rows], labels, None, None, None, dist.EuclideanDistance()
+        )
+        assert pair_triplet._nonzero_mean_path(sweep, inputs, pairs.relation) == path
 
 
 def test_miners_do_not_depend_on_blocks_or_counting(monkeypatch):

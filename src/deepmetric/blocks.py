@@ -194,6 +194,12 @@ class Sweep:
         self.grads: list[Tensor] | None = None
         self._plain: list[Callable[[Tensor, slice], Tensor]] = []
 
+    @property
+    def one_closed_form_block(self) -> bool:
+        """Whether `run_closed_form` takes the whole matrix as one block (its step then sees
+        every entry, e.g. every count of the call, before it writes its gradient)."""
+        return RowBlocks(self.num_rows, self.num_cols, passes=True).step >= self.num_rows
+
     def _block(self, rows: slice) -> Tensor:
         """D[rows], the distance of the normalised query rows to the reference set."""
         return self.distance.compute_block(self.query, self.ref, rows, self.ref_is_query)

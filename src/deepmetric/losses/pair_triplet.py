@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepmetric._validation import check_finite, check_flag, check_non_negative
-from deepmetric.blocks import Sweep
+from deepmetric.blocks import SWEEP_BLOCK_ELEMENTS, Sweep
 from deepmetric.distances import BaseDistance, EuclideanDistance
 from deepmetric.losses._blocks import prepare_call, reduction_scale, setup_pairs
 from deepmetric.losses.base import MetricLoss, any_distance, checked
@@ -131,7 +131,12 @@ def contrastive_loss(
         neg_margin: negatives farther than this cost nothing (distance units).
         power: exponent of each hinge, >= 1.
         distance: any `BaseDistance` (default Euclidean).
-        reduction: "mean", "nonzero_mean" or "sum", applied to each part.
+        reduction: "mean", "nonzero_mean" or "sum", applied to each part. All pairs are
+            one sweep over the distance matrix; with "nonzero_mean" each part's count of
+            active terms must be known before its gradient: a matrix of one sweep block
+            counts them in the same pass; a larger one takes the positive part on the listed
+            positive pairs (`distance.pairwise_distance`, O(|P| D)) while they are few (P x K
+            batches), and otherwise a first pass without gradient counts the terms.
         return_stats: also return a `PairStats`.
 
     Example:
@@ -145,7 +150,11 @@ def contrastive_loss(
             embeddings, labels, None, ref_emb, ref_labels, distance, ids=ids
         )
         hinges = _ContrastiveHinges(pos_margin, neg_margin, power, distance.sign)
-        loss, stats = _all_pairs_contrastive(sweep, pairs.relation, hinges, reduction)
+        path = _nonzero_mean_path(sweep, inputs, pairs.relation)
+        if reduction == "nonzero_mean" and path == "listed positives":
+            loss, stats = _contrastive_nonzero_mean(sweep, pairs.relation, hinges, inputs, distance)
+        else:
+            loss, stats = _all_pairs_contrastive(sweep, pairs.relation, hinges, reduction, path)
         loss = inputs.finish(loss)
         return (loss, stats) if return_stats else loss
     inputs = prepare_call(embeddings, labels, indices_tuple, ref_emb, ref_labels, ids)
@@ -172,27 +181,43 @@ def contrastive_loss(
     return loss, stats
 
 
-def _all_pairs_contrastive(sweep: Sweep, relation: Relation, hinges, reduction: str):
+def _all_pairs_contrastive(sweep: Sweep, relation: Relation, hinges, reduction: str, path: str):
     """The contrastive loss over every pair as an objective of the sweep: per block, the
     positive terms read through the block's positive lists, the negative terms with the
     same-label entries zeroed by a scatter, and their gradient in D in closed form. The two
-    parts have counts of their own, so the reduction's factors are known before the sweep
-    (a first pass without gradient counts the active terms for "nonzero_mean")."""
+    parts have counts of their own, so the reduction's factors are needed before a block's
+    gradient: for "nonzero_mean" they come from the block itself when the sweep is one
+    block (`path`), else from a first pass without gradient that counts the active terms."""
     num_pos = relation.positive_count.sum()
     num_neg = relation.num_negatives.sum()
+    dtype = sweep.query.dtype
+
+    def reduction_scales(active: Tensor) -> tuple[Tensor, Tensor]:
+        return (
+            reduction_scale(reduction, num_pos, active[0]).to(dtype),
+            reduction_scale(reduction, num_neg, active[1]).to(dtype),
+        )
+
     active = torch.zeros(2, dtype=torch.long, device=num_pos.device)
-    if reduction == "nonzero_mean":
+    scales = None
+    if reduction != "nonzero_mean":
+        scales = reduction_scales(active)
+    elif path != "one block":
         for rows, block in sweep.blocks():
             active += hinges.block(block, relation, rows, None, False)[1]
-    num_active_pos, num_active_neg = active
-    scales = (
-        reduction_scale(reduction, num_pos, num_active_pos).to(sweep.query.dtype),
-        reduction_scale(reduction, num_neg, num_active_neg).to(sweep.query.dtype),
-    )
+        scales = reduction_scales(active)
     counted = torch.zeros_like(active)
 
+    def scales_of_the_block(counts: Tensor) -> tuple[Tensor, Tensor]:
+        nonlocal scales  # one block: its active terms are all of the call's
+        scales = reduction_scales(counts)
+        return scales
+
     def step(block: Tensor, rows: slice, work) -> tuple[Tensor, Tensor | None]:
-        value, counts, grad = hinges.block(block, relation, rows, scales, sweep.tracking, work)
+        block_scales = scales_of_the_block if scales is None else scales
+        value, counts, grad = hinges.block(
+            block, relation, rows, block_scales, sweep.tracking, work
+        )
         counted.add_(counts)
         return value, grad
 
@@ -202,6 +227,57 @@ def _all_pairs_contrastive(sweep: Sweep, relation: Relation, hinges, reduction: 
 
     loss = sweep.result(sweep.run_closed_form(step, plain))
     return loss, PairStats(num_pos, num_neg, counted[0], counted[1])
+
+
+def _nonzero_mean_path(sweep: Sweep, inputs, relation: Relation) -> str:
+    """How the contrastive loss learns its counts of active terms for "nonzero_mean":
+    "one block" (the sweep sees the whole matrix at once), "listed positives" (the rows of
+    every positive pair, gathered, take at most a quarter of the entries of the matrix or
+    one sweep block: P x K batches) or "counting pass" (one class, wide label sets)."""
+    if sweep.one_closed_form_block:
+        return "one block"
+    gathered = int(relation.positive_count.sum()) * inputs.embeddings.shape[1]
+    matrix = len(inputs.embeddings) * len(inputs.ref_emb)
+    if gathered <= max(matrix // 4, SWEEP_BLOCK_ELEMENTS):
+        return "listed positives"
+    return "counting pass"
+
+
+def _contrastive_nonzero_mean(sweep: Sweep, relation: Relation, hinges, inputs, distance):
+    """The contrastive loss with reduction="nonzero_mean" in one sweep: each part is divided
+    by its own number of active terms, known only at the end. The negative part is the
+    sweep's objective, its gradient scaled once the sweep has counted its active terms; the
+    positive part is taken on the listed positive pairs alone (`distance.pairwise_distance`,
+    plain autograd, O(|P| D)), so no pass is spent counting first."""
+    num_pos = relation.positive_count.sum()
+    num_neg = relation.num_negatives.sum()
+    counted = torch.zeros(2, dtype=torch.long, device=num_pos.device)
+    only_negatives = (sweep.query.new_zeros(()), sweep.query.new_ones(()))
+
+    def step(block: Tensor, rows: slice, work) -> tuple[Tensor, Tensor | None]:
+        value, counts, grad = hinges.block(
+            block, relation, rows, only_negatives, sweep.tracking, work
+        )
+        counted.add_(counts)
+        return value, grad
+
+    def plain(matrix: Tensor, rows: slice) -> Tensor:
+        return hinges.plain(matrix, relation)[1]
+
+    neg_sum = sweep.run_closed_form(step, plain)
+    num_active_neg = counted[1]
+    neg_scale = reduction_scale("nonzero_mean", num_neg, num_active_neg).to(neg_sum.dtype)
+    positives = relation.positives
+    anchors = torch.arange(len(positives.index), device=num_pos.device)
+    anchors = anchors.unsqueeze(1).expand_as(positives.index)[positives.valid]
+    pos_dis = distance.pairwise_distance(
+        inputs.embeddings[anchors], inputs.ref_emb[positives.index[positives.valid]]
+    )
+    pos_terms = hinges.positive_terms(pos_dis)
+    num_active_pos = torch.count_nonzero(pos_terms.detach())
+    pos_scale = reduction_scale("nonzero_mean", num_pos, num_active_pos).to(pos_terms.dtype)
+    loss = pos_terms.sum() * pos_scale + sweep.result(neg_sum * neg_scale, neg_scale)
+    return loss, PairStats(num_pos, num_neg, num_active_pos, num_active_neg)
 
 
 class _ContrastiveHinges:
@@ -214,8 +290,9 @@ class _ContrastiveHinges:
         self.power, self.sign = power, sign
 
     def block(self, block, relation, rows, scales, with_grad, work=None):
-        """(scales[0] positive sum + scales[1] negative sum (0 without `scales`), (active
-        positive terms, active negative terms), gradient of the value in D or None)."""
+        """(scales[0] positive sum + scales[1] negative sum (None without `scales`), (active
+        positive terms, active negative terms), gradient of the value in D or None).
+        `scales` may be a function of the block's counts (a sweep of one block)."""
         power, sign = self.power, self.sign
         hinge = (
             torch.sub(block, self.neg_margin) if sign < 0 else torch.rsub(block, self.neg_margin)
@@ -229,20 +306,27 @@ class _ContrastiveHinges:
                 grad = torch.gt(hinge, 0, out=work.buffer("grad", block))
             else:
                 grad = torch.pow(hinge, power - 1, out=work.buffer("grad", block))
-            grad.mul_(-sign * power * scales[1])
         neg_terms = hinge if power == 1 else hinge.pow_(power)
         values = block.gather(1, positives.index)
         pos_hinge = F.relu(values - self.pos_margin if sign > 0 else self.pos_margin - values)
         pos_hinge.mul_(positives.valid)
         pos_terms = pos_hinge if power == 1 else pos_hinge.pow(power)
         counts = torch.stack([torch.count_nonzero(pos_terms), torch.count_nonzero(neg_terms)])
+        if callable(scales):
+            scales = scales(counts)
         if scales is None:
             return None, counts, None
         value = scales[0] * pos_terms.sum() + scales[1] * neg_terms.sum()
         if with_grad:
+            grad.mul_(-sign * power * scales[1])
             slope = (pos_hinge > 0) if power == 1 else pos_hinge.pow(power - 1)
             grad.scatter_add_(1, positives.index, slope * (sign * power * scales[0]))
         return value, counts, grad
+
+    def positive_terms(self, values: Tensor) -> Tensor:
+        """[sign (D - pos_margin)]+^power of positive-pair values, differentiably."""
+        hinge = F.relu(self.sign * (values - self.pos_margin))
+        return hinge if self.power == 1 else hinge.pow(self.power)
 
     def plain(self, matrix: Tensor, relation: Relation) -> tuple[Tensor, Tensor]:
         """The sums over positive and negative pairs by plain differentiable steps."""
