@@ -150,8 +150,10 @@ def contrastive_loss(
             embeddings, labels, None, ref_emb, ref_labels, distance, ids=ids
         )
         hinges = _ContrastiveHinges(pos_margin, neg_margin, power, distance.sign)
-        path = _nonzero_mean_path(sweep, inputs, pairs.relation)
-        if reduction == "nonzero_mean" and path == "listed positives":
+        path = None
+        if reduction == "nonzero_mean":  # the counts of active terms decide the path
+            path = _nonzero_mean_path(sweep, inputs, pairs.relation)
+        if path == "listed positives":
             loss, stats = _contrastive_nonzero_mean(sweep, pairs.relation, hinges, inputs, distance)
         else:
             loss, stats = _all_pairs_contrastive(sweep, pairs.relation, hinges, reduction, path)
@@ -181,7 +183,9 @@ def contrastive_loss(
     return loss, stats
 
 
-def _all_pairs_contrastive(sweep: Sweep, relation: Relation, hinges, reduction: str, path: str):
+def _all_pairs_contrastive(
+    sweep: Sweep, relation: Relation, hinges, reduction: str, path: str | None
+):
     """The contrastive loss over every pair as an objective of the sweep: per block, the
     positive terms read through the block's positive lists, the negative terms with the
     same-label entries zeroed by a scatter, and their gradient in D in closed form. The two
