@@ -160,3 +160,13 @@ def test_ranked_list_alpha_defaults_to_one_plus_half_the_margin_at_each_call():
 def test_repr_lists_the_hyper_parameters():
     text = repr(losses.ContrastiveLoss(pos_margin=0.1, neg_margin=0.9))
     assert text.startswith("ContrastiveLoss(\n  pos_margin=0.1, neg_margin=0.9, power=1.0\n")
+
+
+def test_a_module_of_an_unchecked_function_is_refused_at_definition():
+    def plain_loss(embeddings, labels=None, *, margin=0.1, distance=None, reduction="mean"):
+        return embeddings.sum() * margin
+
+    with pytest.raises(TypeError, match="@checked"):
+
+        class PlainLoss(losses.MetricLoss):  # the hyper-parameters would not be passed
+            function = staticmethod(plain_loss)

@@ -253,9 +253,15 @@ class MetricLoss(nn.Module):
         super().__init_subclass__(**kwargs)
         if "function" in vars(cls):
             function = cls.function
+            if not hasattr(function, "checks"):
+                raise TypeError(
+                    f"{cls.__name__}.function must be declared with @checked(...) "
+                    "(deepmetric.losses.base.checked): its checked keywords are the "
+                    "hyper-parameters the module passes; use @checked() if it has none"
+                )
             if getattr(function, "distances", None) is not None:
                 cls.distances = function.distances
-            cls.passed = tuple(getattr(function, "checks", ()))
+            cls.passed = tuple(function.checks)
             cls.has_reduction = "reduction" in inspect.signature(function).parameters
             for name in cls.passed:
                 if not hasattr(cls, name):
