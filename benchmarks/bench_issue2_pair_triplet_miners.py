@@ -53,6 +53,14 @@ def contrastive_nonzero_mean(x, y):
     return losses.contrastive_loss(x, y, reduction="nonzero_mean")
 
 
+def triplet_batch_hard(x, y):
+    return losses.triplet_margin_loss(x, y, miners.BatchHardMiner()(x, y))
+
+
+def contrastive_pair_margin(x, y):
+    return losses.contrastive_loss(x, y, miners.PairMarginMiner()(x, y))
+
+
 def triplet_all(x, y):
     return losses.triplet_margin_loss(x, y)
 
@@ -110,6 +118,8 @@ CASES = {
     "contrastive": contrastive,
     "contrastive (module, stats)": contrastive_stats,
     "contrastive (nonzero_mean)": contrastive_nonzero_mean,
+    "triplet + batch-hard miner": triplet_batch_hard,
+    "contrastive + pair-margin miner": contrastive_pair_margin,
     "triplet (all, hinge)": triplet_all,
     "triplet (all, hinge, stats)": triplet_all_stats,
     "triplet (all, soft-plus)": triplet_smooth,

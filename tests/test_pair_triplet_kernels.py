@@ -286,6 +286,72 @@ def test_contrastive_nonzero_mean_path_follows_the_batch():
         assert pair_triplet._nonzero_mean_path(sweep, inputs, pairs.relation) == path
 
 
+@pytest.fixture(params=["pairs' own distances", "whole matrix"])
+def mined_distances(request, monkeypatch):
+    """Run a mined-tuple test with the listed pairs' own distances and with the whole matrix."""
+    few = request.param == "pairs' own distances"
+    monkeypatch.setattr(pair_triplet, "few_pairs", lambda *sizes: few)
+    return request.param
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "anchor swap"])
+@pytest.mark.parametrize("smooth", [False, True], ids=["hinge", "soft-plus"])
+def test_mined_triplets_match_the_loop_on_both_distance_paths(mined_distances, swap, smooth):
+    x, y = batch()
+    anchor, positive, negative = miners.AllTripletsMiner()(x.detach(), y)
+    keep = torch.arange(len(anchor)) % 3 == 0  # a subset, with an anchor listed many times
+    mined = (anchor[keep], positive[keep], negative[keep])
+    fast, stats = triplet_margin_loss(
+        x, y, mined, margin=0.4, swap=swap, smooth_loss=smooth, return_stats=True
+    )
+    d = torch.cdist(x, x)
+    terms = []
+    for a, p, n in zip(*mined, strict=True):
+        d_an = torch.minimum(d[a, n], d[p, n]) if swap else d[a, n]
+        value = d[a, p] - d_an + 0.4
+        terms.append(torch.nn.functional.softplus(value) if smooth else torch.relu(value))
+    assert_same(fast, reduce(terms, "mean", x), x)
+    assert int(stats.num_triplets) == len(terms)
+
+
+def test_mined_pairs_with_repeats_and_a_reference_set_on_both_distance_paths(mined_distances):
+    x, y = batch(n=12, classes=4)
+    g = torch.Generator().manual_seed(13)
+    ref = torch.randn(10, 3, dtype=F64, generator=g).requires_grad_()
+    ref_y = torch.randint(0, 4, (10,), generator=g)
+    # (a1, p, a2, n), the pair (2, 5) listed twice: each listed pair counts (as in pml)
+    pairs = (
+        torch.tensor([0, 2, 2, 7]),
+        torch.tensor([1, 5, 5, 9]),
+        torch.tensor([3, 4, 11]),
+        torch.tensor([0, 8, 6]),
+    )
+    cosine = dist.CosineSimilarity()
+    fast = contrastive_loss(
+        x,
+        y,
+        pairs,
+        ref_emb=ref,
+        ref_labels=ref_y,
+        pos_margin=0.9,
+        neg_margin=0.1,
+        distance=cosine,
+    )
+    s = cosine(x, ref)
+    pos = torch.relu(0.9 - s[pairs[0], pairs[1]]).mean()
+    neg = torch.relu(s[pairs[2], pairs[3]] - 0.1).mean()
+    assert_same(fast, pos + neg, x)
+    assert_same(fast, pos + neg, ref)
+
+
+def test_few_mined_pairs_skip_the_matrix_and_many_read_it():
+    assert pair_triplet.few_pairs(num_pairs=2048, width=128, num_query=1024, num_ref=1024)
+    assert not pair_triplet.few_pairs(num_pairs=10**6, width=128, num_query=1024, num_ref=1024)
+    # 256 x 256: a batch-hard miner's 512 pairs are few, a pair-margin miner's 1,792 are not
+    assert pair_triplet.few_pairs(num_pairs=512, width=128, num_query=256, num_ref=256)
+    assert not pair_triplet.few_pairs(num_pairs=1792, width=128, num_query=256, num_ref=256)
+
+
 def test_miners_do_not_depend_on_blocks_or_counting(monkeypatch):
     x, y = batch(n=40, classes=3)
     x = x.detach()

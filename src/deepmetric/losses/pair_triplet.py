@@ -8,6 +8,7 @@ inequalities are turned around, e.g. the triplet term becomes [s(a,n) - s(a,p) +
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,8 @@ def contrastive_loss(
 
     over positive pairs (a, p) and negative pairs (a, n); each part is reduced on its own (as
     pytorch-metric-learning does), so the many negatives do not drown the few positives.
+    Mined pairs (`indices_tuple`) count as listed, repeats included; their distances are
+    taken alone when they are few (`listed_distances`), else from the whole matrix.
     - seed 003's unsquared form y d + (1 - y)[m - d]+: the defaults (Euclidean distance).
     - survey eq. 1, y d^2 + (1 - y)[alpha - d^2]+: `distance=SquaredEuclideanDistance()`.
     - Hadsell's squared hinge, y d^2 + (1 - y)[m - d]+^2 (up to 1/2): `power=2`.
@@ -160,13 +163,15 @@ def contrastive_loss(
         loss = inputs.finish(loss)
         return (loss, stats) if return_stats else loss
     inputs = prepare_call(embeddings, labels, indices_tuple, ref_emb, ref_labels, ids)
-    matrix = distance(inputs.embeddings, inputs.ref_emb)
     pairs = inputs.indices_tuple
     if len(pairs) == 3:
         pairs = (pairs[0], pairs[1], pairs[0], pairs[2])
     pairs = drop_same_items(pairs, inputs.ids)
-    pos_terms = F.relu(distance.margin(matrix[pairs[0], pairs[1]], pos_margin))
-    neg_terms = F.relu(distance.margin(neg_margin, matrix[pairs[2], pairs[3]]))
+    pair_distance = listed_distances(
+        distance, inputs.embeddings, inputs.ref_emb, len(pairs[0]) + len(pairs[2])
+    )
+    pos_terms = F.relu(distance.margin(pair_distance(pairs[0], pairs[1]), pos_margin))
+    neg_terms = F.relu(distance.margin(neg_margin, pair_distance(pairs[2], pairs[3])))
     if power != 1:
         pos_terms, neg_terms = pos_terms.pow(power), neg_terms.pow(power)
     loss = reduce_terms(pos_terms, reduction) + reduce_terms(neg_terms, reduction)
@@ -181,6 +186,35 @@ def contrastive_loss(
             num_active_neg_pairs=(neg_terms > 0).sum(),
         )
     return loss, stats
+
+
+MATRIX_ENTRIES_PER_PAIR = 64
+"""Matrix entries a listed pair must stand for before its own distance is cheaper than the
+matrix (docs/performance.md: 1,792 pairs of a 256 x 256 matrix were 45% slower listed)."""
+
+
+def few_pairs(num_pairs: int, width: int, num_query: int, num_ref: int) -> bool:
+    """Whether the pairs' own distances (`distance.pairwise_distance`) cost less than the
+    (num_query, num_ref) distance matrix, in time and in memory: at most one pair per
+    MATRIX_ENTRIES_PER_PAIR entries of the matrix (a pair's gathered rows and their scatter
+    in backward cost tens of times an entry's share of the matmul), and their gathered rows
+    (2 x pairs x width entries) at most half the matrix or one sweep block."""
+    fast = num_pairs * MATRIX_ENTRIES_PER_PAIR <= num_query * num_ref
+    small = 2 * num_pairs * width <= max(num_query * num_ref // 2, SWEEP_BLOCK_ELEMENTS)
+    return fast and small
+
+
+def listed_distances(
+    distance: BaseDistance, query: Tensor, ref: Tensor, num_pairs: int
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """`pair_distance(rows, cols)`: d(query[rows], ref[cols]) of listed pairs (mined tuples),
+    computed for the pairs alone (`distance.pairwise_distance`, O(pairs x D)) when they are
+    few (`few_pairs`: a batch-hard miner's N triplets), else read from the whole matrix
+    (a matmul, O(N M))."""
+    if few_pairs(num_pairs, query.shape[1], len(query), len(ref)):
+        return lambda rows, cols: distance.pairwise_distance(query[rows], ref[cols])
+    matrix = distance(query, ref)
+    return lambda rows, cols: matrix[rows, cols]
 
 
 def _all_pairs_contrastive(
@@ -235,14 +269,13 @@ def _all_pairs_contrastive(
 
 def _nonzero_mean_path(sweep: Sweep, inputs, relation: Relation) -> str:
     """How the contrastive loss learns its counts of active terms for "nonzero_mean":
-    "one block" (the sweep sees the whole matrix at once), "listed positives" (the rows of
-    every positive pair, gathered, take at most a quarter of the entries of the matrix or
-    one sweep block: P x K batches) or "counting pass" (one class, wide label sets)."""
+    "one block" (the sweep sees the whole matrix at once), "listed positives" (the positive
+    pairs are few, `few_pairs`: P x K batches) or "counting pass" (one class, wide label
+    sets)."""
     if sweep.one_closed_form_block:
         return "one block"
-    gathered = int(relation.positive_count.sum()) * inputs.embeddings.shape[1]
-    matrix = len(inputs.embeddings) * len(inputs.ref_emb)
-    if gathered <= max(matrix // 4, SWEEP_BLOCK_ELEMENTS):
+    num_pos, (num_query, width) = int(relation.positive_count.sum()), inputs.embeddings.shape
+    if few_pairs(num_pos, width, num_query, len(inputs.ref_emb)):
         return "listed positives"
     return "counting pass"
 
@@ -371,8 +404,9 @@ def triplet_margin_loss(
         L(a, p, n) = [d(a, p) - d(a, n) + margin]+
 
     over all triplets of the batch (a, p same label, a != p; n another label), or over the
-    triplets of `indices_tuple`. The all-triplets hinge is computed exactly without
-    enumerating triplets: per anchor, each negative is compared with the positives'
+    triplets of `indices_tuple` (each listed triplet counts; their distances alone when they
+    are few, `listed_distances`, else the whole matrix). The all-triplets hinge is computed
+    exactly without enumerating triplets: per anchor, each negative is compared with the positives'
     thresholds d(a, p) + margin, and the counts of active positives and negatives give the
     sum and its gradient (see `deepmetric.triplet_counting`): O(N M K) vectorised
     comparisons (O(N M log K) by `searchsorted` for large K), one row block of the distance
@@ -410,17 +444,13 @@ def triplet_margin_loss(
     else:
         inputs = prepare_call(embeddings, labels, indices_tuple, ref_emb, ref_labels, ids)
         sweep = None
-        dis = distance.as_dissimilarity(distance(inputs.embeddings, inputs.ref_emb))
-        swap_dis = None
-        if swap:
+        if inputs.indices_tuple is not None:
+            total, counts = _listed_triplets(inputs, distance, margin, smooth_loss, swap)
+        else:
+            dis = distance.as_dissimilarity(distance(inputs.embeddings, inputs.ref_emb))
             swap_dis = (
                 dis if inputs.ref_is_query else distance.as_dissimilarity(distance(inputs.ref_emb))
             )
-        if inputs.indices_tuple is not None:
-            total, counts = _listed_triplets(
-                dis, swap_dis, inputs.indices_tuple, margin, smooth_loss, inputs.ids
-            )
-        else:
             count = return_stats or reduction == "nonzero_mean"
             total, counts = _swapped_triplets(dis, swap_dis, inputs, margin, smooth_loss, count)
     num_triplets, num_active, num_easy, num_hard = counts
@@ -503,17 +533,20 @@ def _relation(inputs) -> Relation:
     )
 
 
-def _listed_triplets(dis, swap_dis, indices_tuple, margin, smooth, ids):
-    if len(indices_tuple) == 4:
-        indices_tuple = pairs_to_triplets(*indices_tuple)
-    indices_tuple = drop_same_items(indices_tuple, ids)
-    anchor, positive, negative = indices_tuple
-    d_an = dis[anchor, negative]
-    if swap_dis is not None:
-        d_an = torch.minimum(d_an, swap_dis[positive, negative])
-    terms, num_triplets, num_active, num_easy, num_hard = _triplet_terms(
-        dis[anchor, positive], d_an, margin, smooth
-    )
+def _listed_triplets(inputs, distance: BaseDistance, margin: float, smooth: bool, swap: bool):
+    """The sum of the terms of the mined triplets, and their counts (`_triplet_terms`); the
+    distances of the listed pairs only when they are few (`listed_distances`)."""
+    triplets = inputs.indices_tuple
+    if len(triplets) == 4:
+        triplets = pairs_to_triplets(*triplets)
+    anchor, positive, negative = drop_same_items(triplets, inputs.ids)
+    pair_distance = listed_distances(distance, inputs.embeddings, inputs.ref_emb, 2 * len(anchor))
+    d_ap = distance.as_dissimilarity(pair_distance(anchor, positive))
+    d_an = distance.as_dissimilarity(pair_distance(anchor, negative))
+    if swap:
+        ref_distance = listed_distances(distance, inputs.ref_emb, inputs.ref_emb, len(anchor))
+        d_an = torch.minimum(d_an, distance.as_dissimilarity(ref_distance(positive, negative)))
+    terms, num_triplets, num_active, num_easy, num_hard = _triplet_terms(d_ap, d_an, margin, smooth)
     return terms.sum(), (num_triplets, num_active, num_easy, num_hard)
 
 
