@@ -208,10 +208,7 @@ class Sweep:
         """(rows, D[rows]) for each block, without gradient (for statistics)."""
         with torch.no_grad():
             for rows in row_blocks(self.num_rows, self.num_cols, SWEEP_BLOCK_ELEMENTS):
-                yield (
-                    rows,
-                    self._block(rows),
-                )
+                yield rows, self._block(rows)
 
     def run(self, objective: Callable[[Tensor, slice], Tensor]) -> Tensor:
         """Sum of objective(D[rows], rows) over the blocks; its gradients are accumulated."""
@@ -238,9 +235,8 @@ class Sweep:
         form (None when `self.tracking` is False: it is not used); the block is computed
         once and the gradient pulled back through the distance at once. `work` is the
         `RowBlocks` of the sweep (PASS_BLOCK_ELEMENTS entries per block: the steps are chains
-        of elementwise passes), whose `buffer`s
-        are reused from block to block. `plain(D, rows)` is the same value by
-        differentiable steps (second derivatives).
+        of elementwise passes), whose `buffer`s are reused from block to block. `plain(D,
+        rows)` is the same value by differentiable steps (second derivatives).
         """
         self._plain.append(plain)
         total = None

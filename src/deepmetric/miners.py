@@ -14,7 +14,6 @@ are materialised.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +24,7 @@ from deepmetric._validation import (
     check_choice,
     check_count,
     check_finite,
+    check_non_negative,
     check_positive,
 )
 from deepmetric.blocks import RowBlocks
@@ -169,7 +169,7 @@ class TripletMarginMiner(BaseMiner):
         type_of_triplets: one of "all", "hard", "semihard", "easy".
     """
 
-    margin = HyperParameter(partial(check_positive, allow_zero=True))
+    margin = HyperParameter(check_non_negative)
 
     def __init__(
         self,
@@ -413,7 +413,7 @@ class MultiSimilarityMiner(BaseMiner):
         >>> a1, p, a2, n = miner(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     """
 
-    epsilon = HyperParameter(partial(check_positive, allow_zero=True))
+    epsilon = HyperParameter(check_non_negative)
 
     def __init__(self, epsilon: float = 0.1, distance: BaseDistance | None = None) -> None:
         super().__init__(CosineSimilarity() if distance is None else distance)

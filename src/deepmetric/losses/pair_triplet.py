@@ -170,10 +170,9 @@ def contrastive_loss(
     pair_distance = listed_distances(
         distance, inputs.embeddings, inputs.ref_emb, len(pairs[0]) + len(pairs[2])
     )
-    pos_terms = F.relu(distance.margin(pair_distance(pairs[0], pairs[1]), pos_margin))
-    neg_terms = F.relu(distance.margin(neg_margin, pair_distance(pairs[2], pairs[3])))
-    if power != 1:
-        pos_terms, neg_terms = pos_terms.pow(power), neg_terms.pow(power)
+    hinges = _ContrastiveHinges(pos_margin, neg_margin, power, distance.sign)
+    pos_terms = hinges.positive_terms(pair_distance(pairs[0], pairs[1]))
+    neg_terms = hinges.negative_terms(pair_distance(pairs[2], pairs[3]))
     loss = reduce_terms(pos_terms, reduction) + reduce_terms(neg_terms, reduction)
     loss = inputs.finish(loss)
     if not return_stats:
@@ -307,10 +306,8 @@ def _contrastive_nonzero_mean(sweep: Sweep, relation: Relation, hinges, inputs, 
     positives = relation.positives
     anchors = torch.arange(len(positives.index), device=num_pos.device)
     anchors = anchors.unsqueeze(1).expand_as(positives.index)[positives.valid]
-    pos_dis = distance.pairwise_distance(
-        inputs.embeddings[anchors], inputs.ref_emb[positives.index[positives.valid]]
-    )
-    pos_terms = hinges.positive_terms(pos_dis)
+    pair_distance = listed_distances(distance, inputs.embeddings, inputs.ref_emb, len(anchors))
+    pos_terms = hinges.positive_terms(pair_distance(anchors, positives.index[positives.valid]))
     num_active_pos = torch.count_nonzero(pos_terms.detach())
     pos_scale = reduction_scale("nonzero_mean", num_pos, num_active_pos).to(pos_terms.dtype)
     loss = pos_terms.sum() * pos_scale + sweep.result(neg_sum * neg_scale, neg_scale)
@@ -365,15 +362,18 @@ class _ContrastiveHinges:
         hinge = F.relu(self.sign * (values - self.pos_margin))
         return hinge if self.power == 1 else hinge.pow(self.power)
 
+    def negative_terms(self, values: Tensor) -> Tensor:
+        """[sign (neg_margin - D)]+^power of negative-pair values, differentiably."""
+        hinge = F.relu(self.sign * (self.neg_margin - values))
+        return hinge if self.power == 1 else hinge.pow(self.power)
+
     def plain(self, matrix: Tensor, relation: Relation) -> tuple[Tensor, Tensor]:
         """The sums over positive and negative pairs by plain differentiable steps."""
-        power, sign = self.power, self.sign
         same = relation.non_negative_mask(slice(0, relation.num_query))
-        neg = F.relu(sign * (self.neg_margin - matrix)).masked_fill(same, 0)
+        neg = self.negative_terms(matrix).masked_fill(same, 0)
         positives = relation.positives
-        pos = F.relu(sign * (matrix.gather(1, positives.index) - self.pos_margin))
-        pos = pos * positives.valid
-        return pos.pow(power).sum(), neg.pow(power).sum()
+        pos = self.positive_terms(matrix.gather(1, positives.index)) * positives.valid
+        return pos.sum(), neg.sum()
 
 
 @checked(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from deepmetric._validation import check_positive
+from deepmetric._validation import check_non_negative, check_positive
 
 
 def param_groups(
@@ -53,8 +53,8 @@ def param_groups(
     """
     lr = check_positive(lr, "lr")
     loss_lr = lr if loss_lr is None else check_positive(loss_lr, "loss_lr")
-    weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
-    loss_weight_decay = check_positive(loss_weight_decay, "loss_weight_decay", allow_zero=True)
+    weight_decay = check_non_negative(weight_decay, "weight_decay")
+    loss_weight_decay = check_non_negative(loss_weight_decay, "loss_weight_decay")
     model_params = [p for p in model.parameters() if p.requires_grad]
     loss_params = [p for p in loss.parameters() if p.requires_grad]
     shared = {id(p) for p in model_params} & {id(p) for p in loss_params}

@@ -43,14 +43,6 @@ def reduce_terms(terms: Tensor, reduction: str, mask: Tensor | None = None) -> T
     return total / torch.as_tensor(count, device=terms.device).clamp_min(1)
 
 
-def reduce_total(total: Tensor, num_terms: Tensor, num_nonzero: Tensor, reduction: str) -> Tensor:
-    """Reduce a loss whose terms were summed without being materialised."""
-    if reduction == "sum":
-        return total
-    count = num_nonzero if reduction == "nonzero_mean" else num_terms
-    return total / count.clamp_min(1)
-
-
 def reduction_normaliser(reduction: str, num_terms: Tensor, num_nonzero: Tensor) -> Tensor:
     """The count a reduction divides the sum of terms by, before clamping at 1 (1 for "sum").
 
